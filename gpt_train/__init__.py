@@ -1,0 +1,1 @@
+"""gpt-train: nanoGPT's GPT-2 trainer rebuilt on transformers and Accelerate."""

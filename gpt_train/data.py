@@ -1,0 +1,115 @@
+"""Prepared datasets: uint16 token bins read through np.memmap, and the block sampler.
+
+A dataset folder holds `train.bin` and `val.bin` (flat uint16 token ids, nanoGPT's format)
+and optionally `meta.pkl` (nanoGPT's char vocabulary) and tokenizer files. The sampler
+draws random blocks; which blocks an iteration sees depends only on (seed, split,
+iteration), not on the number of processes or on where a run was resumed, so a resumed or
+re-sharded run reads exactly the data the uninterrupted one would have.
+
+Not here: writing bins (gpt_train.prepare) or tokenizers (gpt_train.tokenizer).
+"""
+import os
+import pickle
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gpt_train.errors import UserError
+
+TOKEN_DTYPE = np.uint16  # nanoGPT's format: GPT-2's 50,257 ids fit, and it halves the disk
+SPLITS = ("train", "val")
+STREAMS = (("train", "step"), ("train", "eval"), ("val", "eval"))  # independent random streams
+
+
+class _PlainUnpickler(pickle.Unpickler):
+    """Unpickles dicts, lists, strings and numbers; refuses anything that would import code."""
+
+    def find_class(self, module, name):
+        raise pickle.UnpicklingError(f"meta.pkl refers to {module}.{name}")
+
+
+def read_meta(data_dir):
+    """nanoGPT's meta.pkl as a dict, or None if the folder has none."""
+    path = os.path.join(data_dir, "meta.pkl")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, "rb") as f:
+            meta = _PlainUnpickler(f).load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as e:
+        raise UserError(f"{path} is not a plain nanoGPT meta.pkl ({e}); refusing to load it. "
+                        "Re-run the dataset's prepare.py") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path} must hold a dict, found {type(meta).__name__}")
+    return meta
+
+
+@dataclass
+class TokenBins:
+    """Where a dataset's bins live and what they hold; memmaps are opened per batch."""
+
+    data_dir: str
+    lengths: dict  # split -> number of tokens
+    vocab_size: int | None  # from meta.pkl; None means GPT-2 BPE
+
+    def memmap(self, split):
+        # A fresh memmap per batch, as nanoGPT does: a long-lived one keeps every page it
+        # ever touched mapped, and resident memory grows through a 17 GB corpus.
+        return np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=TOKEN_DTYPE, mode="r")
+
+
+def open_dataset(data_dir, block_size, prepare_hint):
+    """Check a dataset folder and describe it, or say exactly what is wrong with it."""
+    if not os.path.isdir(data_dir):
+        raise UserError(f"dataset folder {data_dir} not found: prepare it with {prepare_hint}")
+    lengths = {}
+    for split in SPLITS:
+        path = os.path.join(data_dir, f"{split}.bin")
+        if not os.path.isfile(path):
+            raise UserError(f"{path} not found: prepare the dataset with {prepare_hint}")
+        size = os.path.getsize(path)
+        if size % np.dtype(TOKEN_DTYPE).itemsize:
+            raise UserError(f"{path} has {size} bytes, not a whole number of uint16 tokens: "
+                            f"it is truncated or not a token file; prepare it again with {prepare_hint}")
+        lengths[split] = size // np.dtype(TOKEN_DTYPE).itemsize
+        if lengths[split] < block_size + 1:
+            raise UserError(f"{path} has {lengths[split]} tokens, fewer than block_size+1 = {block_size + 1}: "
+                            "lower block_size or add data")
+    meta = read_meta(data_dir)
+    return TokenBins(data_dir, lengths, meta.get("vocab_size") if meta else None)
+
+
+class BlockSampler:
+    """Random (x, y) blocks, y being x shifted by one token, as in nanoGPT's get_batch.
+
+    `iteration_offsets` draws every block of one optimizer step (all micro-steps of all
+    processes) from a generator seeded by (seed, split, iteration); each process then reads
+    its own rows. The global batch is thus the same for 1 or N processes, and resuming
+    needs no sampler state beyond the iteration number.
+    """
+
+    def __init__(self, bins, block_size, batch_size, seed, device):
+        self.bins, self.block_size, self.batch_size = bins, block_size, batch_size
+        self.seed, self.device = seed, torch.device(device)
+        self._pin = self.device.type == "cuda"
+
+    def iteration_offsets(self, split, iteration, micro_batches, purpose="step"):
+        """Start offsets of shape (micro_batches, batch_size) for one iteration of `split`.
+
+        `purpose` keeps the blocks of training steps and of evaluations apart.
+        """
+        stream = STREAMS.index((split, purpose))
+        generator = torch.Generator().manual_seed(((self.seed * len(STREAMS) + stream) << 32) + iteration)
+        high = self.bins.lengths[split] - self.block_size
+        return torch.randint(high, (micro_batches, self.batch_size), generator=generator)
+
+    def batch(self, split, offsets):
+        data = self.bins.memmap(split)
+        rows = np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()])
+        tokens = torch.from_numpy(rows.astype(np.int64))
+        if self._pin:  # pinned host memory lets the copy overlap the previous step's compute
+            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+        else:
+            tokens = tokens.to(self.device)
+        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()

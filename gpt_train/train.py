@@ -1,0 +1,283 @@
+"""The training run: `setup` builds everything from a TrainConfig, `fit` is nanoGPT's loop.
+
+Accelerate owns devices, precision, compilation and distribution: the loop below is the
+same for a laptop CPU, one GPU, DDP on 8 GPUs or FSDP. gradient_accumulation_steps keeps
+nanoGPT's meaning, micro-steps per optimizer step summed over all processes, so the
+tokens per iteration do not depend on how many processes run.
+
+    python train.py configs/train_shakespeare_char.py --max_iters=1000
+    accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py
+"""
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import TorchDynamoPlugin, set_seed
+from transformers import GPT2LMHeadModel
+
+from gpt_train import checkpoint
+from gpt_train.config import load_config
+from gpt_train.data import SPLITS, BlockSampler, open_dataset
+from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.metrics import Reporter
+from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
+                             flops_per_token, freeze_biases_if_unused, lr_multiplier, make_optimizer,
+                             peak_flops, set_dropout)
+from gpt_train.tokenizer import dataset_tokenizer
+
+PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
+
+
+@dataclass
+class Run:
+    """Everything the loop needs, built once by `setup`."""
+
+    cfg: object
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    sampler: BlockSampler
+    tokenizer: object
+    reporter: Reporter
+    iter_num: int
+    best_val_loss: float
+    micro_steps: int  # micro-steps per optimizer step on this process
+    tokens_per_iter: int
+    tracker_run_id: str | None = None
+
+
+def setup(cfg):
+    state = PartialState(**_process_group_kwargs(cfg))
+    device = state.device
+    n_proc = state.num_processes
+    if cfg.gradient_accumulation_steps % n_proc:
+        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
+                        f"the {n_proc} processes: use a multiple of {n_proc}")
+    micro_steps = cfg.gradient_accumulation_steps // n_proc
+
+    bins = open_dataset(cfg.resolved_data_dir, cfg.block_size, _prepare_hint(cfg))
+    tokenizer = dataset_tokenizer(cfg.resolved_data_dir)
+    set_seed(cfg.seed)  # identical initial weights on every process
+    model, saved = _init_model(cfg, bins, tokenizer)
+    set_seed(cfg.seed + state.process_index)  # but each process its own dropout masks
+
+    accelerator = Accelerator(
+        mixed_precision=_mixed_precision(cfg, device),
+        gradient_accumulation_steps=micro_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        log_with="wandb" if cfg.wandb_log else None,
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+    )
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = make_optimizer(model, cfg, device.type)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    run = Run(cfg, accelerator, model, optimizer, scheduler,
+              BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device),
+              tokenizer, Reporter(accelerator, cfg.out_dir), iter_num=0, best_val_loss=math.inf,
+              micro_steps=micro_steps,
+              tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size)
+    if saved is not None:
+        checkpoint.load_training_state(accelerator, cfg.out_dir)
+        run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
+        run.tracker_run_id = saved.get("tracker_run_id")
+    _start_logging(run, device, n_proc)
+    return run
+
+
+def _process_group_kwargs(cfg):
+    if cfg.device == "cpu":
+        return {"cpu": True}
+    if cfg.device not in ("auto", "cuda", "mps"):
+        if cfg.device.startswith("cuda:"):
+            raise UserError(f"device={cfg.device!r}: choose the GPU with CUDA_VISIBLE_DEVICES="
+                            f"{cfg.device[5:]} and --device=cuda (Accelerate places one process per GPU)")
+        raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {cfg.device!r}")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("device='cuda' but no CUDA GPU is visible: use --device=cpu or --device=auto")
+    if cfg.device == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device='mps' but MPS is not available: use --device=cpu or --device=auto")
+    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return {"backend": cfg.backend}
+    return {}
+
+
+def _mixed_precision(cfg, device):
+    """dtype names the precision; 'auto' defers to `accelerate config`, else bf16 where it pays."""
+    if cfg.dtype == "auto":
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            return None  # the YAML given to `accelerate launch` decides
+        if device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+    if cfg.dtype == "float16" and device.type == "cpu":
+        raise UserError("dtype='float16' is not supported on CPU: use bfloat16 or float32")
+    if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
+    return PRECISION[cfg.dtype]
+
+
+def _prepare_hint(cfg):
+    script = os.path.join("data_prep", cfg.dataset, "prepare.py")
+    return f"python {script}" if os.path.exists(script) else "a data_prep/ script (see README)"
+
+
+def _init_model(cfg, bins, tokenizer):
+    """The model to train and, when resuming, the saved loop state."""
+    if cfg.init_from == "scratch":
+        vocab = bins.vocab_size or PADDED_GPT2_VOCAB
+        return build_model(cfg, vocab, tokenizer), None
+    if cfg.init_from == "resume":
+        saved = checkpoint.read_trainer_state(cfg.out_dir)
+        source = cfg.out_dir
+    else:
+        saved, source = None, cfg.init_from
+    model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa")
+    check_architecture(model, cfg, source)
+    if cfg.block_size != model.config.n_positions:
+        raise UserError(f"{source} has block_size {model.config.n_positions} but the settings say "
+                        f"{cfg.block_size}: drop the block_size override")
+    set_dropout(model, cfg.dropout)
+    freeze_biases_if_unused(model)
+    return model, saved
+
+
+def _start_logging(run, device, n_proc):
+    cfg, acc, report = run.cfg, run.accelerator, run.reporter
+    if acc.is_main_process:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        checkpoint.write_run_config(cfg.out_dir, cfg.to_json())
+    report.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    report.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
+    report.print(f"{n_proc} process(es) on {device.type}, {run.micro_steps} micro-steps each, "
+                 f"precision {acc.mixed_precision}")
+    report.print(f"number of parameters: {count_parameters(acc.unwrap_model(run.model)) / 1e6:.2f}M")
+    if cfg.wandb_log:
+        init = {"name": cfg.wandb_run_name}
+        if run.tracker_run_id:  # continue the same wandb run after a resume
+            init.update(id=run.tracker_run_id, resume="allow")
+        acc.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg), init_kwargs={"wandb": init})
+        if acc.is_main_process:
+            run.tracker_run_id = acc.get_tracker("wandb").run.id
+
+
+@torch.no_grad()
+def evaluate(run):
+    """Mean loss over eval_iters batches per split, the batches shared out over processes."""
+    acc, cfg, model = run.accelerator, run.cfg, run.model
+    model.eval()
+    losses = {}
+    for split in SPLITS:
+        offsets = run.sampler.iteration_offsets(split, run.iter_num, cfg.eval_iters, purpose="eval")
+        # Every process runs the same number of forwards (FSDP needs it); padding batches weigh 0.
+        per_process = math.ceil(cfg.eval_iters / acc.num_processes)
+        total = torch.zeros(2, device=acc.device)
+        for k in range(per_process):
+            index = acc.process_index + k * acc.num_processes
+            x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
+            loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+            weight = float(index < cfg.eval_iters)
+            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=acc.device)])
+        total = acc.reduce(total, reduction="sum")
+        losses[split] = (total[0] / total[1]).item()
+    model.train()
+    return losses
+
+
+def train_batches(run):
+    """This process's (x, y) micro-batches, iteration after iteration, from run.iter_num on."""
+    acc, n = run.accelerator, run.micro_steps
+    iteration = run.iter_num
+    while True:
+        offsets = run.sampler.iteration_offsets("train", iteration, n * acc.num_processes)
+        for row in offsets[acc.process_index * n:(acc.process_index + 1) * n]:
+            yield run.sampler.batch("train", row)
+        iteration += 1
+
+
+def save(run):
+    state = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
+             "tokens_seen": run.iter_num * run.tokens_per_iter, "tracker_run_id": run.tracker_run_id,
+             "config": dataclasses.asdict(run.cfg)}
+    run.reporter.print(f"saving checkpoint to {run.cfg.out_dir}")
+    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
+
+
+def fit(run):
+    cfg, acc, model, optimizer, report = run.cfg, run.accelerator, run.model, run.optimizer, run.reporter
+    flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
+    peak = peak_flops(acc.device)
+    batches = train_batches(run)
+    x, y = next(batches)
+    t0 = time.time()
+    local_iter_num, running_mfu = 0, -1.0
+    while True:
+        lr = run.scheduler.get_last_lr()[0]
+
+        # evaluate the loss on train/val sets and write checkpoints
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
+            losses = evaluate(run)
+            report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
+                                                "lr": lr, "mfu": running_mfu * 100})
+            if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
+                run.best_val_loss = min(run.best_val_loss, losses["val"])
+                if run.iter_num > 0 and not cfg.eval_only:
+                    save(run)
+        if cfg.eval_only or run.iter_num >= cfg.max_iters:
+            break
+
+        # forward, backward, update; gradients are synchronised only on the last micro-step
+        loss_sum = torch.zeros((), device=acc.device)
+        for _ in range(run.micro_steps):
+            with acc.accumulate(model):
+                loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+                x, y = next(batches)  # prefetch while the device is busy
+                acc.backward(loss)
+            loss_sum += loss.detach()
+        if cfg.grad_clip:
+            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        run.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        # timing and logging
+        t1 = time.time()
+        dt, t0 = t1 - t0, t1
+        if run.iter_num % cfg.log_interval == 0:
+            lossf = (loss_sum / run.micro_steps).item()  # the only host sync of the step
+            if local_iter_num >= MFU_WARMUP_ITERS:
+                mfu = flops_per_iter / dt / peak
+                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
+            tokens_per_sec = run.tokens_per_iter / dt
+            report.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                         f"mfu {running_mfu * 100:.2f}%, {tokens_per_sec:,.0f} tok/s")
+            report.log("train", run.iter_num, **{"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
+                                                 "tokens_per_sec": tokens_per_sec, "mfu": running_mfu * 100})
+        run.iter_num += 1
+        local_iter_num += 1
+    acc.end_training()
+    return run
+
+
+def train(cfg):
+    return fit(setup(cfg))
+
+
+@exit_on_user_error
+def main(argv=None):
+    cfg = load_config(sys.argv[1:] if argv is None else argv)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()

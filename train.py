@@ -1,0 +1,5 @@
+"""Train a GPT-2: `python train.py [preset.py ...] [--key=value ...]` (see README)."""
+from gpt_train.train import main
+
+if __name__ == "__main__":
+    main()
