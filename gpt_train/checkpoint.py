@@ -15,10 +15,16 @@ reloads registered objects with `weights_only=False`.
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
 import json
+import logging
 import os
 import shutil
 
+from transformers.utils import logging as hf_logging
+
 from gpt_train.errors import UserError
+
+# Tied input/output embeddings are stored once; Accelerate warns about it at every save.
+logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
@@ -37,7 +43,9 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     accelerator.save_state(os.path.join(staging, STATE_DIR))
     state_dict = accelerator.get_state_dict(model)  # gathers a full state dict under FSDP
     if accelerator.is_main_process:
+        hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
         accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+        hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(staging)
         _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state)
         _move_into_place(staging, out_dir)

@@ -174,8 +174,7 @@ def _layers(argv):
             key, eq, raw = arg[2:].partition("=")
             if not eq:
                 raise UserError(f"'{arg}' has no value: write --{key}=VALUE")
-            if key in overrides:
-                raise UserError(f"--{key} is given twice on the command line")
+            overrides.pop(key, None)  # a repeated flag wins, as in nanoGPT's configurator
             overrides[key] = _parse_cli_value(raw)
         elif "=" in arg:
             raise UserError(f"'{arg}' looks like a setting: write --{arg}")

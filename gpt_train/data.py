@@ -99,8 +99,9 @@ class BlockSampler:
 
         `purpose` keeps the blocks of training steps and of evaluations apart.
         """
-        stream = STREAMS.index((split, purpose))
-        generator = torch.Generator().manual_seed(((self.seed * len(STREAMS) + stream) << 32) + iteration)
+        # SeedSequence mixes all three into one 32-bit seed; torch's CPU generator ignores higher bits.
+        entropy = [self.seed, STREAMS.index((split, purpose)), iteration]
+        generator = torch.Generator().manual_seed(int(np.random.SeedSequence(entropy).generate_state(1)[0]))
         high = self.bins.lengths[split] - self.block_size
         return torch.randint(high, (micro_batches, self.batch_size), generator=generator)
 

@@ -45,12 +45,18 @@ def build_model(cfg, vocab_size, tokenizer):
         bias=cfg.bias,
         attn_implementation="sdpa",
     )
-    model = GPT2LMHeadModel(config)
-    freeze_biases_if_unused(model)
+    return ready_for_training(GPT2LMHeadModel(config), cfg.dropout)
+
+
+def ready_for_training(model, dropout):
+    """What every model needs before training, built here or loaded from a folder."""
+    model.loss_type = "ForCausalLM"  # the class name does not say so, and transformers warns
+    set_dropout(model, dropout)
+    _freeze_biases_if_unused(model)
     return model
 
 
-def freeze_biases_if_unused(model):
+def _freeze_biases_if_unused(model):
     """Make `bias=False` models bias-free in effect: every bias zero and excluded from training."""
     if getattr(model.config, "bias", True):
         return

@@ -26,8 +26,8 @@ from gpt_train.data import SPLITS, BlockSampler, open_dataset
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.metrics import Reporter
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
-                             flops_per_token, freeze_biases_if_unused, lr_multiplier, make_optimizer,
-                             peak_flops, set_dropout)
+                             flops_per_token, lr_multiplier, make_optimizer, peak_flops,
+                             ready_for_training)
 from gpt_train.tokenizer import dataset_tokenizer
 
 PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -146,9 +146,7 @@ def _init_model(cfg, bins, tokenizer):
     if cfg.block_size != model.config.n_positions:
         raise UserError(f"{source} has block_size {model.config.n_positions} but the settings say "
                         f"{cfg.block_size}: drop the block_size override")
-    set_dropout(model, cfg.dropout)
-    freeze_biases_if_unused(model)
-    return model, saved
+    return ready_for_training(model, cfg.dropout), saved
 
 
 def _start_logging(run, device, n_proc):
@@ -254,7 +252,8 @@ def fit(run):
         t1 = time.time()
         dt, t0 = t1 - t0, t1
         if run.iter_num % cfg.log_interval == 0:
-            lossf = (loss_sum / run.micro_steps).item()  # the only host sync of the step
+            # mean over every micro-step of every process; the only host sync of the step
+            lossf = acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps
             if local_iter_num >= MFU_WARMUP_ITERS:
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu

@@ -1,0 +1,48 @@
+"""Two real processes (DDP over gloo on CPU) against one process doing the same global batch."""
+import os
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_metrics, run_script
+
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+
+
+def launch_two(*args, check=True):
+    return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+                      "train.py", *args, env=DDP_ENV, check=check)
+
+
+def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
+    out_dir, args = tiny_run
+    common = [*args, "--gradient_accumulation_steps=4", "--max_iters=12", "--eval_interval=6", "--eval_iters=3"]
+    two = launch_two(*common)
+    assert "2 process(es) on cpu, 2 micro-steps each" in two.stdout
+    assert two.stdout.count("tokens per iteration will be: 512") == 1  # 4 x 4 x 32, printed once
+    one_dir = str(tmp_path / "one")
+    one = run_script("train.py", *common, f"--out_dir={one_dir}", env={"OMP_NUM_THREADS": "1"})
+    assert "1 process(es) on cpu, 4 micro-steps each" in one.stdout
+    assert "tokens per iteration will be: 512" in one.stdout
+
+    # only the main process writes: one line per event
+    assert [e["iter"] for e in read_metrics(out_dir, "train")] == list(range(12))
+    for a, b in zip(read_metrics(out_dir, "eval"), read_metrics(one_dir, "eval"), strict=True):
+        assert abs(a["val/loss"] - b["val/loss"]) < 1e-4 and abs(a["train/loss"] - b["train/loss"]) < 1e-4
+    for a, b in zip(read_metrics(out_dir, "train"), read_metrics(one_dir, "train"), strict=True):
+        assert abs(a["train/step_loss"] - b["train/step_loss"]) < 1e-4
+    two_weights = load_file(os.path.join(out_dir, "model.safetensors"))
+    one_weights = load_file(os.path.join(one_dir, "model.safetensors"))
+    for name, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[name], tensor, atol=1e-5, rtol=1e-4)
+
+
+def test_accumulation_steps_must_divide_among_processes(tiny_run):
+    _, args = tiny_run
+    result = launch_two(*args, "--gradient_accumulation_steps=3", check=False)
+    assert result.returncode != 0
+    assert ("error: gradient_accumulation_steps=3 is not divisible by the 2 processes: use a multiple of 2"
+            in result.stderr)
+    assert "Traceback" not in result.stderr.split("error: gradient_accumulation_steps")[0]
