@@ -56,11 +56,10 @@ class Run:
 def setup(cfg):
     state = PartialState(**_process_group_kwargs(cfg))
     device = state.device
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
     n_proc = state.num_processes
-    if cfg.gradient_accumulation_steps % n_proc:
-        raise UserError(f"gradient_accumulation_steps={cfg.gradient_accumulation_steps} is not divisible by "
-                        f"the {n_proc} processes: use a multiple of {n_proc}")
-    micro_steps = cfg.gradient_accumulation_steps // n_proc
+    micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, n_proc)
 
     bins = open_dataset(cfg.resolved_data_dir, cfg.block_size, _prepare_hint(cfg))
     tokenizer = dataset_tokenizer(cfg.resolved_data_dir)
@@ -92,6 +91,14 @@ def setup(cfg):
         run.tracker_run_id = saved.get("tracker_run_id")
     _start_logging(run, device, n_proc)
     return run
+
+
+def micro_steps_per_process(gradient_accumulation_steps, num_processes):
+    """nanoGPT's split: the accumulation steps are shared out, so tokens per iteration stay put."""
+    if gradient_accumulation_steps % num_processes:
+        raise UserError(f"gradient_accumulation_steps={gradient_accumulation_steps} is not divisible by "
+                        f"the {num_processes} processes: use a multiple of {num_processes}")
+    return gradient_accumulation_steps // num_processes
 
 
 def _process_group_kwargs(cfg):

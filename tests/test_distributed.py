@@ -1,11 +1,12 @@
 """Two real processes (DDP over gloo on CPU) against one process doing the same global batch."""
+import json
 import os
 import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_metrics, run_script
+from conftest import ROOT, read_metrics, run_script
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -46,3 +47,15 @@ def test_accumulation_steps_must_divide_among_processes(tiny_run):
     assert ("error: gradient_accumulation_steps=3 is not divisible by the 2 processes: use a multiple of 2"
             in result.stderr)
     assert "Traceback" not in result.stderr.split("error: gradient_accumulation_steps")[0]
+
+
+def test_gradients_are_synchronised_only_on_the_last_micro_step(tiny_run):
+    _, args = tiny_run
+    result = run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518",
+                        "tests/ddp_sync_probe.py", *args, "--gradient_accumulation_steps=6", "--max_iters=3",
+                        "--eval_interval=100", "--eval_iters=1", env={**DDP_ENV, "PYTHONPATH": ROOT})
+    probes = [json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("PROBE ")]
+    assert sorted(p["rank"] for p in probes) == [0, 1]
+    for probe in probes:  # 3 micro-steps per process per iteration: only the last one all-reduces
+        assert probe["micro_steps"] == 3 and probe["allreduces"] >= 3
+        assert probe["micro_step_of_allreduce"] == [2]

@@ -1,0 +1,92 @@
+"""bench.py: time the real training loop on any preset, as nanoGPT's bench.py times its own.
+
+It runs `gpt_train.train.fit` itself (not a copy of it) for `bench_warmup + bench_iters`
+iterations into a throwaway out_dir, then reports the median ms/iter of the timed ones,
+tokens/s, MFU against the device's peak bf16 FLOP/s and peak memory. So what it measures
+is what a training run gets, data loading and logging included.
+
+    python bench.py configs/train_gpt2.py --batch_size=12 --compile=True
+    python bench.py configs/train_shakespeare_char_cpu.py --bench_iters=50 --profile=True
+"""
+import json
+import math
+import os
+import resource
+import statistics
+import sys
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+from gpt_train.config import TrainConfig, load_config, setting
+from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.model import flops_per_token, peak_flops
+from gpt_train.train import fit, setup
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    gradient_accumulation_steps: int = setting(1, "micro-steps per optimizer step (nanoGPT's bench uses 1)")
+    bench_iters: int = setting(20, "timed iterations")
+    bench_warmup: int = setting(10, "untimed iterations first: compilation, allocator, caches")
+    profile: bool = setting(False, "also write a torch.profiler trace of the run (open in Perfetto)")
+    trace_file: str = setting("bench_trace.json", "where --profile writes its trace")
+
+    def validate(self):
+        super().validate()
+        if self.bench_iters < 1 or self.bench_warmup < 0:
+            raise UserError("bench_iters must be at least 1 and bench_warmup not negative")
+        return self
+
+
+def benchmark(cfg):
+    with tempfile.TemporaryDirectory() as out_dir:
+        cfg.out_dir, cfg.max_iters = out_dir, cfg.bench_warmup + cfg.bench_iters
+        cfg.eval_interval, cfg.eval_iters, cfg.log_interval = cfg.max_iters, 1, 1
+        cfg.wandb_log, cfg.eval_only = False, False
+        run = setup(cfg)
+        run.best_val_loss = -math.inf  # nothing beats it: a benchmark writes no checkpoint
+        if cfg.profile:
+            with torch.profiler.profile(record_shapes=True) as prof:
+                fit(run)
+            prof.export_chrome_trace(cfg.trace_file)
+        else:
+            fit(run)
+        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+            steps = [r for r in map(json.loads, f) if r["event"] == "train" and r["iter"] >= cfg.bench_warmup]
+    if not run.accelerator.is_main_process:
+        return None
+    device = run.accelerator.device
+    ms = statistics.median(r["dt_ms"] for r in steps)
+    model = run.accelerator.unwrap_model(run.model)
+    tokens_per_process = cfg.batch_size * cfg.block_size * run.micro_steps
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+        "processes": run.accelerator.num_processes,
+        "ms_per_iter": ms,
+        "tokens_per_sec": run.tokens_per_iter / (ms / 1000),
+        "mfu": flops_per_token(model) * tokens_per_process / (ms / 1000) / peak_flops(device),
+        "peak_memory_gb": _peak_memory_gb(device),
+    }
+    print(f"{result['device']} x{result['processes']}: {ms:.2f} ms/iter (median of {len(steps)}), "
+          f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu'] * 100:.2f}%, "
+          f"peak memory {result['peak_memory_gb']:.2f} GB")
+    if cfg.profile:
+        print(f"profiler trace: {cfg.trace_file}")
+    return result
+
+
+def _peak_memory_gb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+@exit_on_user_error
+def main(argv=None):
+    benchmark(load_config(sys.argv[1:] if argv is None else argv, BenchConfig))
+
+
+if __name__ == "__main__":
+    main()

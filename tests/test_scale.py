@@ -1,0 +1,80 @@
+"""Scale-out settings: the Accelerate YAML files, the accumulation split, precision choice, bench.py."""
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script
+from gpt_train.config import load_config
+from gpt_train.errors import UserError
+from gpt_train.train import _mixed_precision, micro_steps_per_process
+
+
+def launch_env(name):
+    """What `accelerate launch --config_file accelerate_configs/NAME.yaml` would run with."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    path = os.path.join(ROOT, "accelerate_configs", f"{name}.yaml")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", path, "train.py"]))
+    return args, prepare_multi_gpu_env(args) if args.num_processes > 1 else {}
+
+
+@pytest.mark.parametrize("name, processes, machines, distributed", [
+    ("8xa100", 8, 1, "MULTI_GPU"), ("fsdp_8xa100", 8, 1, "FSDP"), ("2x8xa100", 16, 2, "MULTI_GPU"),
+    ("1gpu", 1, 1, "NO"), ("cpu", 1, 1, "NO"),
+])
+def test_accelerate_configs_load_with_accelerates_own_loader(name, processes, machines, distributed):
+    from accelerate.commands.config.config_args import load_config_from_file
+    config = load_config_from_file(os.path.join(ROOT, "accelerate_configs", f"{name}.yaml"))
+    assert (config.num_processes, config.num_machines, config.distributed_type.value) == (processes, machines,
+                                                                                          distributed)
+    assert config.mixed_precision == ("no" if name == "cpu" else "bf16")
+    args, _ = launch_env(name)
+    assert args.num_processes == processes
+
+
+def test_fsdp_config_shards_gpt2_blocks_with_fsdp2(monkeypatch):
+    _, env = launch_env("fsdp_8xa100")
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.transformer_cls_names_to_wrap == ["GPT2Block"]
+    assert plugin.state_dict_type.name == "SHARDED_STATE_DICT" and plugin.reshard_after_forward is True
+
+
+def test_train_gpt2_on_8xa100_keeps_nanogpts_tokens_per_iteration():
+    args, _ = launch_env("8xa100")
+    cfg = load_config([os.path.join(ROOT, "configs", "train_gpt2.py")])
+    micro = micro_steps_per_process(cfg.gradient_accumulation_steps, args.num_processes)
+    assert micro == 5
+    assert micro * args.num_processes * cfg.batch_size * cfg.block_size == 491_520
+
+
+def test_two_nodes_need_a_divisible_accumulation_count():
+    args, _ = launch_env("2x8xa100")
+    with pytest.raises(UserError, match="not divisible by the 16 processes: use a multiple of 16"):
+        micro_steps_per_process(40, args.num_processes)
+    assert micro_steps_per_process(32, args.num_processes) * 16 * 15 * 1024 == 491_520  # the README's recipe
+
+
+def test_explicit_dtype_beats_the_launch_config_and_auto_defers_to_it(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    assert _mixed_precision(load_config([]), cpu) == "no"  # auto on CPU: float32
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert _mixed_precision(load_config([]), cpu) is None  # auto: the YAML decides
+    assert _mixed_precision(load_config(["--dtype=float32"]), cpu) == "no"
+    assert _mixed_precision(load_config(["--bf16=True"]), cpu) == "bf16"
+    with pytest.raises(UserError, match="float16' is not supported on CPU"):
+        _mixed_precision(load_config(["--dtype=float16"]), cpu)
+
+
+def test_bench_runs_the_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
+    result = run_script("bench.py", f"--data_dir={char_data}", "--device=cpu", "--compile=False", "--n_layer=2",
+                        "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--bench_iters=5",
+                        "--bench_warmup=2", "--profile=True", f"--trace_file={tmp_path / 'trace.json'}")
+    summary = result.stdout.strip().splitlines()[-2]
+    assert summary.startswith("cpu x1: ") and "ms/iter (median of 5)" in summary
+    assert "tokens/s, MFU " in summary and "peak memory" in summary
+    assert os.path.getsize(tmp_path / "trace.json") > 1000
