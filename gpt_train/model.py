@@ -23,8 +23,7 @@ PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64: fast
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_PEAK_FLOPS = PEAK_FLOPS["A100"]
 
-# Names that decide the shape of the network; a checkpoint and the settings must agree on them.
-ARCHITECTURE = ("n_layer", "n_head", "n_embd", "vocab_size")
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 
 def build_model(cfg, vocab_size, tokenizer):
@@ -93,14 +92,16 @@ def count_parameters(model, non_embedding=True):
 
 
 def make_optimizer(model, cfg, device_type):
-    """AdamW with weight decay on matmul and embedding weights only, fused on CUDA."""
+    """AdamW with weight decay on matmul and embedding weights only, fused where torch has a kernel."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in trainable if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in trainable if p.dim() < 2], "weight_decay": 0.0},
     ]
+    # One fused kernel for all tensors: on CPU too, where it took the optimizer step from 2.7 to
+    # 1.0 ms of a 37 ms CPU-recipe step.
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device_type == "cuda")
+                             fused=device_type in FUSED_ADAMW_DEVICES)
 
 
 def lr_multiplier(cfg):
