@@ -1,6 +1,6 @@
 """The command line as a user meets it: --help, --print_config, console entry points."""
 import dataclasses
-import re
+import importlib
 import tomllib
 
 import pytest
@@ -55,3 +55,24 @@ def test_print_config_still_reports_bad_settings(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--n_layr=2", "--print_config"])
     assert stop.value.code == 2 and "did you mean n_layer?" in capsys.readouterr().err
+
+
+def test_console_entry_points_name_importable_mains():
+    with open(f"{ROOT}/pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    scripts = project["scripts"]
+    assert set(scripts) == {"gpt-train", "gpt-sample", "gpt-prepare", "gpt-bench"}
+    for name in ("gpt-train", "gpt-prepare"):  # sample and bench: their own modules' tests
+        module, _, function = scripts[name].partition(":")
+        assert callable(getattr(importlib.import_module(module), function)), name
+    assert "dependencies" in project["dynamic"]  # the exact pins of requirements.txt
+
+
+def test_gpt_prepare_dispatches_by_dataset_name(char_data, tmp_path, capsys):
+    from gpt_train.prepare import main
+    main(["shakespeare_char", f"--out_dir={tmp_path}"])
+    for split in ("train", "val"):  # what data_prep/shakespeare_char/prepare.py wrote
+        assert (tmp_path / f"{split}.bin").read_bytes() == open(f"{char_data}/{split}.bin", "rb").read()
+    with pytest.raises(SystemExit) as stop:
+        main(["shakespeare_chr"])
+    assert stop.value.code == 2 and "did you mean shakespeare_char?" in capsys.readouterr().err
