@@ -212,7 +212,9 @@ def section_groups(cls):
     """[(section title, [fields])] from the `# title` comments in the class body, in order.
 
     The comments that already sort the dataclass for its readers sort `--help` too, so the
-    field list is written once. Without source (a frozen app) everything is one group.
+    field list is written once: a whole-line comment among the fields starts a section (explain
+    a field in a comment on its own line, not above it). Without source (a frozen app)
+    everything is one group.
     """
     try:
         source = inspect.getsource(cls)
