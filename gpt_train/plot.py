@@ -159,22 +159,24 @@ class LivePlot:
             self.reporter.print("matplotlib is not installed: no loss.png (pip install -r requirements.txt)")
 
 
+USAGE = "python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]"
+
+
 def _parse_args(argv):
     dirs, output = [], None
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__.split("\n\n")[1].strip("\n"))
-            print("\nDraws one chart from the runs' metrics.jsonl. --output defaults to OUT_DIR/loss.png for "
-                  f"one run, {COMPARISON_FILE} for several.")
+            print(f"usage: {USAGE}\n\nDraws the runs' metrics.jsonl on one chart. --output defaults to "
+                  f"OUT_DIR/{PLOT_FILE} for one run, {COMPARISON_FILE} for several.")
             sys.exit(0)
         if arg.startswith("--output="):
             output = arg.partition("=")[2]
         elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg}: usage: python -m gpt_train.plot OUT_DIR [...] [--output=FILE]")
+            raise UserError(f"unknown option {arg}: usage: {USAGE}")
         else:
             dirs.append(arg)
     if not dirs:
-        raise UserError("name at least one out_dir: python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]")
+        raise UserError(f"name at least one out_dir: usage: {USAGE}")
     return dirs, output or (os.path.join(dirs[0], PLOT_FILE) if len(dirs) == 1 else COMPARISON_FILE)
 
 
