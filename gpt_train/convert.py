@@ -1,7 +1,7 @@
 """nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back.
 
-    python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-shakespeare-char [--meta=data/shakespeare_char]
-    python -m gpt_train.convert to-nanogpt hf-shakespeare-char nanogpt/ckpt.pt
+    python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-char [--meta=data/shakespeare_char]
+    python -m gpt_train.convert to-nanogpt hf-char nanogpt/ckpt.pt
 
 The two networks are the same GPT-2; only the storage differs. nanoGPT keeps nn.Linear
 weights (out x in) where GPT-2 has Conv1D (in x out), `torch.compile` prefixes every name with

@@ -111,7 +111,8 @@ def draw(runs, output):
         prefix = f"{label.strip()}: " if label.strip() else ""
         if run.step:
             stride = -(-len(run.step) // MAX_STEP_POINTS)
-            ax_loss.plot(*zip(*run.step[::stride]), color=color, alpha=0.3, linewidth=0.8, label=f"{prefix}train (step)")
+            ax_loss.plot(*zip(*run.step[::stride]), color=color, alpha=0.3, linewidth=0.8,
+                         label=f"{prefix}train (step)")
         if run.evals:
             iters, train, val = zip(*run.evals)
             ax_loss.plot(iters, train, "--o", color=color, markersize=3, label=f"{prefix}train (eval)")

@@ -76,9 +76,10 @@ class Progress:
         if self.step_seconds and wall > 0:
             # The median step leaves out compilation and the steps that carried an evaluation.
             step = statistics.median(self.step_seconds[1:] or self.step_seconds)
+            mfu = self.flops_per_iter / step / self.peak_flops
             lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
                          f"(evals included); median step {step * 1000:.1f} ms = "
-                         f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {self.flops_per_iter / step / self.peak_flops * 100:.2f}%")
+                         f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {mfu * 100:.2f}%")
         if os.path.isfile(os.path.join(self.out_dir, "config.json")):
             lines.append(f"model folder: {os.path.abspath(self.out_dir)}")
             lines.append(f"sample from it: python sample.py --out_dir={shlex.quote(self.out_dir)}")

@@ -3,12 +3,10 @@ import json
 import os
 import re
 
-import pytest
-
 from conftest import read_metrics, run_script
 from gpt_train import progress as progress_module
 from gpt_train.config import load_config
-from gpt_train.plot import MetricsReader, read_run
+from gpt_train.plot import MetricsReader
 from gpt_train.progress import Progress, bar, format_duration
 from gpt_train.train import train
 
@@ -118,4 +116,5 @@ def test_plot_command_draws_several_runs_on_one_chart(tmp_path):
 def test_plot_of_a_folder_without_metrics_is_a_one_line_error(tmp_path):
     result = run_script("-m", "gpt_train.plot", str(tmp_path), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == f"error: {tmp_path}/metrics.jsonl not found: is {tmp_path} the out_dir of a gpt-train run?"
+    assert result.stderr.strip() == (f"error: {tmp_path}/metrics.jsonl not found: "
+                                     f"is {tmp_path} the out_dir of a gpt-train run?")
