@@ -11,8 +11,11 @@ Not here: what the settings do. That is the job of the modules that read them.
 import ast
 import dataclasses
 import difflib
+import inspect
 import json
 import os
+import re
+import sys
 from dataclasses import dataclass, field, fields
 
 from gpt_train.errors import UserError
@@ -31,6 +34,7 @@ class TrainConfig:
     out_dir: str = setting("out", "folder for the model, its training state and metrics.jsonl")
     eval_interval: int = setting(2000, "evaluate train and val loss every this many iterations")
     log_interval: int = setting(1, "print the training loss every this many iterations")
+    progress: bool = setting(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
     eval_iters: int = setting(200, "batches per split in each evaluation")
     eval_only: bool = setting(False, "evaluate once and exit")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val loss improves")
@@ -158,12 +162,95 @@ VALUE_ALIASES = {
 }
 
 
+# How --help names the TrainingArguments spellings of VALUE_ALIASES.
+VALUE_ALIAS_HELP = {"wandb_log": "report_to='wandb'", "dtype": "bf16=True, fp16=True"}
+
+HELP_FLAGS = ("--help", "-h")
+PRINT_CONFIG_FLAG = "--print_config"
+
+
 def load_config(argv, cls=TrainConfig):
-    """Build a validated `cls` from argv: preset files and --key=value, in order."""
+    """Build a validated `cls` from argv: preset files and --key=value, in order.
+
+    `--help` prints every setting of `cls` and exits; `--print_config` prints the resolved
+    settings (as a preset file that reproduces them) and exits, before any data is touched.
+    """
+    if any(arg in HELP_FLAGS for arg in argv):
+        print(help_text(cls))
+        sys.exit(0)
+    if PRINT_CONFIG_FLAG in argv:
+        cfg = load_config([arg for arg in argv if arg != PRINT_CONFIG_FLAG], cls)
+        print(preset_text(cfg))
+        sys.exit(0)
     values = {}
     for source, assignments in _layers(argv):
         values.update(_resolve_layer(cls, source, assignments))
     return cls(**values).validate()
+
+
+def help_text(cls, prog=None):
+    """Every setting of `cls` with its default, type and meaning, grouped by the class's section comments."""
+    prog = prog or _program_name()
+    names = {f.name: f for f in fields(cls)}
+    aliases = {ours: hf for hf, ours in FIELD_ALIASES.items() if ours in names}
+    aliases.update({ours: hf for ours, hf in VALUE_ALIAS_HELP.items() if ours in names})
+    width = max(len(f"--{f.name}={f.default!r}") for f in fields(cls)) + 2
+    lines = [f"usage: {prog} [PRESET.py ...] [--key=value ...] [{PRINT_CONFIG_FLAG}] [--help]", "",
+             "Settings resolve in order: these defaults, then each preset file (plain Python assigning",
+             "names, later files win), then --key=value. A bare word is a string; True/False are booleans.",
+             f"{PRINT_CONFIG_FLAG} shows the resolved settings and exits."]
+    for group, members in section_groups(cls):
+        lines += ["", f"{group}:"]
+        for f in members:
+            flag = f"--{f.name}={f.default!r}"
+            alias = f" (also {aliases[f.name]})" if f.name in aliases else ""
+            lines.append(f"  {flag:<{width}}{_type_name(f.type):<6} {f.metadata.get('help', '')}{alias}")
+    return "\n".join(lines)
+
+
+def section_groups(cls):
+    """[(section title, [fields])] from the `# title` comments in the class body, in order.
+
+    The comments that already sort the dataclass for its readers sort `--help` too, so the
+    field list is written once: a whole-line comment among the fields starts a section (explain
+    a field in a comment on its own line, not above it). Without source (a frozen app)
+    everything is one group.
+    """
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return [("settings", list(fields(cls)))]
+    by_name = {f.name: f for f in fields(cls)}
+    groups, title = [], "settings"
+    for line in source.splitlines():
+        comment = re.match(r"\s+#\s*(.+)$", line)
+        assignment = re.match(r"\s+(\w+)\s*:", line)
+        if comment:
+            title = comment.group(1).strip()
+        elif assignment and assignment.group(1) in by_name:
+            if not groups or groups[-1][0] != title:
+                groups.append((title, []))
+            groups[-1][1].append(by_name.pop(assignment.group(1)))
+    if by_name:  # fields the source scan missed (a generated or inherited field): still listed
+        groups.append(("other", list(by_name.values())))
+    return groups
+
+
+def preset_text(cfg):
+    """The resolved settings as a preset file: save it and pass it back to get the same run."""
+    lines = [f"# resolved settings of {type(cfg).__name__}"]
+    lines += [f"{f.name} = {getattr(cfg, f.name)!r}" for f in fields(cfg)]
+    return "\n".join(lines)
+
+
+def _type_name(annotation):
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _program_name():
+    """How the user started us: `python train.py` for a script, `gpt-train` for an entry point."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train.py"
+    return f"python {name}" if name.endswith(".py") else name
 
 
 def _layers(argv):

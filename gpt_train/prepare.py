@@ -7,8 +7,10 @@ into place only when complete, so a failed run never leaves a half-written datas
 
 Not here: reading datasets (gpt_train.data).
 """
+import difflib
 import os
 import pickle
+import sys
 import tempfile
 from dataclasses import dataclass
 
@@ -16,7 +18,7 @@ import numpy as np
 
 from gpt_train.config import load_config, setting
 from gpt_train.data import TOKEN_DTYPE
-from gpt_train.errors import UserError
+from gpt_train.errors import UserError, exit_on_user_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAKESPEARE = os.path.join(REPO_ROOT, "data_prep", "tinyshakespeare", "input.txt")
@@ -108,3 +110,23 @@ def prepare_char_dataset(name, argv):
     write_meta(out_dir, {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi})
     save_tokenizer(out_dir, char_tokenizer(stoi))
     print(f"wrote {out_dir}")
+
+
+# `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
+PREPARERS = {"shakespeare_char": prepare_char_dataset}
+
+
+@exit_on_user_error
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    names = ", ".join(PREPARERS)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(f"usage: gpt-prepare DATASET [--key=value ...]   (DATASET: {names})\n"
+              "       gpt-prepare DATASET --help   lists that dataset's settings")
+        sys.exit(0 if argv else 2)
+    name, rest = argv[0], argv[1:]
+    if name not in PREPARERS:
+        near = difflib.get_close_matches(name, PREPARERS, n=1)
+        hint = f"; did you mean {near[0]}?" if near else ""
+        raise UserError(f"unknown dataset {name!r}{hint} (known: {names})")
+    PREPARERS[name](name, rest)

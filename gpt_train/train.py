@@ -28,6 +28,8 @@ from gpt_train.metrics import Reporter
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
                              flops_per_token, lr_multiplier, make_optimizer, peak_flops,
                              ready_for_training)
+from gpt_train.plot import LivePlot
+from gpt_train.progress import Progress, bar
 from gpt_train.tokenizer import dataset_tokenizer
 
 PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
@@ -186,7 +188,7 @@ def evaluate(run):
         # Every process runs the same number of forwards (FSDP needs it); padding batches weigh 0.
         per_process = math.ceil(cfg.eval_iters / acc.num_processes)
         total = torch.zeros(2, device=acc.device)
-        for k in range(per_process):
+        for k in bar(run.reporter, cfg.progress, range(per_process), f"eval {split}"):
             index = acc.process_index + k * acc.num_processes
             x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
             loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
@@ -223,6 +225,9 @@ def fit(run):
     peak = peak_flops(acc.device)
     batches = train_batches(run)
     x, y = next(batches)
+    progress = Progress(report, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
+                        flops_per_iter, peak)  # ETA on the log line, summary at the end
+    plot = LivePlot(report, cfg.out_dir)  # out_dir/loss.png, redrawn after each eval
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
     while True:
@@ -234,6 +239,7 @@ def fit(run):
             report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
                                                 "lr": lr, "mfu": running_mfu * 100})
+            plot.update()
             if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
                 run.best_val_loss = min(run.best_val_loss, losses["val"])
                 if run.iter_num > 0 and not cfg.eval_only:
@@ -266,11 +272,13 @@ def fit(run):
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
             report.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                         f"mfu {running_mfu * 100:.2f}%, {tokens_per_sec:,.0f} tok/s")
+                         f"mfu {running_mfu * 100:.2f}%, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
             report.log("train", run.iter_num, **{"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
                                                  "tokens_per_sec": tokens_per_sec, "mfu": running_mfu * 100})
         run.iter_num += 1
         local_iter_num += 1
+    if not cfg.eval_only:
+        progress.summary(run.iter_num)
     acc.end_training()
     return run
 

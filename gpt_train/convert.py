@@ -1,0 +1,255 @@
+"""nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back.
+
+    python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-char [--meta=data/shakespeare_char]
+    python -m gpt_train.convert to-nanogpt hf-char nanogpt/ckpt.pt
+
+The two networks are the same GPT-2; only the storage differs. nanoGPT keeps nn.Linear
+weights (out x in) where GPT-2 has Conv1D (in x out), `torch.compile` prefixes every name with
+`_orig_mod.`, and `bias=False` means no bias tensors at all, which a GPT-2 folder expresses as
+zero biases plus `bias: false` in config.json (see gpt_train.model). nanoGPT computes exact
+GELU, so converted models say `activation_function="gelu"`.
+
+The checkpoint is read with `torch.load(weights_only=True)`: tensors, numbers, strings and
+plain containers, plus numpy number scalars in case a config value was one. A ckpt.pt that
+needs anything else is refused rather than unpickled.
+
+Not here: training state. The optimizer moments are not carried across; the folder is a
+model to sample from, evaluate or fine-tune (`init_from=FOLDER`), and the ckpt.pt written
+back is one nanoGPT's sample.py loads (nanoGPT's init_from='resume' also wants an optimizer).
+"""
+import json
+import os
+import pickle
+import sys
+import zipfile
+
+import numpy as np
+import torch
+
+from gpt_train.errors import UserError, exit_on_user_error
+
+COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper: nanoGPT strips it on resume, so do we
+LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+CAUSAL_MASK = ".attn.bias"  # nanoGPT's mask buffer, present when it ran without flash attention
+MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
+NANOGPT_LAYER_NORM_EPS = 1e-5
+NANOGPT_INITIAL_BEST_VAL_LOSS = 1e9  # what nanoGPT's train.py starts from
+GPT2_BPE_VOCAB = 50257
+# What a weights_only load may build besides tensors: numpy number scalars and their dtypes.
+NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
+                        np.dtypes.Float16DType, np.dtypes.Int64DType, np.dtypes.Int32DType, np.dtypes.BoolDType]
+
+
+def load_nanogpt_checkpoint(path):
+    """nanoGPT's ckpt.pt as a dict, loaded without running code from the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SCALAR_GLOBALS):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as e:
+        reason = str(e).split("\n\n")[-1].strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path} holds objects other than tensors, numbers and strings ({reason}); "
+                        "refusing to unpickle it") from None
+    except (RuntimeError, EOFError) as e:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({e})") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "model_args" not in ckpt:
+        raise UserError(f"{path} is not a nanoGPT checkpoint: it needs 'model' and 'model_args' entries")
+    missing = [k for k in MODEL_ARGS if k not in ckpt["model_args"]]
+    if missing:
+        raise UserError(f"{path}: model_args lacks {', '.join(missing)}")
+    return ckpt
+
+
+def gpt2_config(model_args, tokenizer):
+    from transformers import GPT2Config
+
+    dropout = float(model_args.get("dropout", 0.0))
+    special = tokenizer.eos_token_id  # None for char vocabularies, as in gpt_train.model.build_model
+    return GPT2Config(
+        vocab_size=int(model_args["vocab_size"]), n_positions=int(model_args["block_size"]),
+        n_embd=int(model_args["n_embd"]), n_layer=int(model_args["n_layer"]), n_head=int(model_args["n_head"]),
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+        activation_function="gelu",  # nanoGPT's nn.GELU() is the exact one
+        layer_norm_epsilon=NANOGPT_LAYER_NORM_EPS, bos_token_id=special, eos_token_id=special,
+        bias=bool(model_args["bias"]))
+
+
+def nanogpt_to_hf_state_dict(state_dict, hf_keys, bias):
+    """Rename, transpose and fill in biases; `hf_keys` are the GPT-2 model's state dict keys."""
+    weights = {}
+    for name, tensor in state_dict.items():
+        while name.startswith(COMPILE_PREFIX):
+            name = name[len(COMPILE_PREFIX):]
+        if name.endswith(CAUSAL_MASK):
+            continue
+        weights[name] = tensor.t().contiguous() if name.endswith(LINEAR_WEIGHTS) else tensor
+    unexpected = sorted(set(weights) - set(hf_keys))
+    if unexpected:
+        raise UserError(f"not a nanoGPT GPT state dict: unexpected {', '.join(unexpected[:3])}")
+    converted = {}
+    for key, shape_like in hf_keys.items():
+        if key in weights:
+            converted[key] = weights[key]
+        elif key == "lm_head.weight" and "transformer.wte.weight" in weights:
+            converted[key] = weights["transformer.wte.weight"]  # tied: nanoGPT may store it once
+        elif key.endswith(".bias") and not bias:
+            converted[key] = torch.zeros(shape_like.shape, dtype=weights["transformer.wte.weight"].dtype)
+        else:
+            raise UserError(f"not a nanoGPT GPT state dict: {key} is missing"
+                            + (" (model_args says bias=True)" if key.endswith(".bias") else ""))
+    if not torch.equal(converted["lm_head.weight"], converted["transformer.wte.weight"]):
+        raise UserError("lm_head.weight differs from transformer.wte.weight: nanoGPT ties them, "
+                        "and a GPT-2 folder can only store them tied")
+    return converted
+
+
+def from_nanogpt(ckpt_path, out_dir, meta=None):
+    """Write a model folder (weights, config, tokenizer) for the nanoGPT checkpoint at ckpt_path."""
+    from transformers import GPT2LMHeadModel
+
+    ckpt = load_nanogpt_checkpoint(ckpt_path)
+    model_args = ckpt["model_args"]
+    tokenizer = _tokenizer_for(ckpt, meta, int(model_args["vocab_size"]))
+    config = gpt2_config(model_args, tokenizer)
+    with torch.device("meta"):  # no time spent initialising weights that are overwritten next
+        model = GPT2LMHeadModel(config)
+    hf_keys = model.state_dict()
+    weights = nanogpt_to_hf_state_dict(ckpt["model"], hf_keys, config.bias)
+    try:
+        model.load_state_dict(weights, strict=True, assign=True)
+    except RuntimeError as e:
+        raise UserError(f"{ckpt_path}: weights do not fit model_args {dict(model_args)} ({e})") from None
+    model.tie_weights()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    model.eval()
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return ckpt
+
+
+def _tokenizer_for(ckpt, meta, vocab_size):
+    """meta.pkl's characters (given, or found the way nanoGPT's sample.py finds it), else GPT-2 BPE."""
+    from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer
+
+    if meta is None:
+        dataset = (ckpt.get("config") or {}).get("dataset")
+        guess = os.path.join("data", str(dataset)) if dataset else None
+        if guess and os.path.isfile(os.path.join(guess, "meta.pkl")):
+            print(f"using the vocabulary in {guess}/meta.pkl (the checkpoint's dataset)")
+            meta = guess
+    if meta is not None:
+        folder = os.path.dirname(meta) if os.path.basename(meta) == "meta.pkl" else meta
+        if not os.path.isdir(folder):
+            raise UserError(f"--meta={meta}: give a dataset folder or its meta.pkl")
+        tokenizer = dataset_tokenizer(folder)
+        if len(tokenizer) > vocab_size:
+            raise UserError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model only "
+                            f"{vocab_size}: --meta names another dataset")
+        return tokenizer
+    if vocab_size < GPT2_BPE_VOCAB:
+        raise UserError(f"the model has a {vocab_size}-token vocabulary, not GPT-2's: pass the dataset it was "
+                        "trained on with --meta=data/<dataset> (the folder holding meta.pkl)")
+    return gpt2_tokenizer()
+
+
+def hf_to_nanogpt_state_dict(model):
+    """nanoGPT names and layouts for a GPT2LMHeadModel's weights; bias-free models lose their zero biases."""
+    bias = getattr(model.config, "bias", True)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        if name.endswith(".bias") and not bias:
+            if torch.count_nonzero(tensor):
+                raise UserError(f"config.json says bias=False but {name} is not zero: nanoGPT's bias-free "
+                                "model cannot hold it")
+            continue
+        state[name] = tensor.t().contiguous() if name.endswith(LINEAR_WEIGHTS) else tensor
+    state["lm_head.weight"] = state["transformer.wte.weight"]  # one tensor, stored once, as nanoGPT saves it
+    return state
+
+
+def to_nanogpt(out_dir, ckpt_path):
+    """Write a nanoGPT ckpt.pt (and meta.pkl for char vocabularies) from the model folder out_dir."""
+    from transformers import GPT2LMHeadModel
+
+    if not os.path.isfile(os.path.join(out_dir, "config.json")):
+        raise UserError(f"{out_dir} is not a model folder: no config.json")
+    model = GPT2LMHeadModel.from_pretrained(out_dir)
+    c = model.config
+    if not c.tie_word_embeddings:
+        raise UserError(f"{out_dir} has untied input and output embeddings; nanoGPT's GPT ties them")
+    if c.activation_function != "gelu":
+        print(f"note: the model uses {c.activation_function!r} and nanoGPT exact GELU: its logits will "
+              "differ slightly, as with nanoGPT's own from_pretrained('gpt2')")
+    if c.layer_norm_epsilon != NANOGPT_LAYER_NORM_EPS:
+        print(f"note: layer_norm_epsilon is {c.layer_norm_epsilon}, nanoGPT uses {NANOGPT_LAYER_NORM_EPS}")
+    trainer_state = _read_json(os.path.join(out_dir, "training_state", "trainer_state.json")) or {}
+    ckpt = {
+        "model": hf_to_nanogpt_state_dict(model),
+        "model_args": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.n_positions,
+                       "bias": bool(getattr(c, "bias", True)), "vocab_size": c.vocab_size,
+                       "dropout": float(c.resid_pdrop)},
+        "iter_num": int(trainer_state.get("iter_num", 0)),
+        "best_val_loss": float(trainer_state.get("best_val_loss", NANOGPT_INITIAL_BEST_VAL_LOSS)),
+        "config": _read_json(os.path.join(out_dir, "training_config.json")) or {},
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(ckpt_path)), exist_ok=True)
+    tmp = ckpt_path + ".tmp"
+    torch.save(ckpt, tmp)
+    os.replace(tmp, ckpt_path)
+    _write_char_meta(out_dir, os.path.dirname(os.path.abspath(ckpt_path)), c.vocab_size)
+    return ckpt
+
+
+def _write_char_meta(model_dir, ckpt_dir, vocab_size):
+    """A char-level model's vocabulary as nanoGPT's meta.pkl, for nanoGPT's sample.py to decode with."""
+    if vocab_size >= GPT2_BPE_VOCAB or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+        return
+    from transformers import AutoTokenizer
+
+    from gpt_train.prepare import write_meta
+
+    stoi = AutoTokenizer.from_pretrained(model_dir).get_vocab()
+    if all(len(ch) == 1 for ch in stoi):
+        write_meta(ckpt_dir, {"vocab_size": len(stoi), "itos": {i: ch for ch, i in stoi.items()}, "stoi": stoi})
+        print(f"wrote {os.path.join(ckpt_dir, 'meta.pkl')}: copy it to nanoGPT's data/<dataset>/ to sample")
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+USAGES = {"from-nanogpt": "python -m gpt_train.convert from-nanogpt CKPT_PT OUT_DIR [--meta=DATASET_DIR_OR_META_PKL]",
+          "to-nanogpt": "python -m gpt_train.convert to-nanogpt OUT_DIR CKPT_PT"}
+
+
+@exit_on_user_error
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: " + "\n       ".join(USAGES.values()))
+        print("\n" + __doc__.split("\n\n")[2])
+        sys.exit(0 if argv else 2)
+    command, rest = argv[0], argv[1:]
+    options = dict(a[2:].partition("=")[::2] for a in rest if a.startswith("--"))
+    paths = [a for a in rest if not a.startswith("--")]
+    allowed = {"from-nanogpt": {"meta"}, "to-nanogpt": set()}
+    if command not in USAGES:
+        raise UserError(f"unknown command {command!r}: use from-nanogpt or to-nanogpt (--help shows how)")
+    if len(paths) != 2 or set(options) - allowed[command]:
+        raise UserError(f"usage: {USAGES[command]}")
+    if command == "from-nanogpt":
+        ckpt = from_nanogpt(*paths, meta=options.get("meta"))
+        print(f"wrote {paths[1]}: a GPT-2 model folder (iter {ckpt.get('iter_num', '?')} of the nanoGPT run)")
+    else:
+        to_nanogpt(*paths)
+        print(f"wrote {paths[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Loss curves: out_dir/loss.png during training, and a command to compare runs.
+
+    python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]
+
+Everything is read from each run's metrics.jsonl (and training_config.json for the tokens
+per iteration), so it works on a finished run, a running one, or a copied folder. The chart
+shows train and val loss against iteration, tokens on the top axis, and the learning rate
+below. matplotlib is imported only when a chart is drawn, with the file-only Agg backend:
+training startup pays nothing and no display is needed.
+
+Not here: writing metrics (gpt_train.metrics).
+"""
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+from gpt_train.errors import UserError, exit_on_user_error
+
+PLOT_FILE = "loss.png"
+COMPARISON_FILE = "loss_comparison.png"  # several runs have no single out_dir to write into
+METRICS_FILE = "metrics.jsonl"
+RUN_CONFIG = "training_config.json"
+MAX_STEP_POINTS = 4000  # more step losses than pixels only cost drawing time: thin them out
+FIGURE_INCHES = (9, 6.5)
+DPI = 110  # ~1000 px wide: sharp on a screen, ~100 KB on disk
+
+
+@dataclass
+class RunCurves:
+    """One run's curves; each list is sorted by iteration, a resumed run's repeats replaced."""
+
+    name: str
+    tokens_per_iter: int | None
+    step: list = field(default_factory=list)  # (iter, train step loss)
+    evals: list = field(default_factory=list)  # (iter, train loss, val loss)
+    lr: list = field(default_factory=list)  # (iter, learning rate)
+
+    @property
+    def best(self):
+        return min(self.evals, key=lambda e: e[2]) if self.evals else None
+
+
+class MetricsReader:
+    """Reads a run's metrics.jsonl, and on later calls only the lines added since."""
+
+    def __init__(self, out_dir):
+        self.out_dir, self.path = out_dir, os.path.join(out_dir, METRICS_FILE)
+        self.offset, self.line_number = 0, 0
+        self.step, self.evals, self.lr = {}, {}, {}
+
+    def curves(self, name=None):
+        self._read_new_lines()
+        return RunCurves(name or os.path.basename(os.path.normpath(self.out_dir)) or self.out_dir,
+                         _tokens_per_iter(self.out_dir), sorted(self.step.items()),
+                         [(i, *self.evals[i]) for i in sorted(self.evals)], sorted(self.lr.items()))
+
+    def _read_new_lines(self):
+        if not os.path.isfile(self.path):
+            raise UserError(f"{self.path} not found: is {self.out_dir} the out_dir of a gpt-train run?")
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            for line in f:
+                if not line.endswith(b"\n"):
+                    break  # the last line of a run still being written: read it next time
+                self.offset += len(line)
+                self.line_number += 1
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise UserError(f"{self.path} line {self.line_number} is not JSON") from None
+                it = record.get("iter")
+                # Later lines win: after a resume the replayed iterations are the ones that count.
+                if record.get("event") == "train" and "train/step_loss" in record:
+                    self.step[it] = record["train/step_loss"]
+                elif record.get("event") == "eval" and "val/loss" in record:
+                    self.evals[it] = (record["train/loss"], record["val/loss"])
+                if "lr" in record:
+                    self.lr[it] = record["lr"]
+
+
+def read_run(out_dir, name=None):
+    return MetricsReader(out_dir).curves(name)
+
+
+def _tokens_per_iter(out_dir):
+    try:
+        with open(os.path.join(out_dir, RUN_CONFIG), encoding="utf-8") as f:
+            cfg = json.load(f)
+        return cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # the chart simply goes without its tokens axis
+
+
+def draw(runs, output):
+    """Draw `runs` on one chart and write it to `output` atomically (a viewer never sees half a PNG)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import EngFormatter
+
+    fig = Figure(figsize=FIGURE_INCHES, dpi=DPI, layout="constrained")
+    ax_loss, ax_lr = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    same_tokens = len({r.tokens_per_iter for r in runs}) == 1 and runs[0].tokens_per_iter
+    colors = matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]
+    for n, run in enumerate(runs):
+        color = colors[n % len(colors)]
+        label = run.name if len(runs) > 1 else ""
+        if run.tokens_per_iter and not same_tokens:
+            label += f" ({run.tokens_per_iter:,} tok/iter)"
+        prefix = f"{label.strip()}: " if label.strip() else ""
+        if run.step:
+            stride = -(-len(run.step) // MAX_STEP_POINTS)
+            ax_loss.plot(*zip(*run.step[::stride]), color=color, alpha=0.3, linewidth=0.8,
+                         label=f"{prefix}train (step)")
+        if run.evals:
+            iters, train, val = zip(*run.evals)
+            ax_loss.plot(iters, train, "--o", color=color, markersize=3, label=f"{prefix}train (eval)")
+            ax_loss.plot(iters, val, "-o", color=color, markersize=4, linewidth=2, label=f"{prefix}val")
+            best_iter, _, best_val = run.best
+            ax_loss.annotate(f"best val {best_val:.4f}\n@ iter {best_iter:,}", (best_iter, best_val),
+                             textcoords="offset points", xytext=(-20, 28), ha="right", fontsize=8, color=color,
+                             bbox={"boxstyle": "round", "facecolor": "white", "edgecolor": color, "alpha": 0.85},
+                             arrowprops={"arrowstyle": "->", "color": color})
+        if run.lr:
+            ax_lr.plot(*zip(*run.lr), color=color, label=label or None)
+    ax_loss.set_ylabel("loss")
+    ax_loss.grid(alpha=0.3)
+    ax_loss.legend(fontsize=8, loc="upper right")
+    ax_loss.set_title(runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
+    if same_tokens:
+        tpi = runs[0].tokens_per_iter
+        top = ax_loss.secondary_xaxis("top", functions=(lambda i: i * tpi, lambda t: t / tpi))
+        top.set_xlabel(f"tokens ({tpi:,} per iteration)")
+        top.xaxis.set_major_formatter(EngFormatter())
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("iteration")
+    ax_lr.grid(alpha=0.3)
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    tmp = f"{output}.tmp"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, output)
+
+
+class LivePlot:
+    """Redraws out_dir/loss.png after each eval, on the main process only."""
+
+    def __init__(self, reporter, out_dir):
+        self.reporter, self.out_dir = reporter, out_dir
+        self.enabled = reporter.active
+        self.reader = MetricsReader(out_dir)  # reads each metrics.jsonl line once per run
+
+    def update(self):
+        if not self.enabled:
+            return
+        try:
+            draw([self.reader.curves()], os.path.join(self.out_dir, PLOT_FILE))
+        except ImportError:
+            self.enabled = False
+            self.reporter.print("matplotlib is not installed: no loss.png (pip install -r requirements.txt)")
+
+
+USAGE = "python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]"
+
+
+def _parse_args(argv):
+    dirs, output = [], None
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(f"usage: {USAGE}\n\nDraws the runs' metrics.jsonl on one chart. --output defaults to "
+                  f"OUT_DIR/{PLOT_FILE} for one run, {COMPARISON_FILE} for several.")
+            sys.exit(0)
+        if arg.startswith("--output="):
+            output = arg.partition("=")[2]
+        elif arg.startswith("-"):
+            raise UserError(f"unknown option {arg}: usage: {USAGE}")
+        else:
+            dirs.append(arg)
+    if not dirs:
+        raise UserError(f"name at least one out_dir: usage: {USAGE}")
+    return dirs, output or (os.path.join(dirs[0], PLOT_FILE) if len(dirs) == 1 else COMPARISON_FILE)
+
+
+@exit_on_user_error
+def main(argv=None):
+    dirs, output = _parse_args(sys.argv[1:] if argv is None else argv)
+    names = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    if len(set(names)) < len(names):  # out-a/run and out-b/run: the paths below their common folder differ
+        common = os.path.commonpath([os.path.abspath(d) for d in dirs])
+        names = [os.path.relpath(os.path.abspath(d), common) for d in dirs]
+    runs = [read_run(d, name) for d, name in zip(dirs, names)]
+    if not any(r.step or r.evals for r in runs):
+        raise UserError("no losses logged yet in " + ", ".join(dirs))
+    draw(runs, output)
+    print(f"wrote {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""Seeing how training goes: the rate and ETA on the log line, bars for long steps, the summary.
+
+All of it runs outside the optimizer step: the ETA reads the clock at log lines only, bars
+wrap evaluation, and the summary is written once at the end. Bars are tqdm, on the main
+process only, and only when stdout is a terminal (a log file gets no carriage-return noise);
+`progress=False` or tqdm's own `TQDM_DISABLE=1` turn them off.
+
+Not here: the numbers of the step itself (the loop measures dt, loss and MFU).
+"""
+import json
+import os
+import shlex
+import statistics
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+SECONDS_PER = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+
+
+def format_duration(seconds):
+    """'2h05m', '3m07s', '42s': the two largest units, enough to plan around."""
+    seconds = max(0, int(round(seconds)))
+    parts = []
+    for unit, size in SECONDS_PER:
+        if seconds >= size or (unit == "s" and not parts):
+            value, seconds = divmod(seconds, size)
+            parts.append(f"{value}{unit}" if not parts else f"{value:02d}{unit}")
+        if len(parts) == 2:
+            break
+    return "".join(parts)
+
+
+def bar(reporter, enabled, iterable, desc, total=None):
+    """`iterable`, with a tqdm bar on the main process's terminal; a plain iterable elsewhere."""
+    if not (enabled and reporter.active and sys.stdout.isatty()):
+        return iterable
+    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+
+
+class Progress:
+    """Rate, time left and the end-of-run summary for one call of the training loop."""
+
+    def __init__(self, reporter, out_dir, max_iters, start_iter, tokens_per_iter, flops_per_iter, peak_flops):
+        self.reporter, self.out_dir, self.max_iters = reporter, out_dir, max_iters
+        self.start_iter, self.tokens_per_iter = start_iter, tokens_per_iter
+        self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
+        self.started = time.time()
+        self.mark = None  # (iteration, time) after the first logged step: compilation stays out of the rate
+        self.step_seconds = []
+
+    def eta(self, iter_num, dt):
+        """', 12.3 it/s, ETA 4m05s' for the log line of iteration `iter_num` (empty on the first)."""
+        now = time.time()
+        self.step_seconds.append(dt)
+        if self.mark is None or iter_num <= self.mark[0]:
+            self.mark = (iter_num, now)
+            return ""
+        # Wall clock over whole iterations, so evaluations and checkpoints are priced in.
+        rate = (iter_num - self.mark[0]) / (now - self.mark[1])
+        speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
+        return f", {speed}, ETA {format_duration((self.max_iters - iter_num - 1) / rate)}"
+
+    def summary(self, iter_num):
+        """The closing lines: best val loss, tokens, time, throughput, where the model is."""
+        if not self.reporter.active:
+            return
+        wall = time.time() - self.started
+        trained = iter_num - self.start_iter
+        lines = [f"done: {trained:,} iterations in {format_duration(wall)} "
+                 f"(iter {self.start_iter:,} -> {iter_num:,}), {iter_num * self.tokens_per_iter:,} tokens seen"]
+        best = self._best_val()
+        if best:
+            lines.append(f"best val loss {best[1]:.4f} at iter {best[0]:,}")
+        if self.step_seconds and wall > 0:
+            # The median step leaves out compilation and the steps that carried an evaluation.
+            step = statistics.median(self.step_seconds[1:] or self.step_seconds)
+            mfu = self.flops_per_iter / step / self.peak_flops
+            lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
+                         f"(evals included); median step {step * 1000:.1f} ms = "
+                         f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {mfu * 100:.2f}%")
+        if os.path.isfile(os.path.join(self.out_dir, "config.json")):
+            lines.append(f"model folder: {os.path.abspath(self.out_dir)}")
+            lines.append(f"sample from it: python sample.py --out_dir={shlex.quote(self.out_dir)}")
+        else:
+            lines.append(f"no checkpoint was written to {self.out_dir}")
+        self.reporter.print("\n".join(lines))
+
+    def _best_val(self):
+        """(iteration, val loss) of the best evaluation in metrics.jsonl, earlier sessions included."""
+        best = None
+        try:
+            with open(self.reporter.path, encoding="utf-8") as f:
+                for line in f:
+                    record = json.loads(line)
+                    if record.get("event") == "eval" and "val/loss" in record:
+                        if best is None or record["val/loss"] < best[1]:
+                            best = (record["iter"], record["val/loss"])
+        except (OSError, ValueError):
+            return None
+        return best
