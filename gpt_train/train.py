@@ -83,6 +83,7 @@ def setup(cfg):
         log_with="wandb" if cfg.wandb_log else None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
     )
+    model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, cfg, device.type)
