@@ -141,9 +141,9 @@ def load_training_state(accelerator, out_dir):
     try:
         accelerator.load_state(os.path.join(out_dir, STATE_DIR))
     except Exception as e:  # torch and safetensors raise many types for a damaged file
-        raise UserError(f"the training state in {out_dir}/{STATE_DIR} cannot be loaded "
-                        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): "
-                        "the checkpoint is corrupt or from another model") from None
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else ""  # torch's messages run long
+        raise UserError(f"the training state in {os.path.join(out_dir, STATE_DIR)} cannot be loaded "
+                        f"({type(e).__name__}: {reason}): the checkpoint is corrupt or from another model") from None
 
 
 def write_run_config(out_dir, cfg_json):

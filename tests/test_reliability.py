@@ -24,7 +24,7 @@ from conftest import ROOT, TINY_MODEL, run_script
 from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
-from gpt_train.train import NonFiniteLoss, fit, setup, train
+from gpt_train.train import NonFiniteLoss, fit, main, setup, train
 
 # Dropout on, so an exact resume also proves every RNG was restored.
 RUN = [*TINY_MODEL, "--dropout=0.1", "--gradient_accumulation_steps=1", "--eval_interval=10",
@@ -224,21 +224,61 @@ def malicious_meta(data_dir):
         pickle.dump({"vocab_size": 65, "x": RunsCode()}, f)
 
 
+def remove_val_bin(data_dir):
+    os.remove(os.path.join(data_dir, "val.bin"))
+
+
+def odd_sized_bin(data_dir):
+    with open(os.path.join(data_dir, "val.bin"), "ab") as f:
+        f.write(b"\0")
+
+
+def tiny_val_bin(data_dir):
+    np.arange(10, dtype=np.uint16).tofile(os.path.join(data_dir, "val.bin"))
+
+
+def remove_training_state(out_dir):
+    shutil.rmtree(os.path.join(out_dir, checkpoint.STATE_DIR))
+
+
+def garble_trainer_state(out_dir):
+    with open(os.path.join(out_dir, checkpoint.STATE_DIR, checkpoint.TRAINER_STATE), "w") as f:
+        f.write('{"iter_num": 2, ')
+
+
+def swap_model_weights(out_dir):
+    """Same size, other content: as if another run's model.safetensors had been copied in."""
+    with open(os.path.join(out_dir, "model.safetensors"), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x01\x02\x03\x04")
+
+
 GUARDED = {
-    # name: (extra args, change made to the copies of out_dir/data beforehand, start of the message)
-    "wrong type": (["--max_iters=ten"], None, None, "max_iters must be int"),
-    "float16 on cpu": (["--dtype=float16"], None, None, "dtype='float16' is not supported on CPU"),
-    "token id beyond vocab": ([], None, bad_token_ids, "holds token id 65 but the model has 65 ids"),
-    "malicious meta.pkl": ([], None, malicious_meta, "is not a plain nanoGPT meta.pkl"),
-    "resume, other shape": (["--init_from=resume", "--n_layer=3"], None, None, "has n_layer=2 but the settings say n_layer=3"),
-    "resume, partial": (["--init_from=resume"], truncate_model, None, "the checkpoint in"),
-    "resume, corrupt state": (["--init_from=resume"], scramble_optimizer, None, "the training state in"),
+    "unknown setting": (["--n_layr=2"], None, None, "unknown setting 'n_layr'", False),
+    "non-positive eval_iters": (["--eval_iters=0"], None, None, "eval_iters must be at least 1", False),
+    "min_lr above learning_rate": (["--min_lr=1.0"], None, None, "min_lr (1.0) is above learning_rate", False),
+    "missing bin": ([], None, remove_val_bin, "val.bin not found", False),
+    "odd-sized bin": ([], None, odd_sized_bin, "not a whole number of uint16", False),
+    "dataset shorter than a block": ([], None, tiny_val_bin, "fewer than block_size+1", False),
+    "resume, nothing to resume": (["--init_from=resume"], remove_training_state, None, "nothing to resume", False),
+    "resume, garbled trainer_state": (["--init_from=resume"], garble_trainer_state, None, "is corrupt", False),
+    "resume, mixed weights": (["--init_from=resume"], swap_model_weights, None, "sha256 differs", False),
+    # name: (extra args, damage done to the copies of out_dir and data/ first, part of the message, via CLI)
+    "wrong type": (["--max_iters=ten"], None, None, "max_iters must be int", False),
+    "float16 on cpu": (["--dtype=float16"], None, None, "dtype='float16' is not supported on CPU", False),
+    "token id beyond vocab": ([], None, bad_token_ids, "holds token id 65 but the model has 65 ids", True),
+    "malicious meta.pkl": ([], None, malicious_meta, "is not a plain nanoGPT meta.pkl", False),
+    "resume, other shape": (["--init_from=resume", "--n_layer=3"], None, None,
+                            "has n_layer=2 but the settings say n_layer=3", False),
+    "resume, partial": (["--init_from=resume"], truncate_model, None, "is partial or corrupt: model.safetensors", False),
+    "resume, corrupt state": (["--init_from=resume"], scramble_optimizer, None, "the training state in", True),
 }
 
 
 @pytest.mark.parametrize("case", GUARDED)
-def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_data, tmp_path):
-    extra, damage_out, damage_data, message = GUARDED[case]
+def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_data, tmp_path, capsys):
+    """Through `python train.py`, or its main() in-process where interpreter start-up would dominate."""
+    extra, damage_out, damage_data, message, via_cli = GUARDED[case]
     out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
     shutil.copytree(checkpointed, out_dir)
     shutil.copytree(char_data, data_dir)
@@ -246,10 +286,16 @@ def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_da
         if damage:
             damage(folder)
     before = tree_digest(out_dir, data_dir)
-    result = run_script("train.py", f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL,
-                        "--max_iters=4", *extra, check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    argv = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=4", *extra]
+    if via_cli:
+        result = run_script("train.py", *argv, check=False)
+        code, stderr = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        code, stderr = exited.value.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]) and message in errors[0], stderr
     assert tree_digest(out_dir, data_dir) == before
     assert not os.path.exists(os.path.join(ROOT, "pwned"))
