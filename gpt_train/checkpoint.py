@@ -28,6 +28,7 @@ import os
 import shutil
 import time
 
+from accelerate import PartialState
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
@@ -57,6 +58,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(os.path.join(staging, STATE_DIR))
+        accelerator.wait_for_everyone()  # every process's files are written before they are listed
         state_dict = accelerator.get_state_dict(model)  # gathers a full state dict under FSDP
         if accelerator.is_main_process:
             hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
@@ -112,8 +114,10 @@ def _move_into_place(committed, out_dir, trainer_state=None):
 def read_trainer_state(out_dir):
     """The saved loop state of out_dir's checkpoint, after checking the checkpoint is whole."""
     path = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
-    if os.path.isdir(out_dir):
-        recover(out_dir)
+    processes = PartialState()
+    if processes.is_main_process and os.path.isdir(out_dir):
+        recover(out_dir)  # the process that writes checkpoints is the one that repairs them
+    processes.wait_for_everyone()
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume in {out_dir}: no {STATE_DIR}/{TRAINER_STATE} found. "
                         "Train with init_from='scratch' first, or point out_dir at a finished checkpoint")
