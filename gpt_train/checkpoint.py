@@ -4,21 +4,31 @@
       config.json, model.safetensors, generation_config.json, tokenizer files   <- the model
       training_config.json                                                      <- the run's settings
       training_state/   accelerator.save_state (model, optimizer, scheduler, scaler, RNGs)
-                        trainer_state.json (iteration, best val loss, tracker run id)
+                        trainer_state.json (iteration, best val loss, tracker run id, manifest)
 
 The model part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/
-is what `init_from='resume'` needs on top. A save is written whole into a staging folder
-inside out_dir and then moved into place, so an interrupted save never mixes the new and
-the previous checkpoint. The loop's own state lives in JSON, not in pickles: Accelerate
-reloads registered objects with `weights_only=False`.
+is what `init_from='resume'` needs on top. The loop's own state lives in JSON, not in
+pickles: Accelerate reloads registered objects with `weights_only=False`.
+
+A save is crash-safe. It is written whole into `.checkpoint-staging/` and flushed to disk;
+one rename to `.checkpoint-committed/` is the commit point; then its files replace the
+previous ones (each file atomically, training_state/ as one folder). A crash before the
+commit leaves the previous checkpoint untouched (the staging folder is discarded later); a
+crash after it is rolled forward by `recover`, which resume runs first. trainer_state.json
+lists every file of its checkpoint with its size (and a sha256 of the model files), so
+resume refuses a checkpoint that is partial, corrupt or mixed with another.
 
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import time
 
+from accelerate import PartialState
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
@@ -29,46 +39,85 @@ logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 RUN_CONFIG = "training_config.json"
-STAGING_DIR = ".checkpoint-staging"
+STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until renamed
+COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
+OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once the new one is in
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
+HASHED_FILES = MODEL_FILES  # replaced one by one in out_dir, so a mix must be detectable
+HASH_CHUNK = 16 << 20
+# Test-only: "<phase>:<iter_num>" makes the save of that iteration stop at that phase until killed.
+HANG_IN_SAVE_ENV = "GPT_TRAIN_TEST_HANG_IN_SAVE"
 
 
 def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     """Write model folder and training state; every process must call this (sharded states)."""
     staging = os.path.join(out_dir, STAGING_DIR)
     if accelerator.is_main_process:
-        shutil.rmtree(staging, ignore_errors=True)
+        recover(out_dir)  # a save killed earlier is finished or discarded before we start
         os.makedirs(staging)
     accelerator.wait_for_everyone()
-    accelerator.save_state(os.path.join(staging, STATE_DIR))
-    state_dict = accelerator.get_state_dict(model)  # gathers a full state dict under FSDP
+    try:
+        accelerator.save_state(os.path.join(staging, STATE_DIR))
+        accelerator.wait_for_everyone()  # every process's files are written before they are listed
+        state_dict = accelerator.get_state_dict(model)  # gathers a full state dict under FSDP
+        if accelerator.is_main_process:
+            hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
+            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+            hf_logging.enable_progress_bar()
+            tokenizer.save_pretrained(staging)
+            manifest = {"files": _manifest(staging)}
+            _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
+            _flush_tree(staging)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(staging, ignore_errors=True)
+        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
+        raise UserError(f"could not write a checkpoint to {out_dir}: {reason} ({e}). The previous "
+                        "checkpoint there is intact: make room and continue with --init_from=resume") from None
     if accelerator.is_main_process:
-        hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
-        accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
-        hf_logging.enable_progress_bar()
-        tokenizer.save_pretrained(staging)
-        _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state)
-        _move_into_place(staging, out_dir)
+        _hang_for_tests("staged", trainer_state)
+        committed = os.path.join(out_dir, COMMITTED_DIR)
+        os.rename(staging, committed)  # the commit point
+        _fsync_dir(out_dir)
+        _hang_for_tests("committed", trainer_state)
+        _move_into_place(committed, out_dir, trainer_state)
     accelerator.wait_for_everyone()
 
 
-def _move_into_place(staging, out_dir):
-    """Replace the previous checkpoint with the staged one; the state folder goes last."""
-    state_old = os.path.join(out_dir, STATE_DIR + ".old")
-    for name in os.listdir(staging):
+def recover(out_dir):
+    """Finish a committed save that was interrupted and drop leftovers of unfinished ones."""
+    committed = os.path.join(out_dir, COMMITTED_DIR)
+    if os.path.isdir(committed):
+        _move_into_place(committed, out_dir)
+    shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
+    shutil.rmtree(os.path.join(out_dir, OLD_STATE_DIR), ignore_errors=True)
+
+
+def _move_into_place(committed, out_dir, trainer_state=None):
+    """Replace the previous checkpoint with the committed one; safe to run again after a crash."""
+    for name in os.listdir(committed):
         if name != STATE_DIR:
-            os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
-    shutil.rmtree(state_old, ignore_errors=True)
-    if os.path.exists(os.path.join(out_dir, STATE_DIR)):
-        os.rename(os.path.join(out_dir, STATE_DIR), state_old)
-    os.rename(os.path.join(staging, STATE_DIR), os.path.join(out_dir, STATE_DIR))
-    shutil.rmtree(state_old, ignore_errors=True)
-    os.rmdir(staging)
+            os.replace(os.path.join(committed, name), os.path.join(out_dir, name))
+    new_state, state = os.path.join(committed, STATE_DIR), os.path.join(out_dir, STATE_DIR)
+    if os.path.isdir(new_state):
+        old_state = os.path.join(out_dir, OLD_STATE_DIR)
+        shutil.rmtree(old_state, ignore_errors=True)
+        if os.path.isdir(state):
+            os.rename(state, old_state)  # a folder cannot be renamed over a non-empty one
+        _hang_for_tests("moving", trainer_state)
+        os.rename(new_state, state)
+        shutil.rmtree(old_state, ignore_errors=True)
+    os.rmdir(committed)
+    _fsync_dir(out_dir)
 
 
 def read_trainer_state(out_dir):
-    """The saved loop state of out_dir's checkpoint, or a clear error if there is none to resume."""
+    """The saved loop state of out_dir's checkpoint, after checking the checkpoint is whole."""
     path = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
+    processes = PartialState()
+    if processes.is_main_process and os.path.isdir(out_dir):
+        recover(out_dir)  # the process that writes checkpoints is the one that repairs them
+    processes.wait_for_everyone()
     if not os.path.isfile(path):
         raise UserError(f"nothing to resume in {out_dir}: no {STATE_DIR}/{TRAINER_STATE} found. "
                         "Train with init_from='scratch' first, or point out_dir at a finished checkpoint")
@@ -78,17 +127,92 @@ def read_trainer_state(out_dir):
                         "it cannot be resumed")
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("iter_num"), int):
+            raise ValueError("no iteration number in it")
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is corrupt ({e}): the checkpoint cannot be resumed") from None
+    for name, expected in state.get("files", {}).items():
+        problem = _file_problem(os.path.join(out_dir, name), expected)
+        if problem:
+            raise UserError(f"the checkpoint in {out_dir} is partial or corrupt: {name} {problem}. "
+                            "It cannot be resumed; start again or restore a copy of out_dir")
+    return state
 
 
 def load_training_state(accelerator, out_dir):
-    accelerator.load_state(os.path.join(out_dir, STATE_DIR))
+    """Model, optimizer, scheduler, scaler and RNG states, or a clear error if they will not load."""
+    try:
+        accelerator.load_state(os.path.join(out_dir, STATE_DIR))
+    except Exception as e:  # torch and safetensors raise many types for a damaged file
+        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else ""  # torch's messages run long
+        raise UserError(f"the training state in {os.path.join(out_dir, STATE_DIR)} cannot be loaded "
+                        f"({type(e).__name__}: {reason}): the checkpoint is corrupt or from another model") from None
 
 
 def write_run_config(out_dir, cfg_json):
     _write_json(os.path.join(out_dir, RUN_CONFIG), json.loads(cfg_json))
+
+
+def _manifest(folder):
+    """{relative path: {"size", and "sha256" for the model files}} of every file under folder."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            files[rel] = {"size": os.path.getsize(path)}
+            if rel in HASHED_FILES:
+                files[rel]["sha256"] = _sha256(path)
+    return files
+
+
+def _file_problem(path, expected):
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+        return f"has {size} bytes, the checkpoint wrote {expected['size']}"
+    if "sha256" in expected and _sha256(path) != expected["sha256"]:
+        return "does not match the file the checkpoint wrote (sha256 differs)"
+    return None
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _flush_tree(folder):
+    """fsync every file and folder, so the commit rename never points at data still in flight."""
+    for root, _, names in os.walk(folder):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(root)
+
+
+def _fsync_dir(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _hang_for_tests(phase, trainer_state):
+    """Let a test kill the process at a chosen moment of a save; a no-op unless the variable is set."""
+    wanted = os.environ.get(HANG_IN_SAVE_ENV)
+    if not wanted:
+        return
+    name, _, iteration = wanted.partition(":")
+    if name == phase and trainer_state and str(trainer_state["iter_num"]) == iteration:
+        print(f"hanging in save: {phase}", flush=True)
+        while True:
+            time.sleep(1)
 
 
 def _write_json(path, obj):

@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import inspect
 import json
+import math
 import os
 import re
 import sys
@@ -61,6 +62,8 @@ class TrainConfig:
     beta1: float = setting(0.9, "AdamW beta1")
     beta2: float = setting(0.95, "AdamW beta2")
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
+    skip_nonfinite_steps: bool = setting(False, "skip steps whose loss is NaN/inf and go on (one host sync "
+                                         "per step) instead of stopping the run")
     # learning-rate schedule
     decay_lr: bool = setting(True, "linear warmup then cosine decay; False keeps learning_rate constant")
     warmup_iters: int = setting(2000, "warmup steps")
@@ -85,6 +88,9 @@ class TrainConfig:
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
+        for f in fields(self):
+            if f.type in (float, "float") and not math.isfinite(getattr(self, f.name)):
+                raise UserError(f"{f.name} must be a finite number, got {getattr(self, f.name)}")
         if self.n_embd % self.n_head:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:

@@ -19,6 +19,7 @@ from gpt_train.errors import UserError
 
 TOKEN_DTYPE = np.uint16  # nanoGPT's format: GPT-2's 50,257 ids fit, and it halves the disk
 SPLITS = ("train", "val")
+TOKEN_SCAN_CHUNK = 1 << 25  # tokens per np.max when checking ids: 64 MB of memory at a time
 STREAMS = (("train", "step"), ("train", "eval"), ("val", "eval"))  # independent random streams
 
 
@@ -78,6 +79,22 @@ def open_dataset(data_dir, block_size, prepare_hint):
                             "lower block_size or add data")
     meta = read_meta(data_dir)
     return TokenBins(data_dir, lengths, meta.get("vocab_size") if meta else None)
+
+
+def check_token_ids(bins, vocab_size):
+    """Refuse ids the model has no embedding for: data prepared with another tokenizer.
+
+    A full scan with np.max over the memmap, chunk by chunk so memory stays bounded; it
+    reads the bins once at disk speed (a 200 MB bin: see README, Reliability).
+    """
+    for split in SPLITS:
+        data = bins.memmap(split)
+        for start in range(0, len(data), TOKEN_SCAN_CHUNK):
+            top = int(data[start:start + TOKEN_SCAN_CHUNK].max())
+            if top >= vocab_size:
+                raise UserError(f"{os.path.join(bins.data_dir, split + '.bin')} holds token id {top} but the "
+                                f"model has {vocab_size} ids: the data were prepared with another tokenizer; "
+                                "prepare them again for this model")
 
 
 class BlockSampler:

@@ -22,9 +22,10 @@ from transformers import GPT2LMHeadModel
 
 from gpt_train import checkpoint
 from gpt_train.config import load_config
-from gpt_train.data import SPLITS, BlockSampler, open_dataset
+from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.metrics import Reporter
+from gpt_train.signals import StopSignals
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
                              flops_per_token, lr_multiplier, make_optimizer, peak_flops,
                              ready_for_training)
@@ -34,6 +35,10 @@ from gpt_train.tokenizer import dataset_tokenizer
 
 PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
+
+
+class NonFiniteLoss(UserError):
+    """The loss went NaN or infinite; the run stops before it can reach a checkpoint."""
 
 
 @dataclass
@@ -53,6 +58,8 @@ class Run:
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
     tracker_run_id: str | None = None
+    skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
+    stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
 
 
 def setup(cfg):
@@ -68,6 +75,7 @@ def setup(cfg):
     set_seed(cfg.seed)  # identical initial weights on every process
     model, saved = _init_model(cfg, bins, tokenizer)
     set_seed(cfg.seed + state.process_index)  # but each process its own dropout masks
+    check_token_ids(bins, model.config.vocab_size)
 
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(cfg, device),
@@ -76,6 +84,7 @@ def setup(cfg):
         log_with="wandb" if cfg.wandb_log else None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
     )
+    model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     optimizer = make_optimizer(model, cfg, device.type)
@@ -91,6 +100,7 @@ def setup(cfg):
         checkpoint.load_training_state(accelerator, cfg.out_dir)
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
+        run.skipped_steps = saved.get("skipped_steps", 0)
     _start_logging(run, device, n_proc)
     return run
 
@@ -214,6 +224,7 @@ def train_batches(run):
 def save(run):
     state = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
              "tokens_seen": run.iter_num * run.tokens_per_iter, "tracker_run_id": run.tracker_run_id,
+             "skipped_steps": run.skipped_steps,
              "config": dataclasses.asdict(run.cfg)}
     run.reporter.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
@@ -239,6 +250,7 @@ def fit(run):
             report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
                                                 "lr": lr, "mfu": running_mfu * 100})
+            check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
             plot.update()
             if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
                 run.best_val_loss = min(run.best_val_loss, losses["val"])
@@ -255,18 +267,25 @@ def fit(run):
                 x, y = next(batches)  # prefetch while the device is busy
                 acc.backward(loss)
             loss_sum += loss.detach()
-        if cfg.grad_clip:
-            acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
+        if cfg.skip_nonfinite_steps and not torch.isfinite(acc.reduce(loss_sum, reduction="sum")).item():
+            run.skipped_steps += 1  # no update: the weights stay as they were (a host sync every step)
+            report.print(f"iter {run.iter_num}: non-finite loss, step skipped ({run.skipped_steps} so far)")
+        else:
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
         run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
 
         # timing and logging
         t1 = time.time()
         dt, t0 = t1 - t0, t1
-        if run.iter_num % cfg.log_interval == 0:
+        log_step = run.iter_num % cfg.log_interval == 0
+        if log_step:
             # mean over every micro-step of every process; the only host sync of the step
             lossf = acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps
+            if not cfg.skip_nonfinite_steps:
+                check_finite(run, lossf, "loss")
             if local_iter_num >= MFU_WARMUP_ITERS:
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
@@ -277,20 +296,45 @@ def fit(run):
                                                  "tokens_per_sec": tokens_per_sec, "mfu": running_mfu * 100})
         run.iter_num += 1
         local_iter_num += 1
+
+        # pre-emption (SIGTERM) or Ctrl-C: checkpoint at this step boundary, then stop
+        if run.stop and run.stop.agreed(acc, at_sync_point=log_step):
+            if not cfg.skip_nonfinite_steps:
+                check_finite(run, acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps, "loss")
+            save(run)
+            report.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
+                         "continue with --init_from=resume")
+            break
     if not cfg.eval_only:
         progress.summary(run.iter_num)
     acc.end_training()
     return run
 
 
+def check_finite(run, loss, what):
+    """Stop the run on a NaN or infinite loss, before anything is saved from it."""
+    if not math.isfinite(loss):
+        raise NonFiniteLoss(f"{what} is {loss} at iteration {run.iter_num}: stopping; nothing was saved "
+                            f"after the last good checkpoint in {run.cfg.out_dir}. Lower learning_rate and "
+                            "continue with --init_from=resume, or set skip_nonfinite_steps=True")
+
+
 def train(cfg):
-    return fit(setup(cfg))
+    run = setup(cfg)
+    with StopSignals() as run.stop:
+        try:
+            return fit(run)
+        except NonFiniteLoss:
+            run.accelerator.end_training()  # close trackers and the process group before exiting
+            raise
 
 
 @exit_on_user_error
 def main(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    train(cfg)
+    run = train(cfg)
+    if run.stop.received:
+        sys.exit(run.stop.exit_code)
 
 
 if __name__ == "__main__":

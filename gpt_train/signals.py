@@ -1,0 +1,58 @@
+"""Pre-emption and Ctrl-C: SIGTERM or SIGINT asks the loop to checkpoint at the next step boundary.
+
+The handler only records the signal; the loop acts on it between two optimizer steps, where
+model, optimizer and RNGs are consistent, so the checkpoint resumes exactly. A second Ctrl-C
+interrupts at once. Every process must stop at the same step: under DDP they agree through
+an all-reduce of the flag, done only at log steps, where the loop synchronises anyway.
+
+Not here: the saving itself (gpt_train.checkpoint).
+"""
+import signal
+import threading
+
+import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StopSignals:
+    """A context manager that turns SIGTERM/SIGINT into a request to stop."""
+
+    def __init__(self):
+        self.received = None  # the first signal number, once one arrives
+        self._previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # Python only allows handlers there
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
+        self.received = signum
+
+    def agreed(self, accelerator, at_sync_point):
+        """Whether all processes stop now; False between sync points when several processes run."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if not at_sync_point:
+            return False
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        if accelerator.reduce(flag, reduction="sum").item() == 0:
+            return False
+        self.received = self.received or signal.SIGTERM  # a process the signal missed stops as well
+        return True
+
+    @property
+    def name(self):
+        return signal.Signals(self.received).name if self.received else None
+
+    @property
+    def exit_code(self):
+        return 128 + self.received  # the shell's convention for "ended by a signal"

@@ -1,0 +1,319 @@
+"""Reliability: exact resume after kill -9 and SIGTERM, crash-safe saves, NaN policy, guarded inputs.
+
+Every kill here is a real signal to a real `python train.py`. Interpreter start-up dominates
+those runs, so the many guarded-input cases mostly go through `main()` in-process.
+"""
+import errno
+import hashlib
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import wandb
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel
+
+import accelerate.checkpointing
+from accelerate.state import AcceleratorState, GradientState, PartialState
+from conftest import ROOT, TINY_MODEL, run_script
+from gpt_train import checkpoint
+from gpt_train.config import load_config
+from gpt_train.errors import UserError
+from gpt_train.train import NonFiniteLoss, fit, main, setup, train
+
+# Dropout on, so an exact resume also proves every RNG was restored.
+RUN = [*TINY_MODEL, "--dropout=0.1", "--gradient_accumulation_steps=1", "--eval_interval=10",
+       "--eval_iters=2", "--max_iters=30"]
+ITER_LINE = "iter "
+
+
+def start(args, env=None):
+    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True, bufsize=1,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+
+
+def read_until(proc, predicate):
+    """Lines the process printed, up to and including the first one `predicate` accepts."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if predicate(line, lines):
+            return lines
+    raise AssertionError(f"process ended ({proc.wait()}) before the expected line:\n{''.join(lines)}")
+
+
+def losses_printed(output):
+    """{iteration: 'iter N: loss X'} as printed, the timing cut off."""
+    return {int(line.split()[1].rstrip(":")): line.split(",")[0]
+            for line in output.splitlines() if line.startswith(ITER_LINE)}
+
+
+def digest(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tree_digest(*folders):
+    return {os.path.join(root, n): digest(os.path.join(root, n))
+            for folder in folders for root, _, names in os.walk(folder) for n in names}
+
+
+@pytest.fixture(scope="module")
+def straight(char_data, tmp_path_factory):
+    """The uninterrupted run every interrupted one must reproduce: its printout and out_dir."""
+    out_dir = str(tmp_path_factory.mktemp("straight") / "out")
+    result = run_script("train.py", f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN)
+    return result.stdout, out_dir
+
+
+def assert_resume_matches(resumed_output, resumed_dir, straight):
+    straight_output, straight_dir = straight
+    resumed, expected = losses_printed(resumed_output), losses_printed(straight_output)
+    assert resumed and max(resumed) == 29
+    assert resumed == {i: expected[i] for i in resumed}
+    assert digest(os.path.join(resumed_dir, "model.safetensors")) == \
+        digest(os.path.join(straight_dir, "model.safetensors"))
+
+
+def test_resume_after_kill_matches_uninterrupted_run(char_data, tmp_path, straight):
+    out_dir = str(tmp_path / "out")
+    args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]
+    proc = start(args)
+    # kill -9 a few iterations after the first checkpoint, mid-interval
+    read_until(proc, lambda line, lines: line.startswith("iter 11:") and any("saving" in l for l in lines))
+    proc.kill()
+    assert proc.wait() == -signal.SIGKILL
+    saved = checkpoint.read_trainer_state(out_dir)["iter_num"]
+    assert saved in (10, 20)
+    resumed = run_script("train.py", *args, "--init_from=resume")
+    assert min(losses_printed(resumed.stdout)) == saved
+    assert_resume_matches(resumed.stdout, out_dir, straight)
+
+
+def test_sigterm_saves_at_a_step_boundary_and_resume_continues_exactly(char_data, tmp_path, straight):
+    out_dir = str(tmp_path / "out")
+    args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]
+    proc = start(args)
+    read_until(proc, lambda line, lines: line.startswith("iter 3:"))
+    proc.send_signal(signal.SIGTERM)
+    rest = proc.stdout.read()
+    assert proc.wait() == 128 + signal.SIGTERM, rest
+    stopped = [line for line in rest.splitlines() if line.startswith("SIGTERM received: stopped after iteration")]
+    assert len(stopped) == 1, rest
+    last_done = int(stopped[0].split("iteration ")[1].split(";")[0])
+    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == last_done + 1
+    resumed = run_script("train.py", *args, "--init_from=resume")
+    assert min(losses_printed(resumed.stdout)) == last_done + 1
+    assert_resume_matches(resumed.stdout, out_dir, straight)
+
+
+@pytest.mark.parametrize("phase, survivor", [("staged", 10), ("moving", 20)])
+def test_kill_during_a_save_leaves_one_whole_checkpoint(char_data, tmp_path, phase, survivor):
+    """Killed before the commit, the previous checkpoint stays; after it, the new one is rolled in."""
+    out_dir = str(tmp_path / "out")
+    proc = start([f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN],
+                 env={checkpoint.HANG_IN_SAVE_ENV: f"{phase}:20"})
+    read_until(proc, lambda line, lines: line.startswith(f"hanging in save: {phase}"))
+    proc.kill()
+    proc.wait()
+    if phase == "moving":  # the kill left new model files next to no training_state/ at all
+        assert not os.path.exists(os.path.join(out_dir, checkpoint.STATE_DIR))
+    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == survivor  # recovers, then verifies
+    assert not any(name.startswith(".checkpoint") or name.endswith(".old") for name in os.listdir(out_dir))
+    # the HF folder and the training state hold the same weights: nothing is mixed
+    top = load_file(os.path.join(out_dir, "model.safetensors"))
+    state = load_file(os.path.join(out_dir, checkpoint.STATE_DIR, "model.safetensors"))
+    assert all(torch.equal(top[k], state[k]) for k in top.keys() & state.keys())
+    GPT2LMHeadModel.from_pretrained(out_dir)
+
+
+def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny_run, monkeypatch):
+    out_dir, args = tiny_run
+    common = [*args, "--gradient_accumulation_steps=1", "--eval_interval=5", "--eval_iters=1"]
+    train(load_config([*common, "--max_iters=5"]))
+    before = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR))
+    before[os.path.join(out_dir, "model.safetensors")] = digest(os.path.join(out_dir, "model.safetensors"))
+
+    def fill_the_disk(obj, f, **kwargs):  # half a file reaches the disk, then it is full
+        with open(f, "wb") as out:
+            out.write(b"\0" * 1000)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
+
+    monkeypatch.setattr(accelerate.checkpointing, "save", fill_the_disk)
+    with pytest.raises(UserError, match="the disk is full .* previous checkpoint there is intact"):
+        train(load_config([*common, "--max_iters=10", "--init_from=resume"]))
+    after = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR))
+    after[os.path.join(out_dir, "model.safetensors")] = digest(os.path.join(out_dir, "model.safetensors"))
+    assert after == before
+    assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
+    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 5
+
+
+def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_run):
+    out_dir, args = tiny_run
+    common = [*args, "--gradient_accumulation_steps=1", "--eval_interval=5", "--eval_iters=1"]
+    train(load_config([*common, "--max_iters=5"]))
+    before = tree_digest(out_dir)
+    # A huge step size turns the weights to garbage after one step, whose loss is then NaN.
+    blow_up = [*common, "--max_iters=10", "--learning_rate=1e9", "--warmup_iters=0", "--min_lr=0"]
+    with pytest.raises(NonFiniteLoss, match="loss is nan at iteration 1: stopping"):
+        train(load_config(blow_up))
+    after = tree_digest(out_dir)
+    for path in ("metrics.jsonl", "training_config.json"):  # the new run's log, not the checkpoint
+        path = os.path.join(out_dir, path)
+        before.pop(path), after.pop(path)
+    assert after == before
+
+
+def test_skip_nonfinite_steps_skips_and_counts_instead_of_updating(tiny_run, capsys):
+    out_dir, args = tiny_run
+    run = setup(load_config([*args, "--gradient_accumulation_steps=1", "--eval_interval=100", "--eval_iters=1",
+                             "--max_iters=4", "--learning_rate=1e9", "--warmup_iters=0", "--min_lr=0",
+                             "--skip_nonfinite_steps=True"]))
+    with pytest.raises(NonFiniteLoss, match="val loss is nan at iteration 4"):  # never saved
+        fit(run)
+    printed = capsys.readouterr().out
+    assert "iter 3: non-finite loss, step skipped (3 so far)" in printed
+    assert run.skipped_steps == 3
+    # the NaN steps never reached the weights: only step 0's (finite, huge) update did
+    assert all(torch.isfinite(p).all() for p in run.model.parameters())
+    assert not os.path.exists(os.path.join(out_dir, "model.safetensors"))
+
+
+def test_resume_continues_the_same_wandb_run(tiny_run, tmp_path, monkeypatch):
+    out_dir, args = tiny_run
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
+        monkeypatch.setenv(name, value)
+    common = [*args, "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1", "--wandb_log=True"]
+    try:
+        train(load_config([*common, "--max_iters=2"]))
+        first = checkpoint.read_trainer_state(out_dir)["tracker_run_id"]
+        AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()  # a new run
+        train(load_config([*common, "--max_iters=4", "--init_from=resume"]))
+    finally:
+        wandb.teardown()  # wandb keeps its settings (WANDB_DIR) process-wide; later tests have their own
+    runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
+    assert len(runs) == 2 and all(d.endswith("-" + first) for d in runs)
+    assert checkpoint.read_trainer_state(out_dir)["tracker_run_id"] == first
+
+
+# ---- guarded inputs: one line, non-zero exit, no traceback, nothing changed in out_dir or data/
+
+
+@pytest.fixture(scope="module")
+def checkpointed(char_data, tmp_path_factory):
+    """A finished tiny run's out_dir, copied by each test that needs one."""
+    out_dir = str(tmp_path_factory.mktemp("checkpointed") / "out")
+    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL,
+                       "--gradient_accumulation_steps=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
+    return out_dir
+
+
+def bad_token_ids(data_dir):
+    val = np.fromfile(os.path.join(data_dir, "val.bin"), dtype=np.uint16)
+    val[-1] = 65  # one id past the 65-character vocabulary
+    val.tofile(os.path.join(data_dir, "val.bin"))
+
+
+def truncate_model(out_dir):
+    with open(os.path.join(out_dir, "model.safetensors"), "r+b") as f:
+        f.truncate(1000)
+
+
+def scramble_optimizer(out_dir):
+    path = os.path.join(out_dir, checkpoint.STATE_DIR, "optimizer.bin")
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(b"not a torch file" * (size // 16) + b"\0" * (size % 16))
+
+
+def malicious_meta(data_dir):
+    class RunsCode:
+        def __reduce__(self):
+            return (os.system, ("touch pwned",))
+    with open(os.path.join(data_dir, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": 65, "x": RunsCode()}, f)
+
+
+def remove_val_bin(data_dir):
+    os.remove(os.path.join(data_dir, "val.bin"))
+
+
+def odd_sized_bin(data_dir):
+    with open(os.path.join(data_dir, "val.bin"), "ab") as f:
+        f.write(b"\0")
+
+
+def tiny_val_bin(data_dir):
+    np.arange(10, dtype=np.uint16).tofile(os.path.join(data_dir, "val.bin"))
+
+
+def remove_training_state(out_dir):
+    shutil.rmtree(os.path.join(out_dir, checkpoint.STATE_DIR))
+
+
+def garble_trainer_state(out_dir):
+    with open(os.path.join(out_dir, checkpoint.STATE_DIR, checkpoint.TRAINER_STATE), "w") as f:
+        f.write('{"iter_num": 2, ')
+
+
+def swap_model_weights(out_dir):
+    """Same size, other content: as if another run's model.safetensors had been copied in."""
+    with open(os.path.join(out_dir, "model.safetensors"), "r+b") as f:
+        f.seek(-4, os.SEEK_END)
+        f.write(b"\x01\x02\x03\x04")
+
+
+GUARDED = {
+    # name: (extra args, damage done to the copies of out_dir and data/ first, part of the message, via CLI)
+    "unknown setting": (["--n_layr=2"], None, None, "unknown setting 'n_layr'", False),
+    "non-positive eval_iters": (["--eval_iters=0"], None, None, "eval_iters must be at least 1", False),
+    "min_lr above learning_rate": (["--min_lr=1.0"], None, None, "min_lr (1.0) is above learning_rate", False),
+    "missing bin": ([], None, remove_val_bin, "val.bin not found", False),
+    "odd-sized bin": ([], None, odd_sized_bin, "not a whole number of uint16", False),
+    "dataset shorter than a block": ([], None, tiny_val_bin, "fewer than block_size+1", False),
+    "resume, nothing to resume": (["--init_from=resume"], remove_training_state, None, "nothing to resume", False),
+    "resume, garbled trainer_state": (["--init_from=resume"], garble_trainer_state, None, "is corrupt", False),
+    "resume, mixed weights": (["--init_from=resume"], swap_model_weights, None, "sha256 differs", False),
+    "wrong type": (["--max_iters=ten"], None, None, "max_iters must be int", False),
+    "float16 on cpu": (["--dtype=float16"], None, None, "dtype='float16' is not supported on CPU", False),
+    "token id beyond vocab": ([], None, bad_token_ids, "holds token id 65 but the model has 65 ids", True),
+    "malicious meta.pkl": ([], None, malicious_meta, "is not a plain nanoGPT meta.pkl", False),
+    "resume, other shape": (["--init_from=resume", "--n_layer=3"], None, None,
+                            "has n_layer=2 but the settings say n_layer=3", False),
+    "resume, partial": (["--init_from=resume"], truncate_model, None, "is partial or corrupt: model.safetensors", False),
+    "resume, corrupt state": (["--init_from=resume"], scramble_optimizer, None, "the training state in", True),
+}
+
+
+@pytest.mark.parametrize("case", GUARDED)
+def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_data, tmp_path, capsys):
+    """Through `python train.py`, or its main() in-process where interpreter start-up would dominate."""
+    extra, damage_out, damage_data, message, via_cli = GUARDED[case]
+    out_dir, data_dir = str(tmp_path / "out"), str(tmp_path / "data")
+    shutil.copytree(checkpointed, out_dir)
+    shutil.copytree(char_data, data_dir)
+    for damage, folder in ((damage_out, out_dir), (damage_data, data_dir)):
+        if damage:
+            damage(folder)
+    before = tree_digest(out_dir, data_dir)
+    argv = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=4", *extra]
+    if via_cli:
+        result = run_script("train.py", *argv, check=False)
+        code, stderr = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        code, stderr = exited.value.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]) and message in errors[0], stderr
+    assert tree_digest(out_dir, data_dir) == before
+    assert not os.path.exists(os.path.join(ROOT, "pwned"))
