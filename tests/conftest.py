@@ -9,7 +9,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # A GPT-2 small enough that a training step takes milliseconds on one CPU core.
-TINY_MODEL = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+TINY_MODEL = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
               "--device=cpu", "--compile=False", "--dropout=0.0", "--log_interval=1",
               "--learning_rate=3e-3", "--warmup_iters=5", "--min_lr=3e-4", "--beta2=0.99"]
 

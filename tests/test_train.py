@@ -20,12 +20,12 @@ def run(args):
 
 def test_tiny_model_learns_and_leaves_a_model_folder(tiny_run, capsys):
     out_dir, args = tiny_run
-    run([*args, "--max_iters=60", "--eval_interval=30", "--eval_iters=4"])
+    run([*args, "--gradient_accumulation_steps=4", "--max_iters=80", "--eval_interval=40", "--eval_iters=4"])
     printed = capsys.readouterr().out
-    assert "tokens per iteration will be: 5,120" in printed  # 40 x 4 x 32
-    assert "step 60: train loss" in printed and "iter 59: loss" in printed
+    assert "tokens per iteration will be: 512" in printed  # 4 x 4 x 32
+    assert "step 80: train loss" in printed and "iter 79: loss" in printed
     evals = read_metrics(out_dir, "eval")
-    assert [e["iter"] for e in evals] == [0, 30, 60]
+    assert [e["iter"] for e in evals] == [0, 40, 80]
     assert evals[0]["val/loss"] == pytest.approx(math.log(65), abs=0.15)  # uniform over 65 chars
     assert evals[-1]["val/loss"] < evals[0]["val/loss"] - 0.8
     for name in ("config.json", "model.safetensors", "generation_config.json", "tokenizer.json",
