@@ -6,6 +6,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import read_metrics, run_script
+from gpt_train.config import load_config
+from gpt_train.train import train
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
@@ -46,3 +48,17 @@ def test_accumulation_steps_must_divide_among_processes(tiny_run):
     assert ("error: gradient_accumulation_steps=3 is not divisible by the 2 processes: use a multiple of 2"
             in result.stderr)
     assert "Traceback" not in result.stderr.split("error: gradient_accumulation_steps")[0]
+
+
+def test_eval_only_gives_the_same_losses_from_one_and_two_processes(tiny_gpt2, bpe_data, tmp_path):
+    # 5 eval batches: two processes split them 3 + 2, the padding batch weighing nothing.
+    args = [f"--init_from={tiny_gpt2}", f"--data_dir={bpe_data}", "--eval_only=True", "--eval_iters=5",
+            "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
+    two = launch_two(*args, f"--out_dir={tmp_path / 'two'}")
+    assert "2 process(es) on cpu" in two.stdout and two.stdout.count("perplexity: train") == 1
+    train(load_config([*args, f"--out_dir={tmp_path / 'one'}"]))
+    [a] = read_metrics(tmp_path / "two", "eval")
+    [b] = read_metrics(tmp_path / "one", "eval")
+    for key in ("train/loss", "val/loss", "train/perplexity", "val/perplexity"):
+        assert abs(a[key] - b[key]) < 1e-5 * max(1.0, b[key]), key
+    assert not read_metrics(tmp_path / "two", "train")
