@@ -95,14 +95,20 @@ class Gpt2Codec:
     vocab_size = GPT2_VOCAB
     eot = GPT2_EOT_ID
 
+    def __init__(self):
+        gpt2_encoding()  # built once here; forked workers inherit it instead of rebuilding it
+
     def encode_batch(self, texts, append_eot):
-        encoding = gpt2_encoding()  # cached per process; pickling this codec stays cheap
-        ids = []
+        encoding = gpt2_encoding()  # cached per process, so pickling this codec stays cheap
+        eot = np.array([self.eot], dtype=np.uint32)
+        parts = []
         for text in texts:
-            ids += encoding.encode_ordinary(text)
+            # encode_ordinary as numpy: no Python int per token. No special tokens allowed and
+            # none disallowed means a literal "<|endoftext|>" in the text is encoded as text.
+            parts.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
             if append_eot:
-                ids.append(self.eot)
-        return np.array(ids, dtype=np.uint32)
+                parts.append(eot)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
     def hf_tokenizer(self):
         return gpt2_tokenizer()
