@@ -235,6 +235,9 @@ def _load(cfg, files):
             return load_dataset(kind, data_files=files, split="train", **options)
         except Exception as e:  # malformed json/parquet: name the file problem in one line
             raise UserError(f"could not read {cfg.source} as {kind}: {_first_line(e)}") from None
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
     try:
         return load_dataset(cfg.source, split="train", num_proc=cfg.num_proc)
     except Exception as e:  # no network, unknown name, gated dataset: all end here

@@ -1,5 +1,6 @@
 """Two real processes (DDP over gloo on CPU) against one process doing the same global batch."""
 import os
+import socket
 import sys
 
 import torch
@@ -13,8 +14,15 @@ ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
+def free_port():
+    """A port nobody listens on now: runs of the suite side by side must not share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch_two(*args, check=True):
-    return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+    return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
                       "train.py", *args, env=DDP_ENV, check=check)
 
 

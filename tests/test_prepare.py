@@ -92,9 +92,9 @@ def test_custom_preparer_reads_txt_jsonl_and_parquet(tmp_path, kind):
     elif kind == "jsonl":
         source = write_jsonl(tmp_path / "book.jsonl", texts, column="body")
     else:
-        import pandas as pd
+        from datasets import Dataset
         source = tmp_path / "book.parquet"
-        pd.DataFrame({"body": texts}).to_parquet(source)
+        Dataset.from_dict({"body": texts}).to_parquet(source)
     column = [] if kind == "txt" else ["--text_column=body"]
     out = prepare_corpus([f"--source={source}", f"--out_dir={tmp_path / 'out'}", "--num_proc=1", *column])
     train, val = tokens(out, "train"), tokens(out, "val")
