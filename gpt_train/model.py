@@ -9,6 +9,7 @@ compute the same function and keep the folder a plain GPT-2.
 
 Not here: the training loop, saving and resuming (gpt_train.checkpoint).
 """
+import json
 import math
 import os
 
@@ -110,22 +111,21 @@ def pretrained_folder(init_from):
                         "folder") from None
 
 
-def load_pretrained(folder, where):
-    """GPT2LMHeadModel from a model folder; anything but a GPT-2 there is a clear error."""
-    config = read_model_config(folder, where)
-    model = GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation="sdpa")
-    return model
+def load_pretrained(folder, config):
+    return GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation="sdpa")
 
 
 def read_model_config(folder, where):
+    """The GPT2Config of a model folder; anything but a GPT-2 there is a clear error."""
     path = os.path.join(folder, "config.json")
-    if not os.path.isfile(path):
-        raise UserError(f"{where} has no config.json: not a Hugging Face model folder")
-    config = GPT2Config.from_pretrained(folder)
-    if config.model_type != "gpt2" or getattr(config, "architectures", None) and not any(
-            "GPT2" in a for a in config.architectures):
-        raise UserError(f"{where} holds a {config.architectures or config.model_type} model; gpt-train trains GPT-2")
-    return config
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        raise UserError(f"{where} has no readable config.json: not a Hugging Face model folder") from None
+    if model_type != "gpt2":
+        raise UserError(f"{where} holds a {model_type!r} model; gpt-train trains GPT-2 (model_type 'gpt2')")
+    return GPT2Config.from_pretrained(folder)
 
 
 def settings_for_checkpoint(cfg, config, where, can_crop):

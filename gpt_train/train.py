@@ -152,7 +152,7 @@ def _init_model(cfg, state):
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
                         f"{config.vocab_size}: prepare the data with the model's tokenizer")
-    model = crop_block_size(load_pretrained(folder, where), cfg.block_size)
+    model = crop_block_size(load_pretrained(folder, config), cfg.block_size)
     return cfg, bins, ready_for_training(model, cfg.dropout), model_tokenizer(folder), saved
 
 

@@ -116,3 +116,11 @@ def test_hub_model_without_network_fails_fast_with_one_line(char_data, tmp_path)
     assert len(lines) == 1 and lines[0].startswith("error: could not get openai-community/gpt2-xl from the Hugging Face Hub")
     assert lines[0].endswith("download it first with `hf download openai-community/gpt2-xl`, "
                              "or set init_from to a local model folder")
+
+
+def test_a_folder_that_is_not_a_gpt2_is_refused(bpe_data, tmp_path):
+    folder = tmp_path / "llama"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="holds a 'llama' model; gpt-train trains GPT-2"):
+        setup(load_config([*RUN, f"--init_from={folder}", f"--data_dir={bpe_data}", f"--out_dir={tmp_path}"]))
