@@ -2,6 +2,7 @@
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -121,16 +122,15 @@ def test_char_level_custom_dataset_is_a_nanogpt_char_folder(tmp_path):
     assert sorted(joined) == sorted("".join(texts))  # every character of every document, none added
 
 
-def test_token_ids_beyond_uint16_are_refused_in_one_line(tmp_path):
+def test_token_ids_beyond_uint16_are_refused_before_anything_is_written(tmp_path):
     many_chars = "".join(chr(0x10000 + i) for i in range(65_537))  # one more than uint16 ids
     source = write_jsonl(tmp_path / "wide.jsonl", [many_chars[:40_000], many_chars[40_000:]])
-    result = run_script("data_prep/custom/prepare.py", f"--source={source}", "--tokenizer=char",
-                        f"--out_dir={tmp_path / 'wide'}", "--val_fraction=0.5", check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        f"error: {source} has 65,537 distinct characters, more token ids than uint16 bins hold (65,536): "
-        "use --tokenizer=gpt2")
-    assert not os.path.exists(tmp_path / "wide" / "train.bin")
+    message = (f"{source} has 65,537 distinct characters, more token ids than uint16 bins hold (65,536): "
+               "use --tokenizer=gpt2")
+    with pytest.raises(UserError, match=re.escape(message)):
+        prepare_corpus([f"--source={source}", "--tokenizer=char", f"--out_dir={tmp_path / 'wide'}",
+                        "--val_fraction=0.5", "--num_proc=1"])
+    assert not os.path.exists(tmp_path / "wide")
 
 
 def test_failed_preparation_leaves_the_existing_dataset_alone(tmp_path):
