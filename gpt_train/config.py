@@ -78,6 +78,10 @@ class TrainConfig:
     dtype: str = setting("auto", "'auto' is bfloat16 where supported, else float32; or float32/bfloat16/float16")
     compile: bool = setting(True, "torch.compile the model")
 
+    # Names given a value by a preset or the command line (load_config fills it in). Not a
+    # field: a loaded model's shape overrides only the settings nobody chose.
+    explicit = frozenset()
+
     def validate(self):
         """Reject settings that cannot make a sensible run, before anything is touched."""
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
@@ -191,7 +195,16 @@ def load_config(argv, cls=TrainConfig):
     values = {}
     for source, assignments in _layers(argv):
         values.update(_resolve_layer(cls, source, assignments))
-    return cls(**values).validate()
+    cfg = cls(**values).validate()
+    cfg.explicit = frozenset(values)
+    return cfg
+
+
+def with_values(cfg, **changes):
+    """A copy of cfg with some values changed, still knowing which names the user set."""
+    new = dataclasses.replace(cfg, **changes)
+    new.explicit = cfg.explicit
+    return new
 
 
 def help_text(cls, prog=None):

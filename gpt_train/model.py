@@ -9,11 +9,14 @@ compute the same function and keep the folder a plain GPT-2.
 
 Not here: the training loop, saving and resuming (gpt_train.checkpoint).
 """
+import json
 import math
+import os
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from gpt_train.config import with_values
 from gpt_train.errors import UserError
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64: faster matmuls
@@ -24,6 +27,11 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_PEAK_FLOPS = PEAK_FLOPS["A100"]
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+
+# OpenAI's checkpoints under the short names nanoGPT uses for them.
+GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
+HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer
+HUB_TIMEOUT_S = 10  # per request: an unreachable Hub fails in seconds rather than hanging
 
 
 def build_model(cfg, vocab_size, tokenizer):
@@ -74,13 +82,86 @@ def set_dropout(model, dropout):
             module.p = dropout
 
 
-def check_architecture(model, cfg, where):
-    """A loaded model keeps its own shape; settings that say otherwise are a mistake."""
-    for name in ("n_layer", "n_head", "n_embd"):
-        ours, theirs = getattr(cfg, name), getattr(model.config, name)
-        if ours != theirs:
-            raise UserError(f"{where} has {name}={theirs} but the settings say {name}={ours}: "
-                            f"drop the {name} override (the model's shape comes from {where})")
+def pretrained_folder(init_from):
+    """The local folder holding `init_from`: a folder as given, or the Hub snapshot in the HF cache.
+
+    A cached snapshot is used without asking the network. Otherwise the files are downloaded
+    (config, safetensors weights and tokenizer only, not the TF/Flax/ONNX copies the OpenAI
+    repos also hold); with no network this fails within seconds with what to do instead.
+    """
+    if os.path.isdir(init_from):
+        return init_from
+    repo = GPT2_HUB_IDS.get(init_from, init_from)
+    if init_from.startswith((".", "/", "~")) or os.path.splitext(init_from)[1]:
+        raise UserError(f"init_from={init_from!r}: model folder not found")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        return snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True)
+    except LocalEntryNotFoundError:
+        pass
+    except ValueError:  # not a valid repo id
+        raise UserError(f"init_from={init_from!r} is neither 'scratch', 'resume', a local model folder "
+                        "nor a Hub model id") from None
+    try:
+        return snapshot_download(repo, allow_patterns=HUB_FILES, etag_timeout=HUB_TIMEOUT_S)
+    except Exception as e:  # offline, unknown or gated repo: one line, with the way out
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get {repo} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}): "
+                        f"download it first with `hf download {repo}`, or set init_from to a local model "
+                        "folder") from None
+
+
+def load_pretrained(folder, config):
+    return GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation="sdpa")
+
+
+def read_model_config(folder, where):
+    """The GPT2Config of a model folder; anything but a GPT-2 there is a clear error."""
+    path = os.path.join(folder, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError):
+        raise UserError(f"{where} has no readable config.json: not a Hugging Face model folder") from None
+    if model_type != "gpt2":
+        raise UserError(f"{where} holds a {model_type!r} model; gpt-train trains GPT-2 (model_type 'gpt2')")
+    return GPT2Config.from_pretrained(folder)
+
+
+def settings_for_checkpoint(cfg, config, where, can_crop):
+    """The settings with the checkpoint's shape: it decides, and explicit settings may not contradict it.
+
+    block_size may be lowered below the checkpoint's context (the model is cropped, as in
+    nanoGPT) but not raised; left unset it is the checkpoint's.
+    """
+    shape = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
+             "bias": getattr(config, "bias", True)}  # OpenAI's checkpoints have biases
+    for name, theirs in shape.items():
+        if name in cfg.explicit and getattr(cfg, name) != theirs:
+            raise UserError(f"{where} has {name}={theirs} but the settings say {name}={getattr(cfg, name)}: "
+                            f"drop the {name} setting (the model's shape comes from {where})")
+    context = config.n_positions
+    block_size = cfg.block_size if "block_size" in cfg.explicit else context
+    if block_size > context:
+        raise UserError(f"block_size={block_size} is larger than the {context}-token context of {where}: "
+                        f"use block_size <= {context}")
+    if block_size < context and not can_crop:
+        raise UserError(f"{where} was trained with block_size={context}; resuming cannot change it to "
+                        f"{block_size}: drop the block_size setting")
+    return with_values(cfg, block_size=block_size, **shape)
+
+
+def crop_block_size(model, block_size):
+    """Cut the context to block_size, as nanoGPT's crop_block_size: keep the first position embeddings."""
+    wpe = model.transformer.wpe
+    if block_size >= wpe.num_embeddings:
+        return model
+    wpe.weight = torch.nn.Parameter(wpe.weight.detach()[:block_size].clone())
+    wpe.num_embeddings = block_size
+    model.config.n_positions = block_size  # GPT-2 in transformers 5 keeps no causal-mask buffer to cut
+    return model
 
 
 def count_parameters(model, non_embedding=True):

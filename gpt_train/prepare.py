@@ -5,11 +5,17 @@ tokenizer that encoded them (so training and sampling decode with the same one),
 char-level data nanoGPT's `meta.pkl`. Files are written next to their final name and moved
 into place only when complete, so a failed run never leaves a half-written dataset behind.
 
-Not here: reading datasets (gpt_train.data).
+Corpora (BPE Shakespeare, OpenWebText, the user's own files or Hub datasets) all go through
+one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
+batches of documents and write them straight to chunk files, and the chunks are joined into
+the bins. Memory stays bounded by one batch per worker, whatever the corpus size.
+
+Not here: reading datasets (gpt_train.data), tokenizers themselves (gpt_train.tokenizer).
 """
 import difflib
 import os
 import pickle
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -17,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt_train.config import load_config, setting
-from gpt_train.data import TOKEN_DTYPE
+from gpt_train.data import SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, exit_on_user_error
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -112,8 +118,273 @@ def prepare_char_dataset(name, argv):
     print(f"wrote {out_dir}")
 
 
+# ---------------------------------------------------------------------------------------
+# Corpora through `datasets`: load, split, tokenize in worker processes, write the bins.
+# Every BPE and generic preparer (shakespeare, openwebtext, custom) is this one pipeline
+# with different defaults.
+
+OWT_VAL_FRACTION = 0.0005  # nanoGPT's held-out share of OpenWebText documents (~4M val tokens)
+OWT_SPLIT_SEED = 2357  # nanoGPT's seed for that split: the same documents end up in val
+DOCS_PER_BATCH = 1000  # documents per worker task: bounds worker memory whatever the corpus size
+COPY_BUFFER = 16 * 1024 * 1024
+LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+SPLIT_MODES = ("auto", "documents", "tail")
+TOKENIZERS = ("gpt2", "char")
+# Files a dataset folder may hold from an earlier preparation; stale ones are removed so a
+# folder never mixes two tokenizers.
+DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "tokenizer.json", "tokenizer_config.json",
+                 "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+
+
+@dataclass
+class CorpusConfig:
+    source: str = setting("", "local .txt, .json/.jsonl or .parquet files (comma-separated, globs "
+                              "allowed) or a Hub dataset name")
+    name: str = setting("", "dataset name, written to data/<name>; empty means the source's name")
+    out_dir: str = setting("", "output folder; empty means data/<name>")
+    text_column: str = setting("text", "column holding the text (json, parquet, Hub datasets)")
+    tokenizer: str = setting("gpt2", "'gpt2' (BPE, the id space of OpenAI's GPT-2) or 'char' (one token per character)")
+    val_fraction: float = setting(0.1, "share held out for validation")
+    split_by: str = setting("auto", "'documents': a seeded random share of the documents (nanoGPT's "
+                                    "openwebtext); 'tail': the end of each document (nanoGPT's shakespeare); "
+                                    "'auto': tail for .txt files, documents otherwise")
+    seed: int = setting(OWT_SPLIT_SEED, "seed of the document split")
+    append_eot: bool = setting(True, "end each document with <|endoftext|> (gpt2 only)")
+    num_proc: int = setting(max(1, (os.cpu_count() or 2) // 2), "worker processes for tokenizing")
+
+    def validate(self):
+        if not self.source:
+            raise UserError("no source given: pass --source=FILES or --source=HUB_DATASET_NAME")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
+        if self.split_by not in SPLIT_MODES:
+            raise UserError(f"split_by must be one of {', '.join(SPLIT_MODES)}, got {self.split_by!r}")
+        if self.tokenizer not in TOKENIZERS:
+            raise UserError(f"tokenizer must be 'gpt2' or 'char', got {self.tokenizer!r}")
+        if self.num_proc < 1:
+            raise UserError(f"num_proc must be at least 1, got {self.num_proc}")
+        return self
+
+
+def prepare_corpus(argv, cls=CorpusConfig):
+    """Load, split, tokenize and write one dataset folder; the whole of every corpus preparer."""
+    cfg = load_config(argv, cls)
+    files = _local_files(cfg.source)
+    name = cfg.name or _default_name(cfg.source, files)
+    out_dir = cfg.out_dir or os.path.join("data", name)
+    corpus = _load(cfg, files)
+    if cfg.text_column not in corpus.column_names:
+        raise UserError(f"{cfg.source} has no column {cfg.text_column!r} (columns: "
+                        f"{', '.join(corpus.column_names)}): pass --text_column=NAME")
+    corpus = corpus.select_columns([cfg.text_column])
+    split_by = cfg.split_by if cfg.split_by != "auto" else ("tail" if files and _loader(files) == "text"
+                                                            else "documents")
+    splits = _split(corpus, cfg, split_by)
+    codec = _codec(cfg, splits)
+    write_dataset(splits, codec, cfg.text_column, out_dir, cfg.num_proc,
+                  append_eot=cfg.append_eot and codec.eot is not None)
+    return out_dir
+
+
+def _local_files(source):
+    """The files `source` names, or [] if it names a Hub dataset."""
+    import glob
+
+    parts = [p.strip() for p in source.split(",") if p.strip()]
+    if not any(os.path.splitext(p)[1].lower() in LOADERS or os.path.exists(p) or any(c in p for c in "*?[")
+               for p in parts):
+        return []
+    files = []
+    for part in parts:
+        found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
+        for path in found:
+            if os.path.isdir(path):
+                files += sorted(os.path.join(path, n) for n in os.listdir(path)
+                                if os.path.splitext(n)[1].lower() in LOADERS)
+            elif not os.path.isfile(path):
+                raise UserError(f"data file {path} not found")
+            else:
+                files.append(path)
+    if not files:
+        raise UserError(f"no .txt, .json, .jsonl or .parquet files match {source}")
+    return files
+
+
+def _loader(files):
+    kinds = {LOADERS.get(os.path.splitext(f)[1].lower()) for f in files}
+    if None in kinds:
+        bad = next(f for f in files if os.path.splitext(f)[1].lower() not in LOADERS)
+        raise UserError(f"{bad}: unsupported file type; use .txt, .json, .jsonl or .parquet")
+    if len(kinds) > 1:
+        raise UserError(f"mixed file types in one source ({', '.join(sorted(kinds))}): prepare them separately")
+    return kinds.pop()
+
+
+def _default_name(source, files):
+    if files:
+        return os.path.splitext(os.path.basename(files[0]))[0]
+    return source.rstrip("/").split("/")[-1]
+
+
+def _load(cfg, files):
+    from datasets import load_dataset
+
+    if files:
+        kind = _loader(files)
+        # A .txt file is one document (a book, a play), not one document per line.
+        options = {"sample_by": "document"} if kind == "text" else {}
+        try:
+            return load_dataset(kind, data_files=files, split="train", **options)
+        except Exception as e:  # malformed json/parquet: name the file problem in one line
+            raise UserError(f"could not read {cfg.source} as {kind}: {_first_line(e)}") from None
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
+    try:
+        return load_dataset(cfg.source, split="train", num_proc=cfg.num_proc)
+    except Exception as e:  # no network, unknown name, gated dataset: all end here
+        raise UserError(f"could not load the Hub dataset {cfg.source!r} ({_first_line(e)}); check the name and "
+                        "the network, or pass local files with --source=PATH") from None
+
+
+def _first_line(e):
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _split(corpus, cfg, split_by):
+    if split_by == "documents":
+        if len(corpus) < 2:
+            raise UserError(f"{cfg.source} holds {len(corpus)} document(s): a document split needs at least 2; "
+                            "use --split_by=tail")
+        parts = corpus.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed, shuffle=True)
+        return {"train": parts["train"], "val": parts["test"]}
+    column, keep = cfg.text_column, 1.0 - cfg.val_fraction
+
+    def cut(part):
+        def fn(batch):
+            texts = batch[column]
+            return {column: [t[:int(len(t) * keep)] if part == "train" else t[int(len(t) * keep):] for t in texts]}
+        return fn
+
+    return {part: corpus.map(cut(part), batched=True, desc=f"taking the {part} part of each document")
+            for part in SPLITS}
+
+
+def _codec(cfg, splits):
+    from gpt_train.tokenizer import CharCodec, Gpt2Codec
+
+    if cfg.tokenizer == "gpt2":
+        return Gpt2Codec()
+    chars = set()
+    for part in splits.values():
+        found = part.map(_distinct_chars, batched=True, batch_size=DOCS_PER_BATCH, input_columns=[cfg.text_column],
+                         remove_columns=part.column_names, num_proc=_workers(cfg.num_proc, part),
+                         desc="collecting characters")
+        for text in found["chars"]:
+            chars.update(text)
+    codec = CharCodec(chars)
+    print(f"vocab size: {codec.vocab_size:,}")
+    limit = np.iinfo(TOKEN_DTYPE).max + 1
+    if codec.vocab_size > limit:
+        raise UserError(f"{cfg.source} has {codec.vocab_size:,} distinct characters, more token ids than uint16 "
+                        f"bins hold ({limit:,}): use --tokenizer=gpt2")
+    return codec
+
+
+def _distinct_chars(texts):
+    return {"chars": ["".join(set("".join(texts)))]}
+
+
+def _workers(num_proc, part):
+    return max(1, min(num_proc, len(part) // DOCS_PER_BATCH + 1)) if num_proc > 1 else None
+
+
+class _EncodeToChunks:
+    """The map function: encode a batch of documents and write it as one chunk file.
+
+    Workers write their tokens straight to disk and hand back only a count: token lists
+    never cross a process boundary or pass through Arrow, which is most of what nanoGPT's
+    recipe spends its time on.
+    """
+
+    def __init__(self, codec, chunk_dir, append_eot):
+        self.codec, self.chunk_dir, self.append_eot = codec, chunk_dir, append_eot
+
+    def __call__(self, texts, indices):
+        ids = self.codec.encode_batch(texts, self.append_eot)
+        path = os.path.join(self.chunk_dir, f"{indices[0]:012d}.bin")
+        check_token_range(ids, path)
+        ids.astype(TOKEN_DTYPE).tofile(path)
+        return {"tokens": [len(ids)]}
+
+
+def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
+    """Tokenize each split with `num_proc` workers and write the dataset folder.
+
+    Everything is staged in a hidden folder inside out_dir and moved into place at the end,
+    so an interrupted or failed run leaves an existing dataset as it was.
+    """
+    from tqdm import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
+        for split, part in splits.items():
+            chunk_dir = os.path.join(staging, f"{split}-chunks")
+            os.makedirs(chunk_dir)
+            counts = part.map(_EncodeToChunks(codec, chunk_dir, append_eot), batched=True, batch_size=DOCS_PER_BATCH,
+                              with_indices=True, input_columns=[text_column], remove_columns=part.column_names,
+                              num_proc=_workers(num_proc, part), load_from_cache_file=False, keep_in_memory=True,
+                              desc=f"tokenizing {split}")
+            chunks = sorted(os.listdir(chunk_dir))  # zero-padded first document index: corpus order
+            with open(os.path.join(staging, f"{split}.bin"), "wb") as out:
+                for chunk in tqdm(chunks, desc=f"writing {split}.bin", unit="chunk"):
+                    with open(os.path.join(chunk_dir, chunk), "rb") as f:
+                        shutil.copyfileobj(f, out, COPY_BUFFER)
+                    os.remove(os.path.join(chunk_dir, chunk))
+            print(f"{split} has {sum(counts['tokens']):,} tokens")
+        if codec.nanogpt_meta() is not None:
+            with open(os.path.join(staging, "meta.pkl"), "wb") as f:
+                pickle.dump(codec.nanogpt_meta(), f)
+        codec.hf_tokenizer().save_pretrained(staging)
+        _commit(staging, out_dir)
+    print(f"wrote {out_dir}")
+
+
+def _commit(staging, out_dir):
+    """Move the staged files over the dataset folder and drop stale ones from an earlier run."""
+    new = {n for n in os.listdir(staging) if os.path.isfile(os.path.join(staging, n))}
+    for name in DATASET_FILES:
+        if name not in new and os.path.exists(os.path.join(out_dir, name)):
+            os.remove(os.path.join(out_dir, name))
+    for name in sorted(new, key=lambda n: n.endswith(".bin")):  # the bins last
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+
+
+@dataclass
+class ShakespeareConfig(CorpusConfig):
+    source: str = setting(TINY_SHAKESPEARE, "the text to encode")
+    name: str = setting("shakespeare", "dataset name, written to data/<name>")
+    split_by: str = setting("tail", "the last val_fraction of the text is val, as in nanoGPT")
+    append_eot: bool = setting(False, "nanoGPT's Shakespeare has no end-of-text token")
+    num_proc: int = setting(1, "one document: one worker")
+
+
+@dataclass
+class OpenWebTextConfig(CorpusConfig):
+    source: str = setting("openwebtext", "Hub dataset name, or local files with the same 'text' column")
+    name: str = setting("openwebtext", "dataset name, written to data/<name>")
+    val_fraction: float = setting(OWT_VAL_FRACTION, "share of the documents held out for validation")
+    split_by: str = setting("documents", "a seeded random share of the documents is val, as in nanoGPT")
+
+
 # `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
-PREPARERS = {"shakespeare_char": prepare_char_dataset}
+PREPARERS = {
+    "shakespeare_char": prepare_char_dataset,
+    "shakespeare": lambda name, argv: prepare_corpus(argv, ShakespeareConfig),
+    "openwebtext": lambda name, argv: prepare_corpus(argv, OpenWebTextConfig),
+    "custom": lambda name, argv: prepare_corpus(argv),
+}
 
 
 @exit_on_user_error

@@ -6,10 +6,16 @@ and `vocab.bpe` shipped in `gpt_train/assets/gpt2` (saved as vocab.json and merg
 nothing is downloaded. A char-level vocabulary (nanoGPT's meta.pkl `stoi`) becomes a
 `tokenizers` WordLevel model that splits text into single characters.
 
-Not here: encoding whole corpora fast (data_prep uses tiktoken for that).
+Encoding whole corpora (data_prep) goes through the codecs at the end of this module:
+tiktoken's GPT-2 encoding built from the same bundled files (never downloaded), and a
+char codec; both turn a batch of documents into one uint16-ready numpy array.
+
+Not here: datasets, splitting and writing bins (gpt_train.prepare).
 """
+import functools
 import os
 
+import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
@@ -18,6 +24,13 @@ from gpt_train.errors import UserError
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
 GPT2_EOT = "<|endoftext|>"
+GPT2_EOT_ID = 50256
+GPT2_VOCAB = 50257
+# The splitting regex of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public.r50k_pat_str).
+GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+# tiktoken's pinned sha256 of the files it would download for "gpt2"; the bundled copies match.
+GPT2_VOCAB_BPE_SHA256 = "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5"
+GPT2_ENCODER_JSON_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 
 def gpt2_tokenizer():
@@ -46,3 +59,84 @@ def dataset_tokenizer(data_dir):
     if meta and "stoi" in meta:
         return char_tokenizer(meta["stoi"])
     return gpt2_tokenizer()
+
+
+def model_tokenizer(folder):
+    """The tokenizer saved in a model folder, or the bundled GPT-2 BPE if it has none."""
+    names = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+    if any(os.path.isfile(os.path.join(folder, n)) for n in names):
+        return AutoTokenizer.from_pretrained(folder)
+    return gpt2_tokenizer()
+
+
+@functools.cache
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE, built from the bundled files: identical ids, no download.
+
+    The name differs from tiktoken's registered "gpt2" on purpose: a registered encoding is
+    pickled by name and rebuilt from the network in worker processes.
+    """
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+
+    ranks = data_gym_to_mergeable_bpe_ranks(
+        vocab_bpe_file=os.path.join(GPT2_ASSETS, "merges.txt"),
+        encoder_json_file=os.path.join(GPT2_ASSETS, "vocab.json"),
+        vocab_bpe_hash=GPT2_VOCAB_BPE_SHA256,
+        encoder_json_hash=GPT2_ENCODER_JSON_SHA256,
+    )
+    return tiktoken.Encoding("gpt2-bundled", pat_str=GPT2_PAT_STR, mergeable_ranks=ranks,
+                             special_tokens={GPT2_EOT: GPT2_EOT_ID}, explicit_n_vocab=GPT2_VOCAB)
+
+
+class Gpt2Codec:
+    """GPT-2 BPE for corpora: ordinary text only (a literal "<|endoftext|>" is just text)."""
+
+    vocab_size = GPT2_VOCAB
+    eot = GPT2_EOT_ID
+
+    def __init__(self):
+        gpt2_encoding()  # built once here; forked workers inherit it instead of rebuilding it
+
+    def encode_batch(self, texts, append_eot):
+        encoding = gpt2_encoding()  # cached per process, so pickling this codec stays cheap
+        eot = np.array([self.eot], dtype=np.uint32)
+        parts = []
+        for text in texts:
+            # encode_ordinary as numpy: no Python int per token. No special tokens allowed and
+            # none disallowed means a literal "<|endoftext|>" in the text is encoded as text.
+            parts.append(encoding.encode_to_numpy(text, allowed_special=set(), disallowed_special=()))
+            if append_eot:
+                parts.append(eot)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+    def hf_tokenizer(self):
+        return gpt2_tokenizer()
+
+    def nanogpt_meta(self):
+        return None  # nanoGPT's BPE datasets have no meta.pkl: no meta means GPT-2 BPE
+
+
+class CharCodec:
+    """One token per character; ids are ranks in the sorted character set, as nanoGPT's stoi."""
+
+    eot = None  # a char vocabulary has no end-of-text token: documents are simply concatenated
+
+    def __init__(self, chars):
+        self.chars = "".join(sorted(set(chars)))
+        self.codepoints = np.array([ord(c) for c in self.chars], dtype=np.uint32)
+        self.vocab_size = len(self.chars)
+
+    def encode_batch(self, texts, append_eot):
+        codepoints = np.frombuffer("".join(texts).encode("utf-32-le"), dtype=np.uint32)
+        return np.searchsorted(self.codepoints, codepoints).astype(np.uint32)
+
+    @property
+    def stoi(self):
+        return {ch: i for i, ch in enumerate(self.chars)}
+
+    def hf_tokenizer(self):
+        return char_tokenizer(self.stoi)
+
+    def nanogpt_meta(self):
+        return {"vocab_size": self.vocab_size, "itos": dict(enumerate(self.chars)), "stoi": self.stoi}

@@ -18,22 +18,22 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import TorchDynamoPlugin, set_seed
-from transformers import GPT2LMHeadModel
 
 from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.metrics import Reporter
-from gpt_train.signals import StopSignals
-from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
-                             flops_per_token, lr_multiplier, make_optimizer, peak_flops,
-                             ready_for_training)
+from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
+                             flops_per_token, load_pretrained, lr_multiplier, make_optimizer, peak_flops,
+                             pretrained_folder, read_model_config, ready_for_training, settings_for_checkpoint)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
-from gpt_train.tokenizer import dataset_tokenizer
+from gpt_train.signals import StopSignals
+from gpt_train.tokenizer import dataset_tokenizer, model_tokenizer
 
 PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
+MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
 MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
 
 
@@ -70,10 +70,8 @@ def setup(cfg):
     n_proc = state.num_processes
     micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, n_proc)
 
-    bins = open_dataset(cfg.resolved_data_dir, cfg.block_size, _prepare_hint(cfg))
-    tokenizer = dataset_tokenizer(cfg.resolved_data_dir)
     set_seed(cfg.seed)  # identical initial weights on every process
-    model, saved = _init_model(cfg, bins, tokenizer)
+    cfg, bins, model, tokenizer, saved = _init_model(cfg, state)
     set_seed(cfg.seed + state.process_index)  # but each process its own dropout masks
     check_token_ids(bins, model.config.vocab_size)
 
@@ -86,7 +84,7 @@ def setup(cfg):
     )
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        model.activation_checkpointing_enable()
     optimizer = make_optimizer(model, cfg, device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
@@ -150,22 +148,31 @@ def _prepare_hint(cfg):
     return f"python {script}" if os.path.exists(script) else "a data_prep/ script (see README)"
 
 
-def _init_model(cfg, bins, tokenizer):
-    """The model to train and, when resuming, the saved loop state."""
+def _init_model(cfg, state):
+    """(settings with the model's shape, dataset, model, tokenizer, saved loop state or None).
+
+    A scratch model takes its vocabulary from the dataset; a loaded one (resume, gpt2*, a Hub
+    id, a local folder) keeps its own vocabulary, tokenizer and shape.
+    """
+    data_dir, hint = cfg.resolved_data_dir, _prepare_hint(cfg)
     if cfg.init_from == "scratch":
-        vocab = bins.vocab_size or PADDED_GPT2_VOCAB
-        return build_model(cfg, vocab, tokenizer), None
+        bins = open_dataset(data_dir, cfg.block_size, hint)
+        tokenizer = dataset_tokenizer(data_dir)
+        return cfg, bins, build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, tokenizer), tokenizer, None
     if cfg.init_from == "resume":
-        saved = checkpoint.read_trainer_state(cfg.out_dir)
-        source = cfg.out_dir
+        saved, folder, where = checkpoint.read_trainer_state(cfg.out_dir), cfg.out_dir, cfg.out_dir
     else:
-        saved, source = None, cfg.init_from
-    model = GPT2LMHeadModel.from_pretrained(source, attn_implementation="sdpa")
-    check_architecture(model, cfg, source)
-    if cfg.block_size != model.config.n_positions:
-        raise UserError(f"{source} has block_size {model.config.n_positions} but the settings say "
-                        f"{cfg.block_size}: drop the block_size override")
-    return ready_for_training(model, cfg.dropout), saved
+        with state.main_process_first():  # one process downloads, the others find it cached
+            saved, folder, where = None, pretrained_folder(cfg.init_from), cfg.init_from
+    config = read_model_config(folder, where)
+    cfg = settings_for_checkpoint(cfg, config, where, can_crop=saved is None)
+    bins = open_dataset(data_dir, cfg.block_size, hint)  # before the weights: a data mistake fails fast
+    data_vocab = bins.vocab_size or len(dataset_tokenizer(data_dir))
+    if data_vocab > config.vocab_size:
+        raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
+                        f"{config.vocab_size}: prepare the data with the model's tokenizer")
+    model = crop_block_size(load_pretrained(folder, config), cfg.block_size)
+    return cfg, bins, ready_for_training(model, cfg.dropout), model_tokenizer(folder), saved
 
 
 def _start_logging(run, device, n_proc):
@@ -247,8 +254,13 @@ def fit(run):
         # evaluate the loss on train/val sets and write checkpoints
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
             losses = evaluate(run)
+            perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
             report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            if cfg.eval_only:
+                report.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
             report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
+                                                "train/perplexity": perplexity["train"],
+                                                "val/perplexity": perplexity["val"],
                                                 "lr": lr, "mfu": running_mfu * 100})
             check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
             plot.update()

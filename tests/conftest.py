@@ -3,10 +3,14 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# datasets caches what it loads; tests keep theirs out of the user's ~/.cache.
+DATASETS_CACHE = os.path.join(tempfile.gettempdir(), f"gpt-train-tests-datasets-{os.getuid()}")
+os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
 
 # A GPT-2 small enough that a training step takes milliseconds on one CPU core.
 TINY_MODEL = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
@@ -16,7 +20,7 @@ TINY_MODEL = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "-
 
 def run_script(*args, env=None, check=True):
     """Run a repo script (or `-m module`) as a user would, from the repo root."""
-    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": DATASETS_CACHE, **(env or {})}
     result = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
@@ -34,6 +38,30 @@ def char_data(tmp_path_factory):
     out = tmp_path_factory.mktemp("data") / "shakespeare_char"
     run_script("data_prep/shakespeare_char/prepare.py", f"--out_dir={out}")
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def bpe_data(tmp_path_factory):
+    """data/shakespeare (GPT-2 BPE) as data_prep writes it, in a temporary folder."""
+    out = tmp_path_factory.mktemp("data") / "shakespeare"
+    run_script("data_prep/shakespeare/prepare.py", f"--out_dir={out}")
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2(tmp_path_factory):
+    """A "pretrained" GPT-2 folder: GPT-2's vocabulary and tokenizer, a tiny random network."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt_train.tokenizer import GPT2_VOCAB, gpt2_tokenizer
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-gpt2"
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=64, vocab_size=GPT2_VOCAB)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    gpt2_tokenizer().save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture

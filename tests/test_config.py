@@ -125,3 +125,11 @@ def test_train_cli_reports_one_line_and_exits_nonzero(args, message):
 def test_default_dataclass_has_help_for_every_setting():
     from dataclasses import fields
     assert all(f.metadata.get("help") for f in fields(TrainConfig))
+
+
+def test_loader_records_which_settings_were_given(tmp_path):
+    # A loaded checkpoint's shape overrides defaults but must not silently override a choice.
+    preset = write(tmp_path, "p.py", "n_layer = 12\n")
+    cfg = load_config([preset, "--per_device_train_batch_size=3"])
+    assert cfg.explicit == {"n_layer", "batch_size"}
+    assert load_config([]).explicit == frozenset()

@@ -1,19 +1,29 @@
 """Two real processes (DDP over gloo on CPU) against one process doing the same global batch."""
 import json
 import os
+import socket
 import sys
 
 import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT, read_metrics, run_script
+from gpt_train.config import load_config
+from gpt_train.train import train
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
+def free_port():
+    """A port nobody listens on now: runs of the suite side by side must not share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def launch_two(*args, check=True):
-    return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+    return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
                       "train.py", *args, env=DDP_ENV, check=check)
 
 
@@ -51,7 +61,7 @@ def test_accumulation_steps_must_divide_among_processes(tiny_run):
 
 def test_gradients_are_synchronised_only_on_the_last_micro_step(tiny_run):
     _, args = tiny_run
-    result = run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518",
+    result = run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
                         "tests/ddp_sync_probe.py", *args, "--gradient_accumulation_steps=6", "--max_iters=3",
                         "--eval_interval=100", "--eval_iters=1", env={**DDP_ENV, "PYTHONPATH": ROOT})
     probes = [json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("PROBE ")]
@@ -59,3 +69,17 @@ def test_gradients_are_synchronised_only_on_the_last_micro_step(tiny_run):
     for probe in probes:  # 3 micro-steps per process per iteration: only the last one all-reduces
         assert probe["micro_steps"] == 3 and probe["allreduces"] >= 3
         assert probe["micro_step_of_allreduce"] == [2]
+
+
+def test_eval_only_gives_the_same_losses_from_one_and_two_processes(tiny_gpt2, bpe_data, tmp_path):
+    # 5 eval batches: two processes split them 3 + 2, the padding batch weighing nothing.
+    args = [f"--init_from={tiny_gpt2}", f"--data_dir={bpe_data}", "--eval_only=True", "--eval_iters=5",
+            "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
+    two = launch_two(*args, f"--out_dir={tmp_path / 'two'}")
+    assert "2 process(es) on cpu" in two.stdout and two.stdout.count("perplexity: train") == 1
+    train(load_config([*args, f"--out_dir={tmp_path / 'one'}"]))
+    [a] = read_metrics(tmp_path / "two", "eval")
+    [b] = read_metrics(tmp_path / "one", "eval")
+    for key in ("train/loss", "val/loss", "train/perplexity", "val/perplexity"):
+        assert abs(a[key] - b[key]) < 1e-5 * max(1.0, b[key]), key
+    assert not read_metrics(tmp_path / "two", "train")

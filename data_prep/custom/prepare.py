@@ -1,0 +1,29 @@
+"""Your own data as a gpt-train dataset: local files or a Hub dataset, GPT-2 BPE or characters.
+
+    python data_prep/custom/prepare.py --source=my_book.txt                      # data/my_book
+    python data_prep/custom/prepare.py --source='logs/*.jsonl' --text_column=body --name=logs
+    python data_prep/custom/prepare.py --source=notes.parquet --tokenizer=char --val_fraction=0.05
+    python data_prep/custom/prepare.py --source=roneneldan/TinyStories --val_fraction=0.01
+
+A .txt file is one document whose last val_fraction becomes val (as nanoGPT splits
+Shakespeare); rows of .jsonl/.json/.parquet files and Hub datasets are documents, a seeded
+random val_fraction of which becomes val (as nanoGPT splits OpenWebText). GPT-2 BPE ends
+each document with <|endoftext|>. Writes train.bin, val.bin and the tokenizer (plus
+nanoGPT's meta.pkl for characters) into data/<name>/, then train with --dataset=<name>.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from gpt_train.errors import exit_on_user_error  # noqa: E402
+from gpt_train.prepare import prepare_corpus  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv):
+    prepare_corpus(argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,26 @@
+"""OpenWebText in GPT-2 BPE, nanoGPT's recipe: ~9B train tokens (17 GB), ~4M val tokens.
+
+`load_dataset("openwebtext")` (about 54 GB in the Hugging Face cache, 8,013,769 documents),
+0.0005 of the documents held out for validation with seed 2357, each document encoded with
+GPT-2 BPE and ended with <|endoftext|> (50256), everything written to uint16 train.bin and
+val.bin without ever holding the corpus in memory. `--source` takes local files instead
+(.jsonl/.parquet/.txt) through the same code path.
+
+    python data_prep/openwebtext/prepare.py [--num_proc=8] [--source=openwebtext]
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+
+from gpt_train.errors import exit_on_user_error  # noqa: E402
+from gpt_train.prepare import OpenWebTextConfig, prepare_corpus  # noqa: E402
+
+
+@exit_on_user_error
+def main(argv):
+    prepare_corpus(argv, OpenWebTextConfig)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
