@@ -23,6 +23,10 @@ PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64: fast
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_PEAK_FLOPS = PEAK_FLOPS["A100"]
 
+# nanoGPT sample.py's sampling, saved as each model's generation defaults so that `pipeline()` and
+# `generate` sample like sample.py does unless told otherwise.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 200}
+
 # Names that decide the shape of the network; a checkpoint and the settings must agree on them.
 ARCHITECTURE = ("n_layer", "n_head", "n_embd", "vocab_size")
 
@@ -51,9 +55,29 @@ def build_model(cfg, vocab_size, tokenizer):
 def ready_for_training(model, dropout):
     """What every model needs before training, built here or loaded from a folder."""
     model.loss_type = "ForCausalLM"  # the class name does not say so, and transformers warns
+    set_generation_defaults(model)
     set_dropout(model, dropout)
     _freeze_biases_if_unused(model)
     return model
+
+
+def set_generation_defaults(model):
+    """Fill the generation settings the model leaves open, so its folder samples sensibly anywhere.
+
+    The default length is half the context, so a prompt of up to the other half fits: the
+    text-generation pipeline's own default of 256 new tokens runs past a small model's position
+    table (an IndexError). It is max_new_tokens, not max_length, because a saved max_length makes
+    every call that passes max_new_tokens warn that both are set. A model with an end-of-text
+    token pads with it; a char model has none and runs to the requested length.
+    """
+    generation = model.generation_config
+    for name, value in SAMPLING_DEFAULTS.items():
+        if getattr(generation, name) is None:
+            setattr(generation, name, value)
+    if generation.max_length is None and generation.max_new_tokens is None:
+        generation.max_new_tokens = model.config.n_positions // 2
+    if generation.pad_token_id is None and generation.eos_token_id is not None:
+        generation.pad_token_id = generation.eos_token_id
 
 
 def _freeze_biases_if_unused(model):
