@@ -24,6 +24,7 @@ from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.data import SPLITS, BlockSampler, open_dataset
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.hub import HubPusher
 from gpt_train.metrics import Reporter
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, check_architecture, count_parameters,
                              flops_per_token, lr_multiplier, make_optimizer, peak_flops,
@@ -51,6 +52,7 @@ class Run:
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
     tracker_run_id: str | None = None
+    hub: HubPusher | None = None
 
 
 def setup(cfg):
@@ -91,6 +93,7 @@ def setup(cfg):
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
     _start_logging(run, device, n_proc)
+    run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)
     return run
 
 
@@ -208,6 +211,7 @@ def save(run):
              "config": dataclasses.asdict(run.cfg)}
     run.reporter.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
+    run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
 
 def fit(run):
@@ -264,6 +268,7 @@ def fit(run):
                                                  "tokens_per_sec": tokens_per_sec, "mfu": running_mfu * 100})
         run.iter_num += 1
         local_iter_num += 1
+    run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads still in flight
     acc.end_training()
     return run
 
