@@ -22,8 +22,9 @@ def write_model_card(folder, trainer_state):
 
 def render(trainer_state):
     cfg = trainer_state["config"]
+    dataset = os.path.basename(os.path.normpath(cfg["data_dir"])) if cfg.get("data_dir") else cfg["dataset"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
-                         tags=["gpt2", "gpt-train", cfg["dataset"]])
+                         tags=["gpt2", "gpt-train", dataset])
     best = trainer_state["best_val_loss"]
     best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
     shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
@@ -34,12 +35,12 @@ def render(trainer_state):
 
 # {os.path.basename(os.path.abspath(cfg["out_dir"]))}
 
-A GPT-2 ({shape}) {source} on the `{cfg["dataset"]}` dataset with gpt-train
+A GPT-2 ({shape}) {source} on the `{dataset}` dataset with gpt-train
 (nanoGPT's training recipe on the Hugging Face stack).
 
 | at this checkpoint | |
 | --- | --- |
-| dataset | `{cfg["dataset"]}` |
+| dataset | `{dataset}` |
 | iteration | {trainer_state["iter_num"]:,} |
 | tokens seen | {trainer_state["tokens_seen"]:,} |
 | best val loss | {best_text} |
