@@ -28,7 +28,8 @@ def render(trainer_state):
     best = trainer_state["best_val_loss"]
     best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
     shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
-    source = "trained from scratch" if cfg["init_from"] in ("scratch", "resume") else f"fine-tuned from {cfg['init_from']}"
+    source = {"scratch": "trained from scratch", "resume": "trained (a resumed run)"}.get(
+        cfg["init_from"], f"fine-tuned from {cfg['init_from']}")
     return f"""---
 {data.to_yaml()}
 ---

@@ -92,8 +92,8 @@ def setup(cfg):
         checkpoint.load_training_state(accelerator, cfg.out_dir)
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
+    run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)  # no token: stop now
     _start_logging(run, device, n_proc)
-    run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)
     return run
 
 
