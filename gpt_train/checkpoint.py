@@ -32,6 +32,7 @@ from accelerate import PartialState
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
+from gpt_train.model_card import write_model_card
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -65,6 +66,7 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
             accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
             hf_logging.enable_progress_bar()
             tokenizer.save_pretrained(staging)
+            write_model_card(staging, trainer_state)
             manifest = {"files": _manifest(staging)}
             _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
             _flush_tree(staging)

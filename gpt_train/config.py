@@ -20,6 +20,7 @@ import sys
 from dataclasses import dataclass, field, fields
 
 from gpt_train.errors import UserError
+from gpt_train.hub import HUB_STRATEGIES, check_repo_id
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -42,6 +43,11 @@ class TrainConfig:
     wandb_log: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("owt", "wandb project")
     wandb_run_name: str = setting("gpt2", "wandb run name")
+    # publishing, with TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting
+    push_to_hub: bool = setting(False, "upload the model folder to the Hugging Face Hub")
+    hub_model_id: str = setting("", "the Hub repository, 'user/name'; required with push_to_hub")
+    hub_private_repo: bool = setting(False, "create the repository as private")
+    hub_strategy: str = setting("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
     # data and batching
     dataset: str = setting("openwebtext", "name of the prepared dataset under data/")
     data_dir: str = setting("", "folder with train.bin and val.bin; empty means data/<dataset>")
@@ -113,6 +119,12 @@ class TrainConfig:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.out_dir:
             raise UserError("out_dir must not be empty")
+        if self.hub_strategy not in HUB_STRATEGIES:
+            raise UserError(f"hub_strategy must be one of {', '.join(HUB_STRATEGIES)}, got {self.hub_strategy!r}")
+        if self.push_to_hub:
+            if not self.hub_model_id:
+                raise UserError("push_to_hub=True needs hub_model_id: say where to push, --hub_model_id=user/name")
+            check_repo_id(self.hub_model_id)
         return self
 
     @property
@@ -125,11 +137,15 @@ class TrainConfig:
         args["report_to"] = ["wandb"] if self.wandb_log else []
         args["bf16"] = self.dtype == "bfloat16"
         args["fp16"] = self.dtype == "float16"
+        args.update({name: getattr(self, name) for name in HUB_SETTINGS})
         return args
 
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2)
 
+
+# Settings that have TrainingArguments' names already.
+HUB_SETTINGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy")
 
 # TrainingArguments names that mean exactly one of our settings.
 FIELD_ALIASES = {

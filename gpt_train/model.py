@@ -33,6 +33,10 @@ GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medi
 HUB_FILES = ["*.json", "*.safetensors", "*.txt"]  # config, weights, tokenizer
 HUB_TIMEOUT_S = 10  # per request: an unreachable Hub fails in seconds rather than hanging
 
+# nanoGPT sample.py's sampling, saved as each model's generation defaults so that `pipeline()` and
+# `generate` sample like sample.py does unless told otherwise.
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 200}
+
 
 def build_model(cfg, vocab_size, tokenizer):
     """A freshly initialised GPT-2 shaped by the settings."""
@@ -58,9 +62,29 @@ def build_model(cfg, vocab_size, tokenizer):
 def ready_for_training(model, dropout):
     """What every model needs before training, built here or loaded from a folder."""
     model.loss_type = "ForCausalLM"  # the class name does not say so, and transformers warns
+    set_generation_defaults(model)
     set_dropout(model, dropout)
     _freeze_biases_if_unused(model)
     return model
+
+
+def set_generation_defaults(model):
+    """Fill the generation settings the model leaves open, so its folder samples sensibly anywhere.
+
+    The default length is half the context, so a prompt of up to the other half fits: the
+    text-generation pipeline's own default of 256 new tokens runs past a small model's position
+    table (an IndexError). It is max_new_tokens, not max_length, because a saved max_length makes
+    every call that passes max_new_tokens warn that both are set. A model with an end-of-text
+    token pads with it; a char model has none and runs to the requested length.
+    """
+    generation = model.generation_config
+    for name, value in SAMPLING_DEFAULTS.items():
+        if getattr(generation, name) is None:
+            setattr(generation, name, value)
+    if generation.max_length is None and generation.max_new_tokens is None:
+        generation.max_new_tokens = model.config.n_positions // 2
+    if generation.pad_token_id is None and generation.eos_token_id is not None:
+        generation.pad_token_id = generation.eos_token_id
 
 
 def _freeze_biases_if_unused(model):

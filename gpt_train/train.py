@@ -23,6 +23,7 @@ from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.hub import HubPusher
 from gpt_train.metrics import Reporter
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizer, peak_flops,
@@ -60,6 +61,7 @@ class Run:
     tracker_run_id: str | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
+    hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
 
 
 def setup(cfg):
@@ -99,6 +101,7 @@ def setup(cfg):
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
         run.skipped_steps = saved.get("skipped_steps", 0)
+    run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)  # no token: stop now
     _start_logging(run, device, n_proc)
     return run
 
@@ -235,6 +238,7 @@ def save(run):
              "config": dataclasses.asdict(run.cfg)}
     run.reporter.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
+    run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
 
 def fit(run):
@@ -317,6 +321,7 @@ def fit(run):
             report.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                          "continue with --init_from=resume")
             break
+    run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads still in flight
     if not cfg.eval_only:
         progress.summary(run.iter_num)
     acc.end_training()

@@ -1,0 +1,140 @@
+"""Publishing model folders to the Hugging Face Hub: from a training run, in the background, or once.
+
+What goes up is the model part of a checkpoint folder: its top-level files (config.json,
+model.safetensors, generation_config.json, tokenizer files, the README.md model card,
+training_config.json), never training_state/ (optimizer state is large and only resuming
+needs it), metrics.jsonl or half-written files. Each push uploads a snapshot taken when it is
+queued (hard links, or copies where linking fails): checkpoints replace their files with new
+ones (gpt_train.checkpoint moves them into place), so a later save cannot change what an
+upload in flight reads.
+
+The token is huggingface_hub's business: HfApi finds it in HF_TOKEN or the stored login
+(`hf auth login`). gpt-train never reads it into a setting, prints it, logs it or writes it.
+
+Not here: writing the folder (gpt_train.checkpoint, gpt_train.model_card).
+"""
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from gpt_train.errors import UserError
+
+HUB_STRATEGIES = ("end", "every_save")
+NOT_PUBLISHED = {"metrics.jsonl"}  # the run's log, not part of the model
+SNAPSHOT_PREFIX = ".hub-upload-"  # inside out_dir, so hard links stay on one file system
+
+
+def check_repo_id(repo_id):
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"{repo_id!r} is not a Hub repository id ({e}): write it as 'user/name'") from None
+
+
+def check_login():
+    """Fail before training rather than after it: an upload without a token cannot work."""
+    if get_token() is None:
+        raise UserError("pushing to the Hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
+
+
+def check_model_folder(folder):
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} does not exist: give the out_dir of a training run")
+    missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise UserError(f"{folder} is not a model folder ({', '.join(missing)} missing): "
+                        "nothing to push; train until a checkpoint is saved")
+
+
+def published_files(folder):
+    """The files of `folder` that make the published model: top-level, finished, not the log."""
+    return sorted(name for name in os.listdir(folder)
+                  if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")
+                  and name not in NOT_PUBLISHED and not name.endswith(".tmp"))
+
+
+def snapshot(folder):
+    """A private copy of the published files that later saves into `folder` cannot touch."""
+    copy = tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=folder)
+    for name in published_files(folder):
+        src, dst = os.path.join(folder, name), os.path.join(copy, name)
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    return copy
+
+
+def upload(folder, repo_id, private, commit_message):
+    """Create the repo if needed and commit `folder` to it; returns the commit's URL."""
+    api = HfApi()  # its token: HF_TOKEN or the stored login
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
+
+
+def _upload_snapshot(copy, repo_id, private, commit_message):
+    try:
+        return upload(copy, repo_id, private, commit_message)
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+class HubPusher:
+    """A training run's uploads: queued after saves, run one at a time in a background thread.
+
+    Inactive (every call a no-op) unless push_to_hub is set, and on every process but the main
+    one. A failed upload is printed as a warning and training goes on; `finish` waits for the
+    queue and reports each upload's result.
+    """
+
+    def __init__(self, cfg, is_main_process, report):
+        self.active = cfg.push_to_hub and is_main_process
+        if self.active:
+            check_login()
+        self.cfg, self.report = cfg, report
+        self.pending = []
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hub-upload") if self.active else None
+
+    def after_save(self, out_dir, iter_num):
+        if self.active and self.cfg.hub_strategy == "every_save":
+            self._queue(out_dir, f"Training in progress, iteration {iter_num}")
+
+    def finish(self, out_dir, iter_num):
+        """Push the final folder ('end'), then wait for every upload and report how each went."""
+        if not self.active:
+            return
+        if self.cfg.hub_strategy == "end":
+            if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+                self._queue(out_dir, f"End of training, iteration {iter_num}")
+            else:
+                self.report(f"warning: no checkpoint in {out_dir}, nothing pushed to {self.cfg.hub_model_id}")
+        if self.pending:
+            self.report(f"waiting for {len(self.pending)} upload(s) to {self.cfg.hub_model_id}")
+        for message, future in self.pending:
+            error = future.exception()
+            if error is None:
+                self.report(f"pushed '{message}' to the Hub: {future.result()}")
+            else:
+                self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed: {_describe(error)}")
+        self.pending = []
+        self.executor.shutdown()
+
+    def _queue(self, out_dir, message):
+        future = self.executor.submit(_upload_snapshot, snapshot(out_dir), self.cfg.hub_model_id,
+                                      self.cfg.hub_private_repo, message)
+        future.add_done_callback(lambda f: self._warn_if_failed(message, f))
+        self.pending.append((message, future))
+
+    def _warn_if_failed(self, message, future):
+        if future.exception() is not None:  # said at once; training goes on regardless
+            self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed "
+                        f"({_describe(future.exception())}); training continues")
+
+
+def _describe(error):
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

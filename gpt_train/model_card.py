@@ -1,0 +1,64 @@
+"""The model card (README.md) written into every checkpoint folder, for people and for the Hub.
+
+It says what the folder holds and how it was made: the dataset, the training progress at
+this checkpoint (iteration, tokens seen, best val loss) and the resolved training settings,
+with Hub metadata so the Hub lists it as a transformers text-generation model.
+
+Not here: writing the rest of the folder (gpt_train.checkpoint) or uploading it (gpt_train.hub).
+"""
+import json
+import math
+import os
+
+from huggingface_hub import ModelCard, ModelCardData
+
+CARD_FILE = "README.md"
+
+
+def write_model_card(folder, trainer_state):
+    """Write folder/README.md from the trainer state (iter_num, tokens_seen, best_val_loss, config)."""
+    ModelCard(render(trainer_state)).save(os.path.join(folder, CARD_FILE))
+
+
+def render(trainer_state):
+    cfg = trainer_state["config"]
+    dataset = os.path.basename(os.path.normpath(cfg["data_dir"])) if cfg.get("data_dir") else cfg["dataset"]
+    data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
+                         tags=["gpt2", "gpt-train", dataset])
+    best = trainer_state["best_val_loss"]
+    best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
+    shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
+    source = {"scratch": "trained from scratch", "resume": "trained (a resumed run)"}.get(
+        cfg["init_from"], f"fine-tuned from {cfg['init_from']}")
+    return f"""---
+{data.to_yaml()}
+---
+
+# {os.path.basename(os.path.abspath(cfg["out_dir"]))}
+
+A GPT-2 ({shape}) {source} on the `{dataset}` dataset with gpt-train
+(nanoGPT's training recipe on the Hugging Face stack).
+
+| at this checkpoint | |
+| --- | --- |
+| dataset | `{dataset}` |
+| iteration | {trainer_state["iter_num"]:,} |
+| tokens seen | {trainer_state["tokens_seen"]:,} |
+| best val loss | {best_text} |
+
+## Use
+
+```python
+from transformers import pipeline
+generator = pipeline("text-generation", model="path/or/hub-id/of/this/folder")
+print(generator("ROMEO:", max_new_tokens={cfg["block_size"] // 2})[0]["generated_text"])
+```
+
+The folder's generation defaults sample as nanoGPT's sample.py does (temperature 0.8, top_k 200).
+
+## Training settings
+
+```json
+{json.dumps(cfg, indent=2)}
+```
+"""

@@ -1,0 +1,174 @@
+"""Pushing to the Hub, tested at the huggingface_hub API boundary (the Hub itself is unreachable here).
+
+HfApi.create_repo and HfApi.upload_folder are replaced by recorders; everything on our side of
+them (settings, the training loop, snapshots, the background thread, the push command) is real.
+"""
+import os
+import threading
+
+import httpx
+import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoModelForCausalLM
+
+from conftest import run_script
+from gpt_train import push
+from gpt_train.config import load_config
+from gpt_train.errors import UserError
+from gpt_train.hub import HubPusher
+from gpt_train.train import train
+
+TOKEN = "hf_secretTOKENthatmustneverbewritten0123"
+PUBLISHED = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+             "tokenizer_config.json", "training_config.json"}
+
+
+class FakeHub:
+    """Records what reaches huggingface_hub: calls, threads, and the files each upload would send."""
+
+    def __init__(self, fail=False, gate=None):
+        self.calls, self.fail, self.gate = [], fail, gate
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs, threading.current_thread().name))
+
+    def upload_folder(self, api, *, repo_id, folder_path, commit_message, **kwargs):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        files = {}
+        for name in os.listdir(folder_path):
+            with open(os.path.join(folder_path, name), "rb") as f:
+                files[name] = f.read()
+        self.calls.append(("upload_folder", repo_id, commit_message, files, threading.current_thread().name))
+        if self.fail:
+            request = httpx.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
+            raise HfHubHTTPError("503 Server Error: Service Unavailable", response=httpx.Response(503, request=request))
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
+        return Commit()
+
+    def uploads(self):
+        return [c for c in self.calls if c[0] == "upload_folder"]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
+    return fake
+
+
+def tiny_push_run(tiny_run, *extra):
+    out_dir, args = tiny_run
+    return out_dir, train(load_config([*args, "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
+                                       "--always_save_checkpoint=True", "--push_to_hub=True",
+                                       "--hub_model_id=someone/tiny-shakespeare", *extra]))
+
+
+def test_every_save_pushes_each_checkpoint_from_a_background_thread_and_never_the_token(tiny_run, hub, capsys):
+    out_dir, _ = tiny_push_run(tiny_run, "--hub_strategy=every_save", "--hub_private_repo=True")
+    uploads = hub.uploads()
+    assert [u[2] for u in uploads] == ["Training in progress, iteration 3", "Training in progress, iteration 6"]
+    assert all(u[1] == "someone/tiny-shakespeare" and u[4].startswith("hub-upload") for u in uploads)
+    assert all(set(u[3]) == PUBLISHED for u in uploads)  # no training_state/, metrics.jsonl or staging
+    creates = [c for c in hub.calls if c[0] == "create_repo"]
+    assert creates and all(c[1] == "someone/tiny-shakespeare" and c[2]["private"] is True for c in creates)
+    with open(os.path.join(out_dir, "model.safetensors"), "rb") as f:
+        assert uploads[-1][3]["model.safetensors"] == f.read()
+    assert b"| iteration | 3 |" in uploads[0][3]["README.md"] and b"| iteration | 6 |" in uploads[1][3]["README.md"]
+    printed = capsys.readouterr().out
+    assert "pushed 'Training in progress, iteration 6' to the Hub: https://huggingface.co/someone/tiny-shakespeare" in printed
+    assert not [n for n in os.listdir(out_dir) if n.startswith(".")]  # snapshots cleaned up
+    assert_token_absent(out_dir, printed, uploads)
+
+
+def assert_token_absent(out_dir, printed, uploads):
+    """HF_TOKEN (set by the `hub` fixture) is in no file of out_dir, not in the log, not uploaded."""
+    assert TOKEN not in printed
+    for root, _, names in os.walk(out_dir):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert TOKEN.encode() not in f.read(), os.path.join(root, name)
+    assert all(TOKEN.encode() not in content for u in uploads for content in u[3].values())
+
+
+def test_end_strategy_pushes_once_after_training(tiny_run, hub):
+    tiny_push_run(tiny_run, "--hub_strategy=end")
+    assert [u[2] for u in hub.uploads()] == ["End of training, iteration 6"]
+
+
+def test_failed_upload_is_a_warning_and_the_run_and_checkpoint_survive(tiny_run, hub, capsys):
+    hub.fail = True
+    out_dir, run = tiny_push_run(tiny_run, "--hub_strategy=every_save")
+    assert run.iter_num == 6 and len(hub.uploads()) == 2
+    printed = capsys.readouterr().out
+    assert "warning: upload 'Training in progress, iteration 3' to someone/tiny-shakespeare failed" in printed
+    assert "503 Server Error" in printed and "step 6: train loss" in printed
+    assert AutoModelForCausalLM.from_pretrained(out_dir).config.n_layer == 2  # local checkpoint intact
+
+
+def test_upload_sends_the_snapshot_taken_at_save_time(tmp_path, hub):
+    """A later save replacing files (as checkpoints do) cannot change an upload already queued."""
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).write_text(f"{name} v1")
+    (folder / "metrics.jsonl").write_text("{}")
+    hub.gate = threading.Event()
+    cfg = load_config(["--push_to_hub=True", "--hub_model_id=someone/x"])
+    pusher = HubPusher(cfg, is_main_process=True, report=lambda *a: None)
+    pusher.after_save(str(folder), 1)
+    (folder / "model.safetensors.tmp").write_text("model.safetensors v2")
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    hub.gate.set()
+    pusher.finish(str(folder), 1)
+    assert hub.uploads()[0][3] == {"config.json": b"config.json v1", "model.safetensors": b"model.safetensors v1"}
+
+
+def test_only_the_main_process_pushes(tmp_path, hub):
+    cfg = load_config(["--push_to_hub=True", "--hub_model_id=someone/x", "--hub_strategy=end"])
+    pusher = HubPusher(cfg, is_main_process=False, report=print)
+    pusher.after_save(str(tmp_path), 1)
+    pusher.finish(str(tmp_path), 1)
+    assert hub.calls == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--push_to_hub=True"], "push_to_hub=True needs hub_model_id"),
+    (["--hub_strategy=checkpoint"], "hub_strategy must be one of end, every_save, got 'checkpoint'"),
+    (["--push_to_hub=True", "--hub_model_id=not a repo"], "'not a repo' is not a Hub repository id"),
+    (["--hub_token=hf_abc"], "unknown setting 'hub_token'"),
+])
+def test_hub_settings_are_validated(args, message):
+    with pytest.raises(UserError) as raised:
+        load_config(args)
+    assert str(raised.value).startswith(message) and "hf_abc" not in str(raised.value)
+
+
+def test_push_without_a_token_stops_before_training(tiny_run, monkeypatch, tmp_path):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("gpt_train.hub.get_token", lambda: None)  # huggingface_hub finds no login either
+    with pytest.raises(UserError, match="needs a Hugging Face token"):
+        tiny_push_run(tiny_run)
+
+
+def test_push_command_uploads_a_trained_folder(tiny_run, hub, capsys):
+    out_dir, args = tiny_run
+    train(load_config([*args, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
+    push.main([out_dir, "someone/pushed", "--private"])
+    (upload,) = hub.uploads()
+    assert upload[1:3] == ("someone/pushed", push.COMMIT_MESSAGE) and set(upload[3]) == PUBLISHED
+    assert [c[1:3] for c in hub.calls if c[0] == "create_repo"] == [("someone/pushed", {"private": True, "exist_ok": True})]
+    assert "pushed " + out_dir + " to https://huggingface.co/someone/pushed/commit/abc123" in capsys.readouterr().out
+
+
+def test_push_command_errors_are_one_line(tmp_path):
+    result = run_script("-m", "gpt_train.push", str(tmp_path / "missing"), "someone/x", check=False)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"error: {tmp_path / 'missing'} does not exist")
+    with pytest.raises(UserError, match="is not a model folder"):
+        push.push(str(tmp_path), "someone/x")
