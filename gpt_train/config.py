@@ -43,11 +43,6 @@ class TrainConfig:
     wandb_log: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("owt", "wandb project")
     wandb_run_name: str = setting("gpt2", "wandb run name")
-    # publishing, with TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting
-    push_to_hub: bool = setting(False, "upload the model folder to the Hugging Face Hub")
-    hub_model_id: str = setting("", "the Hub repository, 'user/name'; required with push_to_hub")
-    hub_private_repo: bool = setting(False, "create the repository as private")
-    hub_strategy: str = setting("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
     # data and batching
     dataset: str = setting("openwebtext", "name of the prepared dataset under data/")
     data_dir: str = setting("", "folder with train.bin and val.bin; empty means data/<dataset>")
@@ -83,6 +78,12 @@ class TrainConfig:
     device: str = setting("auto", "'auto' picks cuda, then mps, then cpu; or name one")
     dtype: str = setting("auto", "'auto' is bfloat16 where supported, else float32; or float32/bfloat16/float16")
     compile: bool = setting(True, "torch.compile the model")
+
+    # hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)
+    push_to_hub: bool = setting(False, "upload the model folder to the Hugging Face Hub")
+    hub_model_id: str = setting("", "the Hub repository, 'user/name'; required with push_to_hub")
+    hub_private_repo: bool = setting(False, "create the repository as private")
+    hub_strategy: str = setting("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
 
     # Names given a value by a preset or the command line (load_config fills it in). Not a
     # field: a loaded model's shape overrides only the settings nobody chose.
