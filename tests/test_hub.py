@@ -21,7 +21,7 @@ from gpt_train.train import train
 
 TOKEN = "hf_secretTOKENthatmustneverbewritten0123"
 PUBLISHED = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-             "tokenizer_config.json", "training_config.json"}
+             "tokenizer_config.json", "training_config.json", "loss.png"}
 
 
 class FakeHub:

@@ -166,7 +166,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_
     with pytest.raises(NonFiniteLoss, match="loss is nan at iteration 1: stopping"):
         train(load_config(blow_up))
     after = tree_digest(out_dir)
-    for path in ("metrics.jsonl", "training_config.json"):  # the new run's log, not the checkpoint
+    for path in ("metrics.jsonl", "loss.png", "training_config.json"):  # the new run's log and chart
         path = os.path.join(out_dir, path)
         before.pop(path), after.pop(path)
     assert after == before

@@ -82,7 +82,7 @@ def test_model_card_names_dataset_progress_and_settings(char_model):
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "| dataset | `shakespeare_char` |" in card.text  # the --data_dir folder the bins came from
     assert state["iter_num"] == 20 and f"| iteration | {state['iter_num']:,} |" in card.text
-    assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text and state["tokens_seen"] == 20 * 40 * 4 * BLOCK
+    assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text and state["tokens_seen"] == 20 * 4 * BLOCK  # 20 iterations of 1 x 4 x 32
     assert f"| best val loss | {state['best_val_loss']:.4f} |" in card.text
     settings = json.loads(card.text.split("```json")[1].split("```")[0])
     assert settings == state["config"] and settings["n_embd"] == 32
