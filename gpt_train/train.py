@@ -69,6 +69,7 @@ def setup(cfg):
     device = state.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
+    mixed_precision = _mixed_precision(cfg, device)  # a dtype the device lacks fails before any loading
     n_proc = state.num_processes
     micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, n_proc)
 
@@ -78,7 +79,7 @@ def setup(cfg):
     check_token_ids(bins, model.config.vocab_size)
 
     accelerator = Accelerator(
-        mixed_precision=_mixed_precision(cfg, device),
+        mixed_precision=mixed_precision,
         gradient_accumulation_steps=micro_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         log_with="wandb" if cfg.wandb_log else None,
@@ -257,21 +258,8 @@ def fit(run):
 
         # evaluate the loss on train/val sets and write checkpoints
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
-            losses = evaluate(run)
-            perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
-            report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            if cfg.eval_only:
-                report.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
-            report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
-                                                "train/perplexity": perplexity["train"],
-                                                "val/perplexity": perplexity["val"],
-                                                "lr": lr, "mfu": running_mfu * 100})
-            check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
+            evaluate_and_checkpoint(run, lr, running_mfu)
             plot.update()
-            if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
-                run.best_val_loss = min(run.best_val_loss, losses["val"])
-                if run.iter_num > 0 and not cfg.eval_only:
-                    save(run)
         if cfg.eval_only or run.iter_num >= cfg.max_iters:
             break
 
@@ -326,6 +314,24 @@ def fit(run):
         progress.summary(run.iter_num)
     acc.end_training()
     return run
+
+
+def evaluate_and_checkpoint(run, lr, running_mfu):
+    """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
+    cfg, report = run.cfg, run.reporter
+    losses = evaluate(run)
+    perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
+    report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    if cfg.eval_only:
+        report.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
+    report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
+                                        "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
+                                        "lr": lr, "mfu": running_mfu * 100})
+    check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
+    if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
+        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        if run.iter_num > 0 and not cfg.eval_only:
+            save(run)
 
 
 def check_finite(run, loss, what):

@@ -73,8 +73,10 @@ def tiny_run(char_data, tmp_path):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerate_state():
-    """In-process runs must not inherit the previous test's Accelerator singleton."""
+    """In-process runs must not inherit the previous test's Accelerator singleton or wandb setup."""
     yield
+    if "wandb" in sys.modules:  # wandb keeps its settings (WANDB_DIR) process-wide between runs
+        sys.modules["wandb"].teardown()
     from accelerate.state import AcceleratorState, GradientState, PartialState
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
