@@ -16,6 +16,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from conftest import run_script
 from gpt_train.convert import from_nanogpt, load_nanogpt_checkpoint, main, to_nanogpt
+from gpt_train.data import read_meta
 from gpt_train.errors import UserError
 
 TOLERANCE = 1e-5
@@ -129,8 +130,7 @@ def test_nanogpt_checkpoint_converts_with_matching_logits_and_back(tmp_path, bia
     again.load_state_dict(saved["model"], strict=True)  # nanoGPT's names and shapes exactly
     with torch.no_grad():
         assert (again(idx) - expected).abs().max() < TOLERANCE
-    with open(os.path.join(os.path.dirname(back), "meta.pkl"), "rb") as f:
-        meta = pickle.load(f)  # written by to_nanogpt in this test: trusted
+    meta = read_meta(os.path.dirname(back))  # plain data: our safe unpickler reads it
     assert meta["stoi"]["!"] == 1 and meta["itos"][1] == "!" and meta["vocab_size"] == 65
 
 
