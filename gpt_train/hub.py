@@ -2,7 +2,7 @@
 
 What goes up is the model part of a checkpoint folder: its top-level files (config.json,
 model.safetensors, generation_config.json, tokenizer files, the README.md model card,
-training_config.json), never training_state/ (optimizer state is large and only resuming
+training_config.json, loss.png), never training_state/ (optimizer state is large and only resuming
 needs it), metrics.jsonl or half-written files. Each push uploads a snapshot taken when it is
 queued (hard links, or copies where linking fails): checkpoints replace their files with new
 ones (gpt_train.checkpoint moves them into place), so a later save cannot change what an
