@@ -22,6 +22,7 @@ from transformers.utils import logging as hf_logging
 
 from gpt_train.config import DTYPES, load_config, setting
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 FILE_PREFIX = "FILE:"
@@ -171,9 +172,9 @@ def model_source(cfg):
             raise UserError(f"{cfg.out_dir} is not a model folder (no config.json): point --out_dir at a "
                             "folder written by train.py or save_pretrained")
         return cfg.out_dir
-    if cfg.init_from.startswith("gpt2") and not os.path.isdir(cfg.init_from):
-        return f"openai-community/{cfg.init_from}"
-    return cfg.init_from
+    if os.path.isdir(cfg.init_from):
+        return cfg.init_from
+    return GPT2_HUB_IDS.get(cfg.init_from, cfg.init_from)
 
 
 def resolve_device(name):
@@ -218,6 +219,8 @@ def load_generator(cfg):
     source = model_source(cfg)
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if not os.path.exists(source) and not source.startswith((".", "/", "~")):
+        source = pretrained_folder(source)  # a Hub id: the cached snapshot, or a fast, clear offline failure
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)

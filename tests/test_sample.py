@@ -2,6 +2,7 @@
 import io
 import json
 import os
+import time
 
 import pytest
 import torch
@@ -172,3 +173,14 @@ def test_sample_mistakes_are_user_errors(char_model, args, message):
 def test_characters_outside_a_char_vocabulary_are_named(char_model):
     with pytest.raises(UserError, match="vocabulary has no '€'"):
         draw(char_model, "--start=ROMEO€:", "--num_samples=1")
+
+
+def test_sampling_a_hub_model_without_network_fails_fast_with_one_line(tmp_path):
+    from test_pretrained import CLOSED_PORT_HUB
+    start = time.monotonic()
+    result = run_script("sample.py", "--init_from=gpt2", "--num_samples=1", check=False,
+                        env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": CLOSED_PORT_HUB})
+    assert time.monotonic() - start < 30
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert result.stderr.startswith("error: could not get openai-community/gpt2 from the Hugging Face Hub")
