@@ -11,19 +11,13 @@ random val_fraction of which becomes val (as nanoGPT splits OpenWebText). GPT-2 
 each document with <|endoftext|>. Writes train.bin, val.bin and the tokenizer (plus
 nanoGPT's meta.pkl for characters) into data/<name>/, then train with --dataset=<name>.
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.errors import exit_on_user_error  # noqa: E402
-from gpt_train.prepare import prepare_corpus  # noqa: E402
-
-
-@exit_on_user_error
-def main(argv):
-    prepare_corpus(argv)
-
+from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare custom`)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["custom", *sys.argv[1:]])

@@ -8,19 +8,13 @@ val.bin without ever holding the corpus in memory. `--source` takes local files 
 
     python data_prep/openwebtext/prepare.py [--num_proc=8] [--source=openwebtext]
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.errors import exit_on_user_error  # noqa: E402
-from gpt_train.prepare import OpenWebTextConfig, prepare_corpus  # noqa: E402
-
-
-@exit_on_user_error
-def main(argv):
-    prepare_corpus(argv, OpenWebTextConfig)
-
+from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare openwebtext`)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["openwebtext", *sys.argv[1:]])

@@ -6,19 +6,13 @@ tokenizer is saved next to the bins. The text and the BPE files ship with the re
 
     python data_prep/shakespeare/prepare.py [--out_dir=data/shakespeare]
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.errors import exit_on_user_error  # noqa: E402
-from gpt_train.prepare import ShakespeareConfig, prepare_corpus  # noqa: E402
-
-
-@exit_on_user_error
-def main(argv):
-    prepare_corpus(argv, ShakespeareConfig)
-
+from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare shakespeare`)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["shakespeare", *sys.argv[1:]])

@@ -6,19 +6,13 @@ network is needed.
 
     python data_prep/shakespeare_char/prepare.py [--out_dir=data/shakespeare_char]
 """
+
 import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.errors import exit_on_user_error  # noqa: E402
-from gpt_train.prepare import prepare_char_dataset  # noqa: E402
-
-
-@exit_on_user_error
-def main(argv):
-    prepare_char_dataset("shakespeare_char", argv)
-
+from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare shakespeare_char`)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main(["shakespeare_char", *sys.argv[1:]])
