@@ -10,7 +10,6 @@ tokens/s and MFU, and their ratio.
     python benchmarks/gpu_gpt2.py                      # on a CUDA machine
     python benchmarks/gpu_gpt2.py --small=True         # a CPU smoke run at toy size, uncompiled
 """
-import math
 import os
 import statistics
 import sys

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from conftest import read_metrics, run_script
