@@ -32,6 +32,7 @@ from accelerate import PartialState
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
+from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
@@ -60,10 +61,10 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     try:
         accelerator.save_state(os.path.join(staging, STATE_DIR))
         accelerator.wait_for_everyone()  # every process's files are written before they are listed
-        state_dict = accelerator.get_state_dict(model)  # gathers a full state dict under FSDP
+        state_dict = _full_state_dict(accelerator, model)
         if accelerator.is_main_process:
             hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
-            accelerator.unwrap_model(model).save_pretrained(staging, state_dict=state_dict)
+            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(staging, state_dict=state_dict)
             hf_logging.enable_progress_bar()
             tokenizer.save_pretrained(staging)
             write_model_card(staging, trainer_state)
@@ -84,6 +85,18 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
         _hang_for_tests("committed", trainer_state)
         _move_into_place(committed, out_dir, trainer_state)
     accelerator.wait_for_everyone()
+
+
+def _full_state_dict(accelerator, model):
+    """The whole model's weights under their transformers names (on the main process at least).
+
+    Accelerate gathers the shards under FSDP, but a compiled model's names keep torch.compile's
+    `_orig_mod.` prefix, which from_pretrained would not recognise: it would load random weights.
+    """
+    state_dict = accelerator.get_state_dict(model)
+    if state_dict is None:  # FSDP1 gathers onto rank 0 only
+        return None
+    return {name.removeprefix(COMPILED_PREFIX): tensor for name, tensor in state_dict.items()}
 
 
 def recover(out_dir):

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.model import COMPILED_PREFIX  # nanoGPT strips it on resume, so do we
 
-COMPILE_PREFIX = "_orig_mod."  # torch.compile's wrapper: nanoGPT strips it on resume, so do we
 LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CAUSAL_MASK = ".attn.bias"  # nanoGPT's mask buffer, present when it ran without flash attention
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
@@ -79,8 +79,8 @@ def nanogpt_to_hf_state_dict(state_dict, hf_keys, bias):
     """Rename, transpose and fill in biases; `hf_keys` are the GPT-2 model's state dict keys."""
     weights = {}
     for name, tensor in state_dict.items():
-        while name.startswith(COMPILE_PREFIX):
-            name = name[len(COMPILE_PREFIX):]
+        while name.startswith(COMPILED_PREFIX):
+            name = name[len(COMPILED_PREFIX):]
         if name.endswith(CAUSAL_MASK):
             continue
         weights[name] = tensor.t().contiguous() if name.endswith(LINEAR_WEIGHTS) else tensor

@@ -36,6 +36,7 @@ HUB_TIMEOUT_S = 10  # per request: an unreachable Hub fails in seconds rather th
 # nanoGPT sample.py's sampling, saved as each model's generation defaults so that `pipeline()` and
 # `generate` sample like sample.py does unless told otherwise.
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.8, "top_k": 200}
+COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper puts it before every parameter name
 
 
 def build_model(cfg, vocab_size, tokenizer):
