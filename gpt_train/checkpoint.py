@@ -29,6 +29,7 @@ import shutil
 import time
 
 from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
@@ -47,6 +48,7 @@ OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
 HASHED_FILES = MODEL_FILES  # replaced one by one in out_dir, so a mix must be detectable
 HASH_CHUNK = 16 << 20
+FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
 # Test-only: "<phase>:<iter_num>" makes the save of that iteration stop at that phase until killed.
 HANG_IN_SAVE_ENV = "GPT_TRAIN_TEST_HANG_IN_SAVE"
 
@@ -157,12 +159,32 @@ def read_trainer_state(out_dir):
 
 def load_training_state(accelerator, out_dir):
     """Model, optimizer, scheduler, scaler and RNG states, or a clear error if they will not load."""
+    _check_sharding_matches(accelerator, out_dir)
     try:
         accelerator.load_state(os.path.join(out_dir, STATE_DIR))
     except Exception as e:  # torch and safetensors raise many types for a damaged file
         reason = str(e).split(". ")[0].splitlines()[0] if str(e) else ""  # torch's messages run long
         raise UserError(f"the training state in {os.path.join(out_dir, STATE_DIR)} cannot be loaded "
                         f"({type(e).__name__}: {reason}): the checkpoint is corrupt or from another model") from None
+
+
+def _check_sharding_matches(accelerator, out_dir):
+    """FSDP and DDP write the model and optimizer state in different files: say which to run.
+
+    Under FSDP the process count may change (torch.distributed.checkpoint reshards on load).
+    """
+    state_dir = os.path.join(out_dir, STATE_DIR)
+    saved_by_fsdp = any(name.startswith(FSDP_MODEL_STATE) for name in os.listdir(state_dir))
+    running_fsdp = accelerator.distributed_type == DistributedType.FSDP
+    if saved_by_fsdp and not running_fsdp:
+        raise UserError(f"{state_dir} was saved by FSDP: resume it under FSDP, with any number of processes "
+                        "(accelerate launch --config_file accelerate_configs/fsdp_8xa100.yaml --num_processes N "
+                        f"train.py ...), or start a new run from its weights with --init_from={out_dir} "
+                        "--out_dir=NEW_DIR")
+    if running_fsdp and not saved_by_fsdp:
+        raise UserError(f"{state_dir} was saved without FSDP: resume it without FSDP (plain python train.py or "
+                        f"a DDP config), or start a new FSDP run from its weights with --init_from={out_dir} "
+                        "--out_dir=NEW_DIR")
 
 
 def write_run_config(out_dir, cfg_json):

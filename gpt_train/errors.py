@@ -18,7 +18,10 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
+            # one write: under accelerate launch every process reports, and separate writes of
+            # text and newline from two processes would run their lines together
+            sys.stderr.write(f"error: {e}\n")
+            sys.stderr.flush()
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

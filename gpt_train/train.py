@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import TorchDynamoPlugin, set_seed
+from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
 
 from gpt_train import checkpoint
 from gpt_train.config import load_config
@@ -84,6 +84,7 @@ def setup(cfg):
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         log_with="wandb" if cfg.wandb_log else None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+        fsdp_plugin=_fsdp_plugin(mixed_precision),
     )
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     if cfg.gradient_checkpointing:
@@ -145,6 +146,23 @@ def _mixed_precision(cfg, device):
     if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
     return PRECISION[cfg.dtype]
+
+
+def _fsdp_plugin(mixed_precision):
+    """The launch config's FSDP settings, with FSDP2 computing in bf16 but keeping float32 where DDP does.
+
+    Accelerate's FSDP2 policy also casts the gradient reduce-scatter and the model's output to
+    bf16: gradients would be summed in bf16 and the loss rounded to 3 digits (4.1875, 4.1719).
+    """
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return None
+    plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
+    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if plugin.fsdp_version == 2 and compute_dtype is not None:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return plugin
 
 
 def _prepare_hint(cfg):

@@ -1,6 +1,7 @@
 """Shared fixtures: the real Shakespeare data prepared once, tiny model settings, CLI runners."""
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +26,16 @@ def run_script(*args, env=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
+
+
+def free_port():
+    """A port nobody listens on now: runs of the suite side by side must not share a rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def read_metrics(out_dir, event):

@@ -1,25 +1,15 @@
 """Two real processes (DDP over gloo on CPU) against one process doing the same global batch."""
 import json
 import os
-import socket
-import sys
 
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_metrics, run_script
+from conftest import ACCELERATE, ROOT, free_port, read_metrics, run_script
 from gpt_train.config import load_config
 from gpt_train.train import train
 
-ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-
-
-def free_port():
-    """A port nobody listens on now: runs of the suite side by side must not share a rendezvous."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return str(s.getsockname()[1])
 
 
 def launch_two(*args, check=True):
