@@ -69,12 +69,23 @@ def benchmark(cfg):
         "mfu": flops_per_token(model) * tokens_per_process / (ms / 1000) / peak_flops(device),
         "peak_memory_gb": _peak_memory_gb(device),
     }
+    if cfg.compile:
+        result["compiled_graphs"], result["graph_breaks"] = _compile_stats()
+        print(f"torch.compile: {result['compiled_graphs']} graph(s) (training, evaluation), "
+              f"{sum(result['graph_breaks'].values())} graph break(s)"
+              + "".join(f"\n  break x{n}: {reason}" for reason, n in result["graph_breaks"].items()))
     print(f"{result['device']} x{result['processes']}: {ms:.2f} ms/iter (median of {len(steps)}), "
           f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {result['mfu'] * 100:.2f}%, "
           f"peak memory {result['peak_memory_gb']:.2f} GB")
     if cfg.profile:
         print(f"profiler trace: {cfg.trace_file}")
     return result
+
+
+def _compile_stats():
+    """Graphs dynamo compiled and why it broke any: a break splits the step in two (slower)."""
+    from torch._dynamo.utils import counters
+    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
 def _peak_memory_gb(device):

@@ -74,16 +74,6 @@ def test_explicit_dtype_beats_the_launch_config_and_auto_defers_to_it(monkeypatc
         _mixed_precision(load_config(["--dtype=float16"]), cpu)
 
 
-def test_bench_runs_the_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
-    result = run_script("bench.py", f"--data_dir={char_data}", "--device=cpu", "--compile=False", "--n_layer=2",
-                        "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--bench_iters=5",
-                        "--bench_warmup=2", "--profile=True", f"--trace_file={tmp_path / 'trace.json'}")
-    summary = result.stdout.strip().splitlines()[-2]
-    assert summary.startswith("cpu x1: ") and "ms/iter (median of 5)" in summary
-    assert "tokens/s, MFU " in summary and "peak memory" in summary
-    assert os.path.getsize(tmp_path / "trace.json") > 1000
-
-
 def test_compiled_training_matches_eager_in_one_graph_and_publishes_loadable_weights(char_data, tmp_path):
     """compile=True is the default on GPUs; inductor compiles for CPU too, so its path is checked here."""
     from torch._dynamo.utils import counters
@@ -106,3 +96,15 @@ def test_compiled_training_matches_eager_in_one_graph_and_publishes_loadable_wei
     for name, tensor in model.state_dict().items():
         if name in resumable:
             torch.testing.assert_close(tensor, resumable[name], rtol=0, atol=0)
+
+
+def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
+    result = run_script("bench.py", f"--data_dir={char_data}", "--device=cpu", "--compile=True", "--n_layer=2",
+                        "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--bench_iters=5",
+                        "--bench_warmup=2", "--profile=True", f"--trace_file={tmp_path / 'trace.json'}")
+    lines = result.stdout.strip().splitlines()
+    assert "torch.compile: 2 graph(s) (training, evaluation), 0 graph break(s)" in lines
+    summary = lines[-2]
+    assert summary.startswith("cpu x1: ") and "ms/iter (median of 5)" in summary
+    assert "tokens/s, MFU " in summary and "peak memory" in summary
+    assert os.path.getsize(tmp_path / "trace.json") > 1000
