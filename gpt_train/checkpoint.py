@@ -29,7 +29,8 @@ import shutil
 import time
 
 from accelerate import PartialState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, gather_object
+from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
@@ -60,11 +61,11 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
         recover(out_dir)  # a save killed earlier is finished or discarded before we start
         os.makedirs(staging)
     accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(os.path.join(staging, STATE_DIR))
-        accelerator.wait_for_everyone()  # every process's files are written before they are listed
-        state_dict = _full_state_dict(accelerator, model)
-        if accelerator.is_main_process:
+    # every process writes its part of the training state, then the main process the model folder
+    _write_on_every_process(accelerator, out_dir, lambda: accelerator.save_state(os.path.join(staging, STATE_DIR)))
+    state_dict = _full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        def write_model_folder():
             hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
             accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(staging, state_dict=state_dict)
             hf_logging.enable_progress_bar()
@@ -73,12 +74,10 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
             manifest = {"files": _manifest(staging)}
             _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
             _flush_tree(staging)
-    except OSError as e:
-        if accelerator.is_main_process:
-            shutil.rmtree(staging, ignore_errors=True)
-        reason = "the disk is full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or str(e)
-        raise UserError(f"could not write a checkpoint to {out_dir}: {reason} ({e}). The previous "
-                        "checkpoint there is intact: make room and continue with --init_from=resume") from None
+    else:
+        def write_model_folder():
+            pass
+    _write_on_every_process(accelerator, out_dir, write_model_folder)
     if accelerator.is_main_process:
         _hang_for_tests("staged", trainer_state)
         committed = os.path.join(out_dir, COMMITTED_DIR)
@@ -87,6 +86,42 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
         _hang_for_tests("committed", trainer_state)
         _move_into_place(committed, out_dir, trainer_state)
     accelerator.wait_for_everyone()
+
+
+def _write_on_every_process(accelerator, out_dir, write):
+    """Run each process's `write`; if it fails on any process, the save fails on all of them.
+
+    A process that failed alone and exited would leave the others waiting for it at the next
+    collective (or crashing there with a transport error); here they all learn of the failure,
+    the staged files are dropped and every process stops with the same one-line error.
+    """
+    try:
+        write()
+        failure = None
+    except OSError as e:
+        failure = _describe_write_failure(e)
+    except CheckpointException as e:  # torch.distributed.checkpoint (FSDP) fails on every rank at once
+        failure = _describe_write_failure(_first_os_error(e))
+    failures = [f for f in gather_object([failure]) if f]  # also waits for every process to finish writing
+    if failures:
+        if accelerator.is_main_process:
+            shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
+        raise UserError(f"could not write a checkpoint to {out_dir}: {failures[0]}. The previous checkpoint "
+                        "there is intact: make room and continue with --init_from=resume")
+
+
+def _describe_write_failure(error):
+    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror or str(error)
+    return f"{reason} ({error})"
+
+
+def _first_os_error(checkpoint_exception):
+    """The OSError behind a distributed checkpoint failure; anything else is a bug: re-raise."""
+    for failure in checkpoint_exception.failures.values():
+        error = failure[0]  # (exception, traceback)
+        if isinstance(error, OSError):
+            return error
+    raise checkpoint_exception
 
 
 def _full_state_dict(accelerator, model):

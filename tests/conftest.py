@@ -1,4 +1,5 @@
 """Shared fixtures: the real Shakespeare data prepared once, tiny model settings, CLI runners."""
+import hashlib
 import json
 import os
 import socket
@@ -22,7 +23,9 @@ TINY_MODEL = ["--gradient_accumulation_steps=1", "--n_layer=2", "--n_head=2", "-
 def run_script(*args, env=None, check=True):
     """Run a repo script (or `-m module`) as a user would, from the repo root."""
     full_env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_DATASETS_CACHE": DATASETS_CACHE, **(env or {})}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True)
+    # a hung run (a process waiting for a peer that has gone) fails the test instead of the whole suite
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, capture_output=True, text=True,
+                            timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
@@ -36,6 +39,18 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return str(s.getsockname()[1])
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def tree_digest(*paths):
+    """{path: sha256} of the files and of every file under the folders: equal digests, untouched files."""
+    files = [p for p in map(str, paths) if os.path.isfile(p)]
+    files += [os.path.join(root, n) for p in paths for root, _, names in os.walk(p) for n in names]
+    return {path: sha256(path) for path in files}
 
 
 def read_metrics(out_dir, event):
@@ -92,3 +107,15 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def assert_every_process_reports_the_full_disk(result, out_dir):
+    """Both processes stop on the same one-line error: none crashed or hung waiting for the other."""
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2, result.stderr
+    assert all(line.startswith(f"error: could not write a checkpoint to {out_dir}: the disk is full") and
+               line.endswith("The previous checkpoint there is intact: make room and continue with "
+                             "--init_from=resume") for line in errors)
+    assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no process's traceback
+    assert not os.path.exists(os.path.join(out_dir, ".checkpoint-staging"))

@@ -1,5 +1,4 @@
 """Prepared data: nanoGPT-identical Shakespeare bins, the memmap sampler, and dataset errors."""
-import hashlib
 import os
 import pickle
 
@@ -8,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from conftest import sha256
 from gpt_train.data import BlockSampler, open_dataset, read_meta
 from gpt_train.errors import UserError
 
@@ -17,11 +17,6 @@ NANOGPT_SHA256 = {
     "val.bin": "d37d30cc0c8327c270d493299c3dca54135f6d5f1c9ef60cda78076e311204b1",
     "meta.pkl": "6ee5a37533af83b67fcbe6b93705fde9e15e78bafe895f54b2cb2cb32534526c",
 }
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def test_shakespeare_char_is_byte_identical_to_nanogpts(char_data):

@@ -5,16 +5,18 @@ import os
 import torch
 from safetensors.torch import load_file
 
-from conftest import ACCELERATE, ROOT, free_port, read_metrics, run_script
+from conftest import (ACCELERATE, ROOT, assert_every_process_reports_the_full_disk, free_port, read_metrics, run_script,
+                      tree_digest)
+from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.train import train
 
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 
 
-def launch_two(*args, check=True):
+def launch_two(*args, check=True, wrapper=()):
     return run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
-                      "train.py", *args, env=DDP_ENV, check=check)
+                      *wrapper, "train.py", *args, env={**DDP_ENV, "PYTHONPATH": ROOT}, check=check)
 
 
 def test_two_process_ddp_matches_one_process(tiny_run, tmp_path):
@@ -73,3 +75,16 @@ def test_eval_only_gives_the_same_losses_from_one_and_two_processes(tiny_gpt2, b
     for key in ("train/loss", "val/loss", "train/perplexity", "val/perplexity"):
         assert abs(a[key] - b[key]) < 1e-5 * max(1.0, b[key]), key
     assert not read_metrics(tmp_path / "two", "train")
+
+
+def test_a_full_disk_on_one_process_fails_the_save_on_all_of_them(tiny_run):
+    out_dir, args = tiny_run
+    common = [*args, "--gradient_accumulation_steps=2", "--eval_interval=3", "--eval_iters=1"]
+    train(load_config([*common, "--max_iters=3"]))
+    state_before = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR), os.path.join(out_dir, "model.safetensors"))
+    failed = launch_two(*common, "--max_iters=6", "--init_from=resume", check=False,
+                        wrapper=["tests/full_disk_on_rank_1.py"])
+    assert_every_process_reports_the_full_disk(failed, out_dir)
+    assert tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR),
+                       os.path.join(out_dir, "model.safetensors")) == state_before
+    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 3

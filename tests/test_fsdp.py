@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import GPT2LMHeadModel, pipeline
 
-from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, run_script
+from conftest import (ACCELERATE, ROOT, TINY_MODEL, assert_every_process_reports_the_full_disk, free_port, read_metrics,
+                      run_script, sha256, tree_digest)
 from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
@@ -23,15 +24,10 @@ ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
 RUN = ["--gradient_accumulation_steps=2", "--eval_interval=3", "--eval_iters=2", "--learning_rate=3e-3"]
 
 
-def launch_fsdp(out_dir, *args, processes=2, check=True):
+def launch_fsdp(out_dir, *args, processes=2, check=True, wrapper=()):
     return run_script(ACCELERATE, "launch", "--config_file", FSDP_CONFIG, "--num_processes", str(processes),
-                      "--main_process_port", free_port(), "tests/fsdp_cpu_launch.py",
+                      "--main_process_port", free_port(), *wrapper, "tests/fsdp_cpu_launch.py",
                       f"--out_dir={out_dir}", *args, env=ENV, check=check)
-
-
-def files_under(folder):
-    return {os.path.relpath(os.path.join(root, name), folder): open(os.path.join(root, name), "rb").read()
-            for root, _, names in os.walk(folder) for name in names}
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +37,7 @@ def fsdp_runs(char_data, tmp_path_factory):
     args = [f"--data_dir={char_data}", *TINY_MODEL, *RUN, "--dtype=float32"]
     straight = launch_fsdp(tmp / "straight", *args, "--max_iters=6")
     launch_fsdp(tmp / "resumed", *args, "--max_iters=3")
-    stopped = files_under(tmp / "resumed")
+    stopped = sha256(tmp / "resumed" / "model.safetensors")
     resumed = launch_fsdp(tmp / "resumed", *args, "--max_iters=6", "--init_from=resume")
     return tmp, args, straight, resumed, stopped
 
@@ -73,10 +69,10 @@ def test_fsdp_shards_the_training_state_and_publishes_a_full_model(fsdp_runs):
 def test_fsdp_resume_continues_exactly(fsdp_runs):
     tmp, _, _, resumed, stopped = fsdp_runs
     assert "iter 2:" not in resumed.stdout and "iter 5:" in resumed.stdout
-    assert stopped["model.safetensors"] != files_under(tmp / "resumed")["model.safetensors"]
+    assert stopped != sha256(tmp / "resumed" / "model.safetensors")
     for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
         assert losses_by_iter(tmp / "resumed", event, key) == losses_by_iter(tmp / "straight", event, key)
-    assert files_under(tmp / "resumed")["model.safetensors"] == files_under(tmp / "straight")["model.safetensors"]
+    assert sha256(tmp / "resumed" / "model.safetensors") == sha256(tmp / "straight" / "model.safetensors")
 
 
 def test_fsdp_matches_one_process_on_the_same_global_batch(fsdp_runs, tmp_path):
@@ -104,10 +100,10 @@ def test_an_fsdp_checkpoint_resumes_on_another_process_count_but_not_without_fsd
     tmp, args, *_ = fsdp_runs
     out_dir = tmp_path / "copy"
     shutil.copytree(tmp / "resumed", out_dir)
-    before = files_under(out_dir)
+    before = tree_digest(out_dir)
     with pytest.raises(UserError, match=r"was saved by FSDP: resume it under FSDP, with any number of processes"):
         train(load_config([*args, f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=9"]))
-    assert files_under(out_dir) == before
+    assert tree_digest(out_dir) == before
     # torch.distributed.checkpoint reshards the 2-process state onto 1 process; bf16 from the YAML this time
     one = launch_fsdp(out_dir, *args, "--init_from=resume", "--max_iters=9", "--dtype=auto", processes=1)
     assert "1 process(es) on cpu, 2 micro-steps each, precision bf16" in one.stdout
@@ -116,3 +112,15 @@ def test_an_fsdp_checkpoint_resumes_on_another_process_count_but_not_without_fsd
     # of the 2 micro-steps' losses would be a multiple of 1/128
     losses = [loss for i, loss in losses_by_iter(out_dir, "train", "train/step_loss").items() if i >= 6]
     assert len(losses) == 3 and not all((loss * 256).is_integer() for loss in losses), losses
+
+
+def test_a_full_disk_on_one_process_fails_the_fsdp_save_on_all_of_them(fsdp_runs, tmp_path):
+    tmp, args, *_ = fsdp_runs
+    out_dir = tmp_path / "copy"
+    shutil.copytree(tmp / "straight", out_dir)
+    state_before = tree_digest(out_dir / checkpoint.STATE_DIR, out_dir / "model.safetensors")
+    failed = launch_fsdp(out_dir, *args, "--init_from=resume", "--max_iters=9", check=False,
+                         wrapper=["tests/full_disk_on_rank_1.py"])
+    assert_every_process_reports_the_full_disk(failed, out_dir)
+    assert tree_digest(out_dir / checkpoint.STATE_DIR, out_dir / "model.safetensors") == state_before
+    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 6

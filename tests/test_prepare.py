@@ -1,5 +1,4 @@
 """Corpus preparers on data the tests write, through the real datasets code path."""
-import hashlib
 import json
 import os
 import re
@@ -8,7 +7,7 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from conftest import run_script
+from conftest import run_script, sha256
 from gpt_train.data import open_dataset, read_meta
 from gpt_train.errors import UserError
 from gpt_train.prepare import OWT_SPLIT_SEED, OWT_VAL_FRACTION, prepare_corpus
@@ -21,11 +20,6 @@ NANOGPT_BPE_SHA256 = {
     "val.bin": "68a53422394c26a655ebe641f5c6f49888e8f4e45fe5d6f02abda63ba3ebd65b",
 }
 WORDS = "the of and to a in that is was he for it with as his on be at by I had not".split()
-
-
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
 
 
 def documents(n, seed=0):

@@ -4,7 +4,6 @@ Every kill here is a real signal to a real `python train.py`. Interpreter start-
 those runs, so the many guarded-input cases mostly go through `main()` in-process.
 """
 import errno
-import hashlib
 import os
 import pickle
 import shutil
@@ -21,7 +20,7 @@ from transformers import GPT2LMHeadModel
 
 import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, TINY_MODEL, run_script
+from conftest import ROOT, TINY_MODEL, run_script, sha256, tree_digest
 from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
@@ -55,16 +54,6 @@ def losses_printed(output):
             for line in output.splitlines() if line.startswith(ITER_LINE)}
 
 
-def digest(path):
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
-
-
-def tree_digest(*folders):
-    return {os.path.join(root, n): digest(os.path.join(root, n))
-            for folder in folders for root, _, names in os.walk(folder) for n in names}
-
-
 @pytest.fixture(scope="module")
 def straight(char_data, tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce: its printout and out_dir."""
@@ -78,8 +67,8 @@ def assert_resume_matches(resumed_output, resumed_dir, straight):
     resumed, expected = losses_printed(resumed_output), losses_printed(straight_output)
     assert resumed and max(resumed) == 29
     assert resumed == {i: expected[i] for i in resumed}
-    assert digest(os.path.join(resumed_dir, "model.safetensors")) == \
-        digest(os.path.join(straight_dir, "model.safetensors"))
+    assert sha256(os.path.join(resumed_dir, "model.safetensors")) == \
+        sha256(os.path.join(straight_dir, "model.safetensors"))
 
 
 def test_resume_after_kill_matches_uninterrupted_run(char_data, tmp_path, straight):
@@ -139,7 +128,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny
     common = [*args, "--gradient_accumulation_steps=1", "--eval_interval=5", "--eval_iters=1"]
     train(load_config([*common, "--max_iters=5"]))
     before = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR))
-    before[os.path.join(out_dir, "model.safetensors")] = digest(os.path.join(out_dir, "model.safetensors"))
+    before[os.path.join(out_dir, "model.safetensors")] = sha256(os.path.join(out_dir, "model.safetensors"))
 
     def fill_the_disk(obj, f, **kwargs):  # half a file reaches the disk, then it is full
         with open(f, "wb") as out:
@@ -150,7 +139,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny
     with pytest.raises(UserError, match="the disk is full .* previous checkpoint there is intact"):
         train(load_config([*common, "--max_iters=10", "--init_from=resume"]))
     after = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR))
-    after[os.path.join(out_dir, "model.safetensors")] = digest(os.path.join(out_dir, "model.safetensors"))
+    after[os.path.join(out_dir, "model.safetensors")] = sha256(os.path.join(out_dir, "model.safetensors"))
     assert after == before
     assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
     assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 5
