@@ -5,7 +5,7 @@ The plain step is what a careful hand-written trainer does on a GPU: the same ar
 fused AdamW, flash SDPA, TF32, torch.compile, grad clipping, nanoGPT's settings (batch 12,
 one micro-step). gpt-train is timed through bench.py's path (the real `fit` loop), on random
 tokens written to a temporary dataset so no download is needed. Prints both ms/iter,
-tokens/s and MFU, and their ratio.
+tokens/s and MFU, and the ratio of their tokens/s.
 
     python benchmarks/gpu_gpt2.py                      # on a CUDA machine
     python benchmarks/gpu_gpt2.py --small=True         # a CPU smoke run at toy size, uncompiled
@@ -127,8 +127,8 @@ def main(argv):
     mfu = flops / (plain_ms / 1000) / peak_flops(device)
     print(f"plain PyTorch: {plain_ms:.2f} ms/iter, {batch * block / plain_ms * 1000:,.0f} tokens/s, "
           f"MFU {mfu * 100:.2f}%")
-    print(f"gpt-train/plain time ratio: {ours['ms_per_iter'] / plain_ms:.3f} "
-          f"(below 1.0: gpt-train is faster)")
+    print(f"gpt-train/plain tokens/s ratio: {plain_ms / ours['ms_per_iter']:.3f} "
+          f"(1.0 or more: gpt-train is at least as fast)")
 
 
 if __name__ == "__main__":
