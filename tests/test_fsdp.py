@@ -124,3 +124,18 @@ def test_a_full_disk_on_one_process_fails_the_fsdp_save_on_all_of_them(fsdp_runs
     assert_every_process_reports_the_full_disk(failed, out_dir)
     assert tree_digest(out_dir / checkpoint.STATE_DIR, out_dir / "model.safetensors") == state_before
     assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 6
+
+
+def test_fine_tuning_a_pretrained_folder_under_fsdp_matches_one_process(tiny_gpt2, bpe_data, tmp_path):
+    """fsdp_8xa100.yaml loads pretrained weights on rank 0 only and broadcasts them (cpu_ram_efficient_loading)."""
+    args = [f"--data_dir={bpe_data}", f"--init_from={tiny_gpt2}", "--device=cpu", "--compile=False", "--dtype=float32",
+            "--block_size=32", "--batch_size=4", "--gradient_accumulation_steps=2", "--max_iters=4",
+            "--eval_interval=2", "--eval_iters=2", "--learning_rate=1e-3", "--log_interval=1"]
+    launch_fsdp(tmp_path / "fsdp", *args)
+    train(load_config([*args, f"--out_dir={tmp_path / 'one'}"]))
+    for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
+        fsdp, one = losses_by_iter(tmp_path / "fsdp", event, key), losses_by_iter(tmp_path / "one", event, key)
+        assert fsdp.keys() == one.keys() and all(abs(fsdp[i] - one[i]) < 1e-4 for i in one), (fsdp, one)
+    fsdp_weights = load_file(tmp_path / "fsdp" / "model.safetensors")
+    for name, tensor in load_file(tmp_path / "one" / "model.safetensors").items():
+        torch.testing.assert_close(fsdp_weights[name], tensor, atol=1e-5, rtol=1e-4)
