@@ -3,11 +3,14 @@
     out_dir/
       config.json, model.safetensors, generation_config.json, tokenizer files   <- the model
       training_config.json                                                      <- the run's settings
-      training_state/   accelerator.save_state (model, optimizer, scheduler, scaler, RNGs)
+      training_state/   accelerator.save_state (optimizer, scheduler, scaler, RNGs; under FSDP
+                        also each process's shard of the model)
                         trainer_state.json (iteration, best val loss, tracker run id, manifest)
 
 The model part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/
-is what `init_from='resume'` needs on top. The loop's own state lives in JSON, not in
+is what `init_from='resume'` needs on top. Without FSDP the weights are stored once, in the
+model folder, which resume loads (a second copy in training_state/ would double the
+checkpoint's weight I/O: 6 GB more per gpt2-xl save). The loop's own state lives in JSON, not in
 pickles: Accelerate reloads registered objects with `weights_only=False`.
 
 A save is crash-safe. It is written whole into `.checkpoint-staging/` and flushed to disk;
@@ -52,6 +55,16 @@ HASH_CHUNK = 16 << 20
 FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
 # Test-only: "<phase>:<iter_num>" makes the save of that iteration stop at that phase until killed.
 HANG_IN_SAVE_ENV = "GPT_TRAIN_TEST_HANG_IN_SAVE"
+
+
+def store_weights_once(accelerator):
+    """Without FSDP, keep the model's weights out of training_state/: resume reads the model folder.
+
+    Under FSDP each process saves its own shard there (parallel, no gather), so it stays.
+    """
+    if accelerator.distributed_type != DistributedType.FSDP:
+        accelerator.register_save_state_pre_hook(lambda models, weights, output_dir: weights.clear())
+        accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
 def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):

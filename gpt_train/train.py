@@ -92,6 +92,7 @@ def setup(cfg):
     optimizer = make_optimizer(model, cfg, device.type)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
 
     run = Run(cfg, accelerator, model, optimizer, scheduler,
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device),
