@@ -77,20 +77,9 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     # every process writes its part of the training state, then the main process the model folder
     _write_on_every_process(accelerator, out_dir, lambda: accelerator.save_state(os.path.join(staging, STATE_DIR)))
     state_dict = _full_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        def write_model_folder():
-            hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(staging, state_dict=state_dict)
-            hf_logging.enable_progress_bar()
-            tokenizer.save_pretrained(staging)
-            write_model_card(staging, trainer_state)
-            manifest = {"files": _manifest(staging)}
-            _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
-            _flush_tree(staging)
-    else:
-        def write_model_folder():
-            pass
-    _write_on_every_process(accelerator, out_dir, write_model_folder)
+    bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
+    _write_on_every_process(accelerator, out_dir, lambda: accelerator.is_main_process and _write_model_folder(
+        bare_model, state_dict, tokenizer, staging, trainer_state))
     if accelerator.is_main_process:
         _hang_for_tests("staged", trainer_state)
         committed = os.path.join(out_dir, COMMITTED_DIR)
@@ -99,6 +88,18 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
         _hang_for_tests("committed", trainer_state)
         _move_into_place(committed, out_dir, trainer_state)
     accelerator.wait_for_everyone()
+
+
+def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
+    """The Hugging Face folder, its model card and the manifest of the whole staged checkpoint."""
+    hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
+    model.save_pretrained(staging, state_dict=state_dict)
+    hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(staging)
+    write_model_card(staging, trainer_state)
+    manifest = {"files": _manifest(staging)}
+    _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
+    _flush_tree(staging)
 
 
 def _write_on_every_process(accelerator, out_dir, write):
@@ -206,7 +207,7 @@ def read_trainer_state(out_dir):
 
 
 def load_training_state(accelerator, out_dir):
-    """Model, optimizer, scheduler, scaler and RNG states, or a clear error if they will not load."""
+    """Optimizer, scheduler, scaler and RNG states (and the model's shards under FSDP), or a clear error."""
     _check_sharding_matches(accelerator, out_dir)
     try:
         accelerator.load_state(os.path.join(out_dir, STATE_DIR))
