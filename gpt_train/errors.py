@@ -5,6 +5,7 @@ their `main` in `exit_on_user_error`, which prints the message as one line and e
 instead of showing a traceback. Bugs in gpt-train itself still raise normally.
 """
 import functools
+import os
 import sys
 
 
@@ -16,15 +17,42 @@ def exit_on_user_error(main):
     @functools.wraps(main)
     def guarded(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
         except UserError as e:
             # one write: under accelerate launch every process reports, and separate writes of
             # text and newline from two processes would run their lines together
             sys.stderr.write(f"error: {e}\n")
-            sys.stderr.flush()
-            sys.exit(2)
+            _exit(2)
         except KeyboardInterrupt:
-            print("interrupted", file=sys.stderr)
-            sys.exit(130)
+            sys.stderr.write("interrupted\n")
+            _exit(130)
+        except SystemExit as e:
+            _exit(e.code)
+        if _launched_processes() > 1:
+            _exit(0)
+        return result
 
     return guarded
+
+
+def _launched_processes():
+    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, which accelerate launch runs
+
+
+def _exit(code):
+    """sys.exit, but in one of several launched processes os._exit once the output is flushed.
+
+    Freeing a gloo process group can deadlock: its destructor holds the GIL while it waits for
+    a worker thread that needs the GIL to free the last collective's tensors (pytorch/pytorch
+    #56297; a quarter of 2-process CPU runs hung here at exit). So the process ends before the
+    DDP model holding the group is freed: entry points keep their run alive (they return it, or
+    it is in the exception being handled). Files are written and closed and trackers finished
+    by then, so nothing is lost.
+    """
+    if _launched_processes() > 1:
+        if isinstance(code, str):
+            sys.stderr.write(code + "\n")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+    sys.exit(code)

@@ -377,6 +377,7 @@ def main(argv=None):
     run = train(cfg)
     if run.stop.received:
         sys.exit(run.stop.exit_code)
+    return run  # alive until the process exits: freeing a DDP model can hang a gloo run (errors._exit)
 
 
 if __name__ == "__main__":

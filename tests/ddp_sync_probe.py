@@ -1,6 +1,7 @@
 """Run by tests/test_distributed.py under `accelerate launch`: trains through the real setup()
 and fit(), recording for every DDP gradient all-reduce which micro-step's backward it ran in."""
 import json
+import os
 import sys
 
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -28,4 +29,5 @@ run.model.register_comm_hook(None, counting_allreduce)
 fit(run)
 print("PROBE " + json.dumps({"rank": run.accelerator.process_index, "micro_steps": run.micro_steps,
                              "micro_step_of_allreduce": sorted(set(micro_step_of_allreduce)),
-                             "allreduces": len(micro_step_of_allreduce)}))
+                             "allreduces": len(micro_step_of_allreduce)}), flush=True)
+os._exit(0)  # before Python frees the DDP model: that can hang a gloo run (see gpt_train.errors._exit)
