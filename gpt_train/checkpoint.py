@@ -24,6 +24,7 @@ resume refuses a checkpoint that is partial, corrupt or mixed with another.
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -77,9 +78,9 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
     # every process writes its part of the training state, then the main process the model folder
     _write_on_every_process(accelerator, out_dir, lambda: accelerator.save_state(os.path.join(staging, STATE_DIR)))
     state_dict = _full_state_dict(accelerator, model)
-    bare_model = accelerator.unwrap_model(model, keep_torch_compile=False)
-    _write_on_every_process(accelerator, out_dir, lambda: accelerator.is_main_process and _write_model_folder(
-        bare_model, state_dict, tokenizer, staging, trainer_state))
+    write_folder = functools.partial(_write_model_folder, accelerator.unwrap_model(model, keep_torch_compile=False),
+                                     state_dict, tokenizer, staging, trainer_state)
+    _write_on_every_process(accelerator, out_dir, write_folder if accelerator.is_main_process else None)
     if accelerator.is_main_process:
         _hang_for_tests("staged", trainer_state)
         committed = os.path.join(out_dir, COMMITTED_DIR)
@@ -103,14 +104,16 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
 
 
 def _write_on_every_process(accelerator, out_dir, write):
-    """Run each process's `write`; if it fails on any process, the save fails on all of them.
+    """Run each process's `write` (None: it writes nothing this time but still takes part); if it
+    fails on any process, the save fails on all of them.
 
     A process that failed alone and exited would leave the others waiting for it at the next
     collective (or crashing there with a transport error); here they all learn of the failure,
     the staged files are dropped and every process stops with the same one-line error.
     """
     try:
-        write()
+        if write is not None:
+            write()
         failure = None
     except OSError as e:
         failure = _describe_write_failure(e)

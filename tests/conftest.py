@@ -118,4 +118,5 @@ def assert_every_process_reports_the_full_disk(result, out_dir):
                line.endswith("The previous checkpoint there is intact: make room and continue with "
                              "--init_from=resume") for line in errors)
     assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no process's traceback
-    assert not os.path.exists(os.path.join(out_dir, ".checkpoint-staging"))
+    from gpt_train.checkpoint import STAGING_DIR
+    assert not os.path.exists(os.path.join(out_dir, STAGING_DIR))
