@@ -27,7 +27,8 @@ from gpt_train.hub import HubPusher
 from gpt_train.metrics import Reporter
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizer, peak_flops,
-                             pretrained_folder, read_model_config, ready_for_training, settings_for_checkpoint)
+                             pretrained_folder, read_model_config, ready_for_training, settings_for_checkpoint,
+                             use_causal_sdpa)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
@@ -87,6 +88,7 @@ def setup(cfg):
         fsdp_plugin=_fsdp_plugin(mixed_precision),
     )
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
+    use_causal_sdpa(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
     optimizer = make_optimizer(model, cfg, device.type)

@@ -9,7 +9,7 @@ from transformers import GPT2LMHeadModel
 from conftest import ROOT, TINY_MODEL, read_metrics, run_script
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
-from gpt_train.train import _mixed_precision, micro_steps_per_process, train
+from gpt_train.train import _mixed_precision, micro_steps_per_process, setup, train
 
 
 def launch_env(name):
@@ -94,6 +94,21 @@ def test_compiled_training_matches_eager_in_one_graph_and_publishes_loadable_wei
     train(load_config([*common, f"--out_dir={tmp_path / 'compiled'}", "--init_from=resume", "--max_iters=7"]))
     evals = read_metrics(tmp_path / "compiled", "eval")
     assert [e["iter"] for e in evals][:4] == [0, 3, 6, 6] and evals[3]["val/loss"] == evals[2]["val/loss"]
+
+
+def test_compiled_training_attends_through_is_causal_without_a_mask_tensor(char_data, tmp_path):
+    """Given a mask tensor SDPA cannot pick flash attention; transformers builds one when compiling."""
+    run = setup(load_config([f"--data_dir={char_data}", *TINY_MODEL, f"--out_dir={tmp_path}"]))
+    graphs = []
+    compiled = torch.compile(run.model, backend=lambda gm, inputs: graphs.append(gm) or gm.forward)
+    x, y = run.sampler.batch("train", run.sampler.iteration_offsets("train", 0, 1)[0])
+    eager_loss = run.model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+    assert torch.allclose(compiled(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss, eager_loss)
+    sdpa = [n for gm in graphs for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is torch.nn.functional.scaled_dot_product_attention]
+    assert len(sdpa) == 2  # one per layer
+    for node in sdpa:
+        assert node.kwargs.get("attn_mask") is None and node.kwargs.get("is_causal") is True, node.kwargs
 
 
 def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
