@@ -8,7 +8,7 @@ on, evaluation iterations included for gpt-train, so the ratio is if anything un
 and final val loss, then the ratio of medians.
 
     python data_prep/shakespeare_char/prepare.py
-    python benchmarks/cpu_recipe.py [--iters=2000] [--rounds=1] [--reference=../shared/bench/reference_gpt.py]
+    python benchmarks/cpu_recipe.py [--iters=2000] [--rounds=1] [--reference=benchmarks/reference_gpt.py] [--data=data/shakespeare_char]
 """
 import argparse
 import json
@@ -27,9 +27,9 @@ RECIPE = ["configs/train_shakespeare_char.py", "--device=cpu", "--compile=False"
           "--n_embd=128", "--dropout=0.0"]
 
 
-def run_gpt_train(iters, out_dir):
+def run_gpt_train(iters, out_dir, data):
     cmd = [sys.executable, "train.py", *RECIPE, f"--max_iters={iters}", f"--lr_decay_iters={iters}",
-           f"--out_dir={out_dir}"]
+           f"--out_dir={out_dir}", f"--data_dir={data}"]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         events = [json.loads(line) for line in f]
@@ -38,8 +38,8 @@ def run_gpt_train(iters, out_dir):
     return statistics.median(dts), val
 
 
-def run_reference(reference, iters):
-    out = subprocess.run([sys.executable, reference, "--data", "data/shakespeare_char", "--iters", str(iters)],
+def run_reference(reference, iters, data):
+    out = subprocess.run([sys.executable, reference, "--data", data, "--iters", str(iters)],
                          cwd=ROOT, check=True, capture_output=True, text=True).stdout
     m = re.search(r"median ([\d.]+) ms/iter, val loss ([\d.]+)", out)
     return float(m.group(1)), float(m.group(2))
@@ -49,13 +49,14 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--iters", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--reference", default=os.path.join(ROOT, "..", "shared", "bench", "reference_gpt.py"))
+    ap.add_argument("--reference", default=os.path.join(ROOT, "benchmarks", "reference_gpt.py"))
+    ap.add_argument("--data", default="data/shakespeare_char", help="the prepared shakespeare_char folder")
     a = ap.parse_args()
     ours, theirs = [], []
     for r in range(a.rounds):
         with tempfile.TemporaryDirectory() as out_dir:
-            ours.append(run_gpt_train(a.iters, out_dir))
-        theirs.append(run_reference(a.reference, a.iters))
+            ours.append(run_gpt_train(a.iters, out_dir, a.data))
+        theirs.append(run_reference(a.reference, a.iters, a.data))
         print(f"round {r + 1}: gpt-train {ours[-1][0]:.2f} ms/iter (val {ours[-1][1]:.4f}), "
               f"reference {theirs[-1][0]:.2f} ms/iter (val {theirs[-1][1]:.4f})", flush=True)
     ms_ours = statistics.median(m for m, _ in ours)

@@ -83,9 +83,7 @@ def nanogpt_recipe(corpus, out_dir, num_proc):
 
 
 def ours(corpus, out_dir, num_proc):
-    from gpt_train.prepare import prepare_corpus
-    sys.path.insert(0, os.path.join(ROOT, "data_prep", "openwebtext"))
-    from prepare import OpenWebTextConfig
+    from gpt_train.prepare import OpenWebTextConfig, prepare_corpus
     prepare_corpus([f"--source={corpus}", f"--out_dir={out_dir}", f"--num_proc={num_proc}"], OpenWebTextConfig)
 
 
@@ -93,11 +91,13 @@ def run_method(method, corpus, out_dir, num_proc):
     """Run one method in a fresh process; (seconds, peak RSS MB of its largest process, tokens, digest)."""
     cmd = [sys.executable, __file__, f"--child={method}", f"--corpus={corpus}", f"--out={out_dir}",
            f"--num_proc={num_proc}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status:
-        raise SystemExit(f"{method} failed")
+    with tempfile.TemporaryFile("w+") as errors:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        if status:
+            errors.seek(0)
+            raise SystemExit(f"{method} failed:\n{errors.read()[-3000:]}")
     seconds = float(out.strip().splitlines()[-1])
     digest = hashlib.sha256()
     n_tokens = 0
