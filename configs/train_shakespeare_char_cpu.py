@@ -8,6 +8,10 @@ eval_iters = 20
 log_interval = 10
 always_save_checkpoint = False # we overfit this small dataset: keep the best val loss
 
+wandb_log = False # override via command line if you like
+wandb_project = 'shakespeare-char'
+wandb_run_name = 'mini-gpt-cpu'
+
 dataset = 'shakespeare_char'
 gradient_accumulation_steps = 1
 batch_size = 12

@@ -38,6 +38,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
+from gpt_train.files import give_default_mode
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
 
@@ -51,6 +52,10 @@ STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until re
 COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
 OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once the new one is in
 MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
+METRICS = "metrics.jsonl"
+LOSS_CHART = "loss.png"
+# Any of these in out_dir means a training run wrote there.
+RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, MODEL_FILES[1], STAGING_DIR, COMMITTED_DIR)
 HASHED_FILES = MODEL_FILES  # replaced one by one in out_dir, so a mix must be detectable
 HASH_CHUNK = 16 << 20
 FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
@@ -98,6 +103,7 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(staging)
     write_model_card(staging, trainer_state)
+    give_default_mode(staging)  # safetensors writes model.safetensors 0600
     manifest = {"files": _manifest(staging)}
     _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
     _flush_tree(staging)
@@ -241,6 +247,53 @@ def _check_sharding_matches(accelerator, out_dir):
 
 def write_run_config(out_dir, cfg_json):
     _write_json(os.path.join(out_dir, RUN_CONFIG), json.loads(cfg_json))
+
+
+def read_run_config(out_dir):
+    """The settings of the run in out_dir, as its last session saved them."""
+    path = os.path.join(out_dir, RUN_CONFIG)
+    if not os.path.isfile(path):
+        raise UserError(f"nothing to resume in {out_dir}: no {RUN_CONFIG} found. Train with "
+                        "init_from='scratch' first, or point out_dir at the folder of a run")
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is unreadable ({e}): the run's settings cannot be resumed") from None
+    return saved
+
+
+def previous_run(out_dir):
+    """What a training run left in out_dir, in a few words; '' if nothing: a new run must not mix with it."""
+    found = sorted(set(os.listdir(out_dir)) & set(RUN_FILES)) if os.path.isdir(out_dir) else []
+    if not found:
+        return ""
+    try:
+        with open(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), encoding="utf-8") as f:
+            return f"a checkpoint at iteration {json.load(f)['iter_num']:,}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return ", ".join(found)
+
+
+def remove_previous_run(out_dir):
+    """Delete what a previous run wrote to out_dir: its checkpoint's files, log, chart and settings."""
+    recover(out_dir)
+    names = set(os.listdir(out_dir)) & set(RUN_FILES)
+    state = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
+    if os.path.isfile(state):
+        try:
+            with open(state, encoding="utf-8") as f:
+                names |= {name.split("/")[0] for name in json.load(f).get("files", {})}
+        except (OSError, ValueError, AttributeError):
+            pass  # a damaged manifest: the known names below still go
+    for name in names:
+        path = os.path.join(out_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _manifest(folder):

@@ -38,7 +38,9 @@ class TrainConfig:
     log_interval: int = setting(1, "print the training loss every this many iterations")
     progress: bool = setting(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
     eval_iters: int = setting(200, "batches per split in each evaluation")
-    eval_only: bool = setting(False, "evaluate once and exit")
+    eval_only: bool = setting(False, "evaluate once and exit, writing nothing to out_dir")
+    overwrite_output_dir: bool = setting(False, "train from scratch or a pretrained model into an out_dir that "
+                                         "holds another run, replacing it")
     always_save_checkpoint: bool = setting(True, "save at every eval, not only when val loss improves")
     wandb_log: bool = setting(False, "log to Weights & Biases")
     wandb_project: str = setting("owt", "wandb project")
@@ -113,9 +115,6 @@ class TrainConfig:
             if self.min_lr > self.learning_rate:
                 raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): "
                                 "lower min_lr or set decay_lr=False")
-            if self.warmup_iters > self.lr_decay_iters:
-                raise UserError(f"warmup_iters ({self.warmup_iters}) is beyond lr_decay_iters "
-                                f"({self.lr_decay_iters}): shorten the warmup or decay later")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.out_dir:
@@ -224,6 +223,39 @@ def with_values(cfg, **changes):
     return new
 
 
+# Settings a resumed run takes from the command line only: they say what to do with the run.
+NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir")
+TOKENS_PER_ITER = ("gradient_accumulation_steps", "batch_size", "block_size")
+# Settings whose change makes a resumed run differ from the uninterrupted one.
+TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
+              "learning_rate", "weight_decay", "beta1", "beta2", "grad_clip", "skip_nonfinite_steps", "decay_lr",
+              "warmup_iters", "lr_decay_iters", "min_lr", "seed", "dtype")
+
+
+def with_saved_settings(cfg, saved):
+    """Resume's settings: the saved run's, except what presets or the command line set.
+
+    Returns (settings, [one line per setting the command line changes]).
+    """
+    names = {f.name for f in fields(cfg)}
+    inherited = {k: v for k, v in saved.items()
+                 if k in names and k not in cfg.explicit and k not in NOT_RESUMED}
+    new = with_values(cfg, **inherited).validate()
+    changes = []
+    for name in sorted(cfg.explicit & saved.keys() - set(NOT_RESUMED)):
+        if saved[name] == getattr(new, name):
+            continue
+        line = f"resume changes {name}: {saved[name]!r} -> {getattr(new, name)!r}"
+        if name in TRAJECTORY:
+            line += "; the run will not continue exactly as it would have"
+        changes.append(line)
+    tokens = {name: saved.get(name, getattr(new, name)) for name in TOKENS_PER_ITER}
+    before, after = math.prod(tokens.values()), math.prod(getattr(new, name) for name in TOKENS_PER_ITER)
+    if before != after:
+        changes.append(f"resume changes the tokens per iteration: {before:,} -> {after:,}")
+    return new, changes
+
+
 def help_text(cls, prog=None):
     """Every setting of `cls` with its default, type and meaning, grouped by the class's section comments."""
     prog = prog or _program_name()
@@ -295,15 +327,16 @@ def _layers(argv):
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
-            if not eq:
-                raise UserError(f"'{arg}' has no value: write --{key}=VALUE")
             overrides.pop(key, None)  # a repeated flag wins, as in nanoGPT's configurator
-            overrides[key] = _parse_cli_value(raw)
+            overrides[key] = _parse_cli_value(raw) if eq else BARE_FLAG
         elif "=" in arg:
             raise UserError(f"'{arg}' looks like a setting: write --{arg}")
         else:
             yield arg, _read_preset(arg)
     yield "the command line", overrides
+
+
+BARE_FLAG = object()  # `--compile` with no value: True for a boolean setting, an error for others
 
 
 def _parse_cli_value(raw):
@@ -347,9 +380,13 @@ def _resolve_layer(cls, source, assignments):
         elif _alias_target(cls, key):
             name, value = _alias_target(cls, key)(value)
         else:
-            near = difflib.get_close_matches(key, known, n=1)
+            near = difflib.get_close_matches(key.replace("-", "_"), [*known, PRINT_CONFIG_FLAG], n=1)
             hint = f"; did you mean {near[0]}?" if near else ""
             raise UserError(f"unknown setting '{key}' in {source}{hint}")
+        if value is BARE_FLAG:
+            if types[name] not in (bool, "bool"):
+                raise UserError(f"'--{key}' has no value: write --{key}=VALUE")
+            value = True
         if name in spelled:
             raise UserError(f"{source} sets {name} twice, as '{spelled[name]}' and '{key}': keep one")
         spelled[name] = key

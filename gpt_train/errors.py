@@ -28,14 +28,26 @@ def exit_on_user_error(main):
             _exit(130)
         except SystemExit as e:
             _exit(e.code)
-        if _launched_processes() > 1:
-            _exit(0)
-        return result
+        except BrokenPipeError:  # the reader of our output went away (`| head`): stop as quietly
+            stdout_to_devnull()
+            _exit(128 + 13)  # the shell's code for a writer ended by SIGPIPE
+        if launched_processes() > 1:
+            _exit(0)  # `result` (a run) is still alive here: see _exit
+        # Nothing is returned: a console script passes main's value to sys.exit, which would print
+        # it and exit 1.
 
     return guarded
 
 
-def _launched_processes():
+def stdout_to_devnull():
+    """Send the rest of stdout to /dev/null once its reader has gone, so no later write or the
+    flush at exit fails again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def launched_processes():
     return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, which accelerate launch runs
 
 
@@ -49,7 +61,7 @@ def _exit(code):
     it is in the exception being handled). Files are written and closed and trackers finished
     by then, so nothing is lost.
     """
-    if _launched_processes() > 1:
+    if launched_processes() > 1:
         if isinstance(code, str):
             sys.stderr.write(code + "\n")
         sys.stdout.flush()

@@ -115,6 +115,7 @@ class HubPusher:
                 self.report(f"warning: no checkpoint in {out_dir}, nothing pushed to {self.cfg.hub_model_id}")
         if self.pending:
             self.report(f"waiting for {len(self.pending)} upload(s) to {self.cfg.hub_model_id}")
+        error = None
         for message, future in self.pending:
             error = future.exception()
             if error is None:
@@ -123,6 +124,10 @@ class HubPusher:
                 self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed: {_describe(error)}")
         self.pending = []
         self.executor.shutdown()
+        if error is not None:  # the last upload failed: the Hub does not hold the run's final folder
+            raise UserError(f"training finished and {out_dir} is complete, but its upload to {self.cfg.hub_model_id} "
+                            f"failed ({_describe(error)}): push it again with `python -m gpt_train.push {out_dir} "
+                            f"{self.cfg.hub_model_id}`")
 
     def _queue(self, out_dir, message):
         future = self.executor.submit(_upload_snapshot, snapshot(out_dir), self.cfg.hub_model_id,

@@ -147,7 +147,7 @@ class LivePlot:
 
     def __init__(self, reporter, out_dir):
         self.reporter, self.out_dir = reporter, out_dir
-        self.enabled = reporter.active
+        self.enabled = reporter.active and reporter.path is not None
         self.reader = MetricsReader(out_dir)  # reads each metrics.jsonl line once per run
 
     def update(self):

@@ -25,6 +25,7 @@ import numpy as np
 from gpt_train.config import load_config, setting
 from gpt_train.data import SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.files import atomic_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAKESPEARE = os.path.join(REPO_ROOT, "data_prep", "tinyshakespeare", "input.txt")
@@ -41,12 +42,12 @@ def write_bin(path, ids):
     """Write token ids to `path` as uint16, atomically."""
     ids = np.asarray(ids)
     check_token_range(ids, path)
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         ids.astype(TOKEN_DTYPE).tofile(tmp)
 
 
 def write_meta(out_dir, meta):
-    with _atomic_path(os.path.join(out_dir, "meta.pkl")) as tmp, open(tmp, "wb") as f:
+    with atomic_path(os.path.join(out_dir, "meta.pkl")) as tmp, open(tmp, "wb") as f:
         pickle.dump(meta, f)
 
 
@@ -56,29 +57,6 @@ def save_tokenizer(out_dir, tokenizer):
         tokenizer.save_pretrained(tmp)
         for name in os.listdir(tmp):
             os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-
-
-class _atomic_path:
-    """A temporary sibling of `path` that replaces it only if the block succeeds."""
-
-    def __init__(self, path):
-        self.path = path
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
-        os.close(fd)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp's 0600 would make datasets private
-
-    def __enter__(self):
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            os.replace(self.tmp, self.path)
-        elif os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        return False
 
 
 @dataclass
@@ -342,7 +320,11 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
                     with open(os.path.join(chunk_dir, chunk), "rb") as f:
                         shutil.copyfileobj(f, out, COPY_BUFFER)
                     os.remove(os.path.join(chunk_dir, chunk))
-            print(f"{split} has {sum(counts['tokens']):,} tokens")
+            tokens = sum(counts["tokens"])
+            if tokens <= (len(part) if append_eot else 0):  # only end-of-text markers, if anything
+                raise UserError(f"the {split} split holds no text ({tokens} token(s)): give a corpus with text in "
+                                "it, or a larger val_fraction if only val came out empty")
+            print(f"{split} has {tokens:,} tokens")
         if codec.nanogpt_meta() is not None:
             with open(os.path.join(staging, "meta.pkl"), "wb") as f:
                 pickle.dump(codec.nanogpt_meta(), f)

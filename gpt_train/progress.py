@@ -90,6 +90,8 @@ class Progress:
     def _best_val(self):
         """(iteration, val loss) of the best evaluation in metrics.jsonl, earlier sessions included."""
         best = None
+        if not self.reporter.path:
+            return None
         try:
             with open(self.reporter.path, encoding="utf-8") as f:
                 for line in f:

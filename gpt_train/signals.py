@@ -7,7 +7,9 @@ an all-reduce of the flag, done only at log steps, where the loop synchronises a
 
 Not here: the saving itself (gpt_train.checkpoint).
 """
+import os
 import signal
+import sys
 import threading
 
 import torch
@@ -18,8 +20,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 class StopSignals:
     """A context manager that turns SIGTERM/SIGINT into a request to stop."""
 
-    def __init__(self):
+    def __init__(self, announce=True):
         self.received = None  # the first signal number, once one arrives
+        self.announce = announce  # say at once that the signal was seen (one process of several)
         self._previous = {}
 
     def __enter__(self):
@@ -36,6 +39,10 @@ class StopSignals:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: the user does not want to wait
         self.received = signum
+        if self.announce:  # an evaluation can take minutes: say now that the signal was seen
+            # os.write, not print: the handler may run in the middle of a print to the same stream
+            os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received: saving a checkpoint at the "
+                     "next step boundary, then stopping (Ctrl-C again to stop at once)\n".encode())
 
     def agreed(self, accelerator, at_sync_point):
         """Whether all processes stop now; False between sync points when several processes run."""

@@ -69,6 +69,18 @@ def model_tokenizer(folder):
     return gpt2_tokenizer()
 
 
+def first_disagreement(data_tokenizer, model_tokenizer, n_ids):
+    """(id, its text in the data, in the model) for the first of ids 0..n_ids-1 the two tokenizers
+    read differently, or None: a model trained on data it reads differently learns scrambled text."""
+    if data_tokenizer.get_vocab() == model_tokenizer.get_vocab():
+        return None
+    for i in range(n_ids):
+        theirs, ours = data_tokenizer.decode([i]), model_tokenizer.decode([i])
+        if theirs != ours:
+            return i, theirs, ours
+    return None
+
+
 @functools.cache
 def gpt2_encoding():
     """tiktoken's GPT-2 BPE, built from the bundled files: identical ids, no download.

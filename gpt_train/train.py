@@ -11,7 +11,6 @@ tokens per iteration do not depend on how many processes run.
 import dataclasses
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass
 
@@ -20,19 +19,19 @@ from accelerate import Accelerator, PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
 
 from gpt_train import checkpoint
-from gpt_train.config import load_config
+from gpt_train.config import with_saved_settings
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
-from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.errors import UserError, launched_processes
 from gpt_train.hub import HubPusher
-from gpt_train.metrics import Reporter
+from gpt_train.metrics import Reporter, check_wandb_login, start_wandb
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizer, peak_flops,
-                             pretrained_folder, read_model_config, ready_for_training, settings_for_checkpoint,
-                             use_causal_sdpa)
+                             pretrained_folder, read_model_config, ready_for_training, set_hyperparameters, set_schedule,
+                             settings_for_checkpoint, use_causal_sdpa)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
-from gpt_train.tokenizer import dataset_tokenizer, model_tokenizer
+from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer
 
 PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
@@ -66,7 +65,18 @@ class Run:
 
 
 def setup(cfg):
+    resume_changes = []
+    if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
+        cfg, resume_changes = with_saved_settings(cfg, checkpoint.read_run_config(cfg.out_dir))
+    elif not cfg.eval_only and not cfg.overwrite_output_dir:
+        _refuse_another_run(cfg.out_dir)
+    if cfg.wandb_log:
+        check_wandb_login()
     state = PartialState(**_process_group_kwargs(cfg))
+    _check_one_run(state)
+    if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
+        state.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): "
+                    f"the learning rate rises until iteration {cfg.warmup_iters}, then drops to min_lr")
     device = state.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
@@ -98,17 +108,29 @@ def setup(cfg):
 
     run = Run(cfg, accelerator, model, optimizer, scheduler,
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device),
-              tokenizer, Reporter(accelerator, cfg.out_dir), iter_num=0, best_val_loss=math.inf,
+              tokenizer, Reporter(accelerator, None if cfg.eval_only else cfg.out_dir), iter_num=0, best_val_loss=math.inf,
               micro_steps=micro_steps,
               tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size)
     if saved is not None:
         checkpoint.load_training_state(accelerator, cfg.out_dir)
+        set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
+        set_schedule(optimizer, scheduler.scheduler, cfg)
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
         run.skipped_steps = saved.get("skipped_steps", 0)
+        for line in resume_changes:
+            state.print(line)
+        state.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
     run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)  # no token: stop now
     _start_logging(run, device, n_proc)
     return run
+
+
+def _refuse_another_run(out_dir):
+    found = checkpoint.previous_run(out_dir)
+    if found:
+        raise UserError(f"{out_dir} holds another training run ({found}): continue it with --init_from=resume, "
+                        "train into another --out_dir, or replace it with --overwrite_output_dir=True")
 
 
 def micro_steps_per_process(gradient_accumulation_steps, num_processes):
@@ -120,7 +142,9 @@ def micro_steps_per_process(gradient_accumulation_steps, num_processes):
 
 
 def _process_group_kwargs(cfg):
-    if cfg.device == "cpu":
+    # Accelerate forms a CPU process group only when asked to: without this, processes launched on
+    # a machine with no GPU would each train alone, all into the same out_dir.
+    if cfg.device == "cpu" or (launched_processes() > 1 and cfg.device == "auto" and not torch.cuda.is_available()):
         return {"cpu": True}
     if cfg.device not in ("auto", "cuda", "mps"):
         if cfg.device.startswith("cuda:"):
@@ -131,9 +155,17 @@ def _process_group_kwargs(cfg):
         raise UserError("device='cuda' but no CUDA GPU is visible: use --device=cpu or --device=auto")
     if cfg.device == "mps" and not torch.backends.mps.is_available():
         raise UserError("device='mps' but MPS is not available: use --device=cpu or --device=auto")
-    if torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if torch.cuda.is_available() and launched_processes() > 1:
         return {"backend": cfg.backend}
     return {}
+
+
+def _check_one_run(state):
+    """Processes a launcher started train together or not at all: never side by side into one out_dir."""
+    if state.num_processes != launched_processes():
+        raise UserError(f"{launched_processes()} processes were launched but they did not form one run "
+                        f"({state.distributed_type} on {state.device.type}): launch several processes on "
+                        "GPUs, or on CPUs with --device=cpu or ACCELERATE_USE_CPU=1")
 
 
 def _mixed_precision(cfg, device):
@@ -170,7 +202,11 @@ def _fsdp_plugin(mixed_precision):
 
 def _prepare_hint(cfg):
     script = os.path.join("data_prep", cfg.dataset, "prepare.py")
-    return f"python {script}" if os.path.exists(script) else "a data_prep/ script (see README)"
+    hint = f"python {script}" if os.path.exists(script) else "a data_prep/ script (see README)"
+    if cfg.dataset == "openwebtext":  # the default: someone trying things out wants the small data
+        hint += (" (a 54 GB download; to try gpt-train on a laptop instead: python data_prep/shakespeare_char/"
+                 "prepare.py, then pass configs/train_shakespeare_char_cpu.py)")
+    return hint
 
 
 def _init_model(cfg, state):
@@ -192,17 +228,32 @@ def _init_model(cfg, state):
     config = read_model_config(folder, where)
     cfg = settings_for_checkpoint(cfg, config, where, can_crop=saved is None)
     bins = open_dataset(data_dir, cfg.block_size, hint)  # before the weights: a data mistake fails fast
-    data_vocab = bins.vocab_size or len(dataset_tokenizer(data_dir))
+    data_tokenizer, tokenizer = dataset_tokenizer(data_dir), model_tokenizer(folder)
+    data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
                         f"{config.vocab_size}: prepare the data with the model's tokenizer")
+    disagreement = first_disagreement(data_tokenizer, tokenizer, data_vocab)
+    if disagreement:
+        i, theirs, ours = disagreement
+        raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
+                        f"data, {ours!r} in the model): prepare the data with the model's tokenizer")
     model = crop_block_size(load_pretrained(folder, config), cfg.block_size)
-    return cfg, bins, ready_for_training(model, cfg.dropout), model_tokenizer(folder), saved
+    return cfg, bins, ready_for_training(model, cfg.dropout), tokenizer, saved
 
 
 def _start_logging(run, device, n_proc):
     cfg, acc, report = run.cfg, run.accelerator, run.reporter
-    if acc.is_main_process:
+    if cfg.wandb_log:
+        init = {"name": cfg.wandb_run_name}
+        if run.tracker_run_id:  # continue the same wandb run after a resume
+            init.update(id=run.tracker_run_id, resume="allow")
+        start_wandb(acc, cfg.wandb_project, dataclasses.asdict(cfg), init)
+        if acc.is_main_process:
+            run.tracker_run_id = acc.get_tracker("wandb").run.id
+    if acc.is_main_process and not cfg.eval_only:  # an evaluation leaves the run it reads as it was
+        if cfg.overwrite_output_dir and cfg.init_from != "resume":
+            checkpoint.remove_previous_run(cfg.out_dir)
         os.makedirs(cfg.out_dir, exist_ok=True)
         checkpoint.write_run_config(cfg.out_dir, cfg.to_json())
     report.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
@@ -210,13 +261,6 @@ def _start_logging(run, device, n_proc):
     report.print(f"{n_proc} process(es) on {device.type}, {run.micro_steps} micro-steps each, "
                  f"precision {acc.mixed_precision}")
     report.print(f"number of parameters: {count_parameters(acc.unwrap_model(run.model)) / 1e6:.2f}M")
-    if cfg.wandb_log:
-        init = {"name": cfg.wandb_run_name}
-        if run.tracker_run_id:  # continue the same wandb run after a resume
-            init.update(id=run.tracker_run_id, resume="allow")
-        acc.init_trackers(cfg.wandb_project, config=dataclasses.asdict(cfg), init_kwargs={"wandb": init})
-        if acc.is_main_process:
-            run.tracker_run_id = acc.get_tracker("wandb").run.id
 
 
 @torch.no_grad()
@@ -271,7 +315,7 @@ def fit(run):
     x, y = next(batches)
     progress = Progress(report, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
                         flops_per_iter, peak)  # ETA on the log line, summary at the end
-    plot = LivePlot(report, cfg.out_dir)  # out_dir/loss.png, redrawn after each eval
+    plot = LivePlot(report, cfg.out_dir)  # out_dir/loss.png, redrawn after each eval (not by eval_only)
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
     while True:
@@ -316,9 +360,9 @@ def fit(run):
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
             report.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                         f"mfu {running_mfu * 100:.2f}%, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
+                         f"mfu {_percent(running_mfu)}, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
             report.log("train", run.iter_num, **{"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
-                                                 "tokens_per_sec": tokens_per_sec, "mfu": running_mfu * 100})
+                                                 "tokens_per_sec": tokens_per_sec, **_mfu_record(running_mfu)})
         run.iter_num += 1
         local_iter_num += 1
 
@@ -330,10 +374,10 @@ def fit(run):
             report.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                          "continue with --init_from=resume")
             break
-    run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads still in flight
     if not cfg.eval_only:
         progress.summary(run.iter_num)
     acc.end_training()
+    run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
     return run
 
 
@@ -347,12 +391,20 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
         report.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
     report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
                                         "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
-                                        "lr": lr, "mfu": running_mfu * 100})
+                                        "lr": lr, **_mfu_record(running_mfu)})
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
     if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if run.iter_num > 0 and not cfg.eval_only:
             save(run)
+
+
+def _percent(mfu):
+    return f"{mfu * 100:.2f}%" if mfu >= 0 else "n/a"  # not measured in the first MFU_WARMUP_ITERS steps
+
+
+def _mfu_record(mfu):
+    return {"mfu": mfu * 100} if mfu >= 0 else {}  # no placeholder value in the log or in wandb
 
 
 def check_finite(run, loss, what):
@@ -365,22 +417,9 @@ def check_finite(run, loss, what):
 
 def train(cfg):
     run = setup(cfg)
-    with StopSignals() as run.stop:
+    with StopSignals(announce=run.reporter.active) as run.stop:
         try:
             return fit(run)
         except NonFiniteLoss:
             run.accelerator.end_training()  # close trackers and the process group before exiting
             raise
-
-
-@exit_on_user_error
-def main(argv=None):
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    run = train(cfg)
-    if run.stop.received:
-        sys.exit(run.stop.exit_code)
-    return run  # alive until the process exits: freeing a DDP model can hang a gloo run (errors._exit)
-
-
-if __name__ == "__main__":
-    main()

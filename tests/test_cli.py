@@ -51,7 +51,7 @@ def test_print_config_shows_the_resolved_settings_as_a_preset_and_exits(tmp_path
 
 
 def test_print_config_still_reports_bad_settings(capsys):
-    from gpt_train.train import main
+    from gpt_train.cli import train as main
     with pytest.raises(SystemExit) as stop:
         main(["--n_layr=2", "--print_config"])
     assert stop.value.code == 2 and "did you mean n_layer?" in capsys.readouterr().err

@@ -89,7 +89,6 @@ def test_later_layer_may_use_the_other_spelling(tmp_path):
     (["--gradient_accumulation_steps=0"], "gradient_accumulation_steps must be at least 1"),
     (["--learning_rate=-0.1"], "learning_rate must not be negative"),
     (["--min_lr=0.1", "--learning_rate=0.01"], "min_lr (0.1) is above learning_rate"),
-    (["--warmup_iters=10", "--lr_decay_iters=5"], "warmup_iters (10) is beyond lr_decay_iters"),
     (["--dtype=float64"], "dtype must be one of"),
     (["--report_to=tensorboard"], "not supported"),
     (["no_such_preset.py"], "preset file no_such_preset.py not found"),

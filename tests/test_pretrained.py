@@ -94,16 +94,7 @@ def test_activation_checkpointing_computes_the_same_training_steps(tiny_run):
         torch.testing.assert_close(a, b)
 
 
-def test_short_name_loads_the_cached_hub_snapshot_without_network(tiny_gpt2, bpe_data, tmp_path):
-    # A Hugging Face cache holding "openai-community/gpt2" (our tiny model), as `hf download` leaves it.
-    repo = tmp_path / "hub" / "models--openai-community--gpt2"
-    shutil.copytree(tiny_gpt2, repo / "snapshots" / "0123abc")
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("0123abc")
-    result = run_script("train.py", "configs/eval_gpt2.py", f"--data_dir={bpe_data}", f"--out_dir={tmp_path / 'o'}",
-                        "--device=cpu", "--compile=False", "--eval_iters=2",
-                        env={"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_ENDPOINT": CLOSED_PORT_HUB})
-    assert "step 0: train loss 10.8" in result.stdout and "perplexity: train 5" in result.stdout
+# A cached Hub snapshot under its short name (configs/eval_gpt2.py, init_from='gpt2'): test_readme_walk.py.
 
 
 def test_hub_model_without_network_fails_fast_with_one_line(char_data, tmp_path):
