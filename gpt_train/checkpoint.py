@@ -279,6 +279,8 @@ def previous_run(out_dir):
 
 def remove_previous_run(out_dir):
     """Delete what a previous run wrote to out_dir: its checkpoint's files, log, chart and settings."""
+    if not os.path.isdir(out_dir):
+        return
     recover(out_dir)
     names = set(os.listdir(out_dir)) & set(RUN_FILES)
     state = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)

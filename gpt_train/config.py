@@ -23,6 +23,8 @@ from gpt_train.errors import UserError
 from gpt_train.hub import HUB_STRATEGIES, check_repo_id
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+OPTIMIZERS = ("adamw", "muon")
+LR_SCHEDULES = ("cosine", "wsd")
 
 
 def setting(default, help):
@@ -58,8 +60,10 @@ class TrainConfig:
     dropout: float = setting(0.0, "dropout; 0 for pretraining, try 0.1+ for fine-tuning")
     bias: bool = setting(False, "learned biases in Linear and LayerNorm layers")
     gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
-    # training (AdamW)
-    learning_rate: float = setting(6e-4, "peak learning rate")
+    # training
+    optimizer: str = setting("adamw", "'adamw' (nanoGPT's) or 'muon': Muon for the blocks' matrices, AdamW for "
+                                      "embeddings, LayerNorms and biases")
+    learning_rate: float = setting(6e-4, "peak learning rate (of AdamW)")
     max_iters: int = setting(600000, "optimizer steps in the run")
     weight_decay: float = setting(1e-1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = setting(0.9, "AdamW beta1")
@@ -67,8 +71,14 @@ class TrainConfig:
     grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
     skip_nonfinite_steps: bool = setting(False, "skip steps whose loss is NaN/inf and go on (one host sync "
                                          "per step) instead of stopping the run")
+    muon_learning_rate: float = setting(0.02, "peak learning rate of Muon (optimizer='muon'), scaled by the "
+                                              "schedule as learning_rate is")
+    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum (optimizer='muon')")
     # learning-rate schedule
-    decay_lr: bool = setting(True, "linear warmup then cosine decay; False keeps learning_rate constant")
+    decay_lr: bool = setting(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
+    lr_schedule: str = setting("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
+                                         "cooldown to min_lr over cooldown_iters ending at lr_decay_iters")
+    cooldown_iters: int = setting(0, "lr_schedule='wsd': iterations of the linear cooldown")
     warmup_iters: int = setting(2000, "warmup steps")
     lr_decay_iters: int = setting(600000, "step at which the cosine reaches min_lr; ~max_iters per Chinchilla")
     min_lr: float = setting(6e-5, "floor of the schedule, ~learning_rate/10 per Chinchilla")
@@ -98,7 +108,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters"):
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
+                     "muon_learning_rate", "muon_momentum", "cooldown_iters"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         for f in fields(self):
@@ -108,13 +119,23 @@ class TrainConfig:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("beta1", "beta2"):
+        for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.decay_lr:
             if self.min_lr > self.learning_rate:
                 raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): "
                                 "lower min_lr or set decay_lr=False")
+        if self.optimizer not in OPTIMIZERS:
+            raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if self.lr_schedule == "wsd" and self.cooldown_iters > self.lr_decay_iters - self.warmup_iters:
+            raise UserError(f"cooldown_iters ({self.cooldown_iters}) does not fit between warmup_iters "
+                            f"({self.warmup_iters}) and lr_decay_iters ({self.lr_decay_iters})")
+        if self.optimizer == "muon" and self.dtype == "float16":
+            raise UserError("optimizer='muon' with float16 loss scaling is not supported: use dtype bfloat16 or "
+                            "float32")
         if self.dtype not in DTYPES:
             raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.out_dir:
@@ -229,7 +250,8 @@ TOKENS_PER_ITER = ("gradient_accumulation_steps", "batch_size", "block_size")
 # Settings whose change makes a resumed run differ from the uninterrupted one.
 TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
               "learning_rate", "weight_decay", "beta1", "beta2", "grad_clip", "skip_nonfinite_steps", "decay_lr",
-              "warmup_iters", "lr_decay_iters", "min_lr", "seed", "dtype")
+              "warmup_iters", "lr_decay_iters", "min_lr", "seed", "dtype", "optimizer", "muon_learning_rate",
+              "muon_momentum", "lr_schedule", "cooldown_iters")
 
 
 def with_saved_settings(cfg, saved):
@@ -241,6 +263,9 @@ def with_saved_settings(cfg, saved):
     inherited = {k: v for k, v in saved.items()
                  if k in names and k not in cfg.explicit and k not in NOT_RESUMED}
     new = with_values(cfg, **inherited).validate()
+    if "optimizer" in saved and saved["optimizer"] != new.optimizer:
+        raise UserError(f"the run in {cfg.out_dir} trains with optimizer={saved['optimizer']!r}; a resume cannot "
+                        f"switch it: start a new run from its weights with --init_from={cfg.out_dir} --out_dir=NEW_DIR")
     changes = []
     for name in sorted(cfg.explicit & saved.keys() - set(NOT_RESUMED)):
         if saved[name] == getattr(new, name):

@@ -25,7 +25,7 @@ from gpt_train.errors import UserError, launched_processes
 from gpt_train.hub import HubPusher
 from gpt_train.metrics import Reporter, check_wandb_login, start_wandb
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
-                             flops_per_token, load_pretrained, lr_multiplier, make_optimizer, peak_flops,
+                             flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
                              pretrained_folder, read_model_config, ready_for_training, set_hyperparameters, set_schedule,
                              settings_for_checkpoint, use_causal_sdpa)
 from gpt_train.plot import LivePlot
@@ -49,8 +49,8 @@ class Run:
     cfg: object
     accelerator: Accelerator
     model: torch.nn.Module
-    optimizer: torch.optim.Optimizer
-    scheduler: object
+    optimizers: list  # AdamW, and Muon with optimizer='muon'
+    schedulers: list  # one LambdaLR per optimizer, the same multiplier
     sampler: BlockSampler
     tokenizer: object
     reporter: Reporter
@@ -81,6 +81,10 @@ def setup(cfg):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
     mixed_precision = _mixed_precision(cfg, device)  # a dtype the device lacks fails before any loading
+    fsdp_plugin = _fsdp_plugin(mixed_precision)
+    if fsdp_plugin and cfg.optimizer == "muon":
+        raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
+                        "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
     n_proc = state.num_processes
     micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, n_proc)
 
@@ -95,26 +99,28 @@ def setup(cfg):
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
         log_with="wandb" if cfg.wandb_log else None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
-        fsdp_plugin=_fsdp_plugin(mixed_precision),
+        fsdp_plugin=fsdp_plugin,
     )
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     use_causal_sdpa(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizer = make_optimizer(model, cfg, device.type)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(cfg))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    optimizers = make_optimizers(model, cfg, device.type)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
     checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
 
-    run = Run(cfg, accelerator, model, optimizer, scheduler,
+    run = Run(cfg, accelerator, model, optimizers, schedulers,
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device),
               tokenizer, Reporter(accelerator, None if cfg.eval_only else cfg.out_dir), iter_num=0, best_val_loss=math.inf,
               micro_steps=micro_steps,
               tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size)
     if saved is not None:
         checkpoint.load_training_state(accelerator, cfg.out_dir)
-        set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
-        set_schedule(optimizer, scheduler.scheduler, cfg)
+        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
+            set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
+            set_schedule(optimizer, scheduler.scheduler, cfg)
         run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
         run.tracker_run_id = saved.get("tracker_run_id")
         run.skipped_steps = saved.get("skipped_steps", 0)
@@ -308,7 +314,7 @@ def save(run):
 
 
 def fit(run):
-    cfg, acc, model, optimizer, report = run.cfg, run.accelerator, run.model, run.optimizer, run.reporter
+    cfg, acc, model, report = run.cfg, run.accelerator, run.model, run.reporter
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
     peak = peak_flops(acc.device)
     batches = train_batches(run)
@@ -319,7 +325,7 @@ def fit(run):
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
     while True:
-        lr = run.scheduler.get_last_lr()[0]
+        lr = run.schedulers[0].get_last_lr()[0]  # AdamW's; Muon's follows the same multiplier
 
         # evaluate the loss on train/val sets and write checkpoints
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
@@ -342,9 +348,12 @@ def fit(run):
         else:
             if cfg.grad_clip:
                 acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-        run.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            for optimizer in run.optimizers:
+                optimizer.step()
+        for scheduler in run.schedulers:
+            scheduler.step()
+        for optimizer in run.optimizers:
+            optimizer.zero_grad(set_to_none=True)
 
         # timing and logging
         t1 = time.time()

@@ -50,6 +50,12 @@ def test_overwrite_output_dir_replaces_the_run_and_never_mixes_two_logs(tiny_run
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"  # not gpt-train's to delete
 
 
+def test_overwrite_output_dir_into_a_new_folder_just_trains(tiny_run):
+    out_dir, args = tiny_run
+    run([*args, *SHORT, "--overwrite_output_dir=True"])
+    assert [e["iter"] for e in read_metrics(out_dir, "eval")] == [0, 3, 6]
+
+
 def test_eval_only_leaves_the_run_it_evaluates_untouched(tiny_run, capsys):
     out_dir, args = tiny_run
     run([*args, *SHORT])

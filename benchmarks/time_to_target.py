@@ -1,0 +1,132 @@
+"""Time to target: how long `python train.py PRESET` takes to exit with a model as good as
+nanoGPT's CPU recipe makes, the fast preset against the recipe side by side in one run.
+
+The target is nanoGPT's own result for its README's CPU command (4 layers, 4 heads, 128 wide,
+context 64, Tiny Shakespeare characters, 2000 iterations): val loss 1.9021 over 500 val batches.
+Each run is timed from process start to exit (start-up, evaluations, checkpoints and the loss
+chart included, as a user waits for it), then every final model is scored on the same 500 val
+batches (fixed offsets, batch 12 x 64). Runs alternate (recipe, then each seed of the fast
+preset, round after round) so drift on a shared machine hits both alike; time it on an
+otherwise idle machine.
+
+    python data_prep/shakespeare_char/prepare.py
+    python benchmarks/time_to_target.py [--seeds=1337,1,2] [--rounds=1] [--nanogpt=PATH/TO/nanoGPT]
+        [--fast=configs/speedrun_shakespeare_char_cpu.py] [--extra="--key=value ..."]
+"""
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+TARGET = 1.9021  # nanoGPT's CPU recipe, its 2000-iteration checkpoint over 500 val batches
+RECIPE = "configs/train_shakespeare_char_cpu.py"  # nanoGPT's CPU command as a gpt-train preset
+NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
+               "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4", "--n_head=4",
+               "--n_embd=128", "--max_iters=2000", "--lr_decay_iters=2000", "--dropout=0.0"]
+SCORE_BATCHES, SCORE_BATCH, SCORE_BLOCK, SCORE_SEED = 500, 12, 64, 0
+
+
+def timed(cmd, cwd):
+    start = time.perf_counter()
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if result.returncode:
+        raise SystemExit(f"{shlex.join(cmd)} failed:\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def run_gpt_train(preset, out_dir, data, extra):
+    cmd = [sys.executable, "train.py", preset, f"--out_dir={out_dir}", f"--data_dir={data}", *extra]
+    return timed(cmd, ROOT), out_dir
+
+
+def run_nanogpt(nanogpt, work, data):
+    """nanoGPT's train.py as its README runs it on a CPU; its ckpt.pt converted for scoring."""
+    os.makedirs(os.path.join(work, "data"), exist_ok=True)
+    link = os.path.join(work, "data", "shakespeare_char")
+    if not os.path.exists(link):
+        os.symlink(os.path.abspath(data), link)
+    out = os.path.join(work, "out")
+    cmd = [sys.executable, os.path.join(nanogpt, "train.py"), os.path.join(nanogpt, NANOGPT_CPU[0]),
+           *NANOGPT_CPU[1:], f"--out_dir={out}"]
+    seconds = timed(cmd, work)
+    folder = os.path.join(work, "hf")
+    timed([sys.executable, "-m", "gpt_train.convert", "from-nanogpt", os.path.join(out, "ckpt.pt"), folder,
+           f"--meta={data}"], ROOT)
+    return seconds, folder
+
+
+@torch.no_grad()
+def score(folder, data):
+    """Mean loss of the model in `folder` over the same SCORE_BATCHES val batches for every model."""
+    from transformers import GPT2LMHeadModel
+    model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    val = np.memmap(os.path.join(data, "val.bin"), dtype=np.uint16, mode="r")
+    rng = np.random.default_rng(SCORE_SEED)
+    total = 0.0
+    for _ in range(SCORE_BATCHES):
+        starts = rng.integers(0, len(val) - SCORE_BLOCK - 1, SCORE_BATCH)
+        rows = torch.from_numpy(np.stack([val[i:i + SCORE_BLOCK + 1] for i in starts]).astype(np.int64))
+        total += model(input_ids=rows[:, :-1], labels=rows[:, 1:], shift_labels=rows[:, 1:]).loss.item()
+    return total / SCORE_BATCHES
+
+
+def spread(values):
+    return f"{statistics.mean(values):.4g} (min {min(values):.4g}, max {max(values):.4g})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--fast", default="configs/speedrun_shakespeare_char_cpu.py")
+    ap.add_argument("--seeds", default="1337,1,2", help="seeds of the fast preset (the recipe keeps its own)")
+    ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--data", default="data/shakespeare_char")
+    ap.add_argument("--nanogpt", help="a nanoGPT checkout: also time its own train.py")
+    ap.add_argument("--extra", default="", help="settings appended to the fast preset's command (ablations)")
+    ap.add_argument("--skip_recipe", action="store_true", help="time the fast preset only (exploring)")
+    a = ap.parse_args()
+    data = os.path.abspath(os.path.join(ROOT, a.data) if not os.path.isabs(a.data) else a.data)
+    seeds = [int(s) for s in a.seeds.split(",") if s]
+    runs = []  # (name, seed, seconds, folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(a.rounds):
+            if not a.skip_recipe:
+                seconds, folder = run_gpt_train(RECIPE, os.path.join(tmp, f"recipe-{r}"), data, [])
+                runs.append(("recipe", 1337, seconds, folder))
+                print(f"round {r + 1} recipe: {seconds:.1f} s", flush=True)
+                if a.nanogpt:
+                    seconds, folder = run_nanogpt(a.nanogpt, os.path.join(tmp, f"nanogpt-{r}"), data)
+                    runs.append(("nanoGPT", 1337, seconds, folder))
+                    print(f"round {r + 1} nanoGPT: {seconds:.1f} s", flush=True)
+            for seed in seeds:
+                extra = [f"--seed={seed}", *shlex.split(a.extra)]
+                seconds, folder = run_gpt_train(a.fast, os.path.join(tmp, f"fast-{seed}-{r}"), data, extra)
+                runs.append(("fast", seed, seconds, folder))
+                print(f"round {r + 1} fast seed {seed}: {seconds:.1f} s", flush=True)
+        scored = [(name, seed, seconds, score(folder, data)) for name, seed, seconds, folder in runs]
+    print(f"\n{'run':8s} {'seed':>5s} {'wall s':>7s} {'val (500)':>9s}")
+    for name, seed, seconds, loss in scored:
+        print(f"{name:8s} {seed:5d} {seconds:7.1f} {loss:9.4f}{'' if loss <= TARGET else '  above target'}")
+    fast = [(s, v) for n, _, s, v in scored if n == "fast"]
+    print(f"\nfast preset {a.fast} {a.extra}: wall {spread([s for s, _ in fast])} s, "
+          f"val {spread([v for _, v in fast])}; target {TARGET} met by {sum(v <= TARGET for _, v in fast)}/{len(fast)}")
+    for baseline in ("recipe", "nanoGPT"):
+        base = [s for n, _, s, _ in scored if n == baseline]
+        if base:
+            vals = [v for n, _, _, v in scored if n == baseline]
+            print(f"{baseline}: wall {spread(base)} s, val {spread(vals)}; fast/{baseline} wall ratio "
+                  f"{statistics.mean(s for s, _ in fast) / statistics.mean(base):.3f}")
+
+
+if __name__ == "__main__":
+    main()
