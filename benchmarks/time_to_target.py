@@ -51,14 +51,17 @@ def run_gpt_train(preset, out_dir, data, extra):
 
 
 def run_nanogpt(nanogpt, work, data):
-    """nanoGPT's train.py as its README runs it on a CPU; its ckpt.pt converted for scoring."""
+    """nanoGPT's train.py as its README runs it on a CPU (from a folder like its checkout, whose
+    data/shakespeare_char is ours: the same bins); its ckpt.pt converted for scoring."""
     os.makedirs(os.path.join(work, "data"), exist_ok=True)
+    for name in os.listdir(nanogpt):  # it reads configurator.py and data/ from the working directory
+        if name not in ("data", ".git") and not os.path.exists(os.path.join(work, name)):
+            os.symlink(os.path.join(os.path.abspath(nanogpt), name), os.path.join(work, name))
     link = os.path.join(work, "data", "shakespeare_char")
     if not os.path.exists(link):
         os.symlink(os.path.abspath(data), link)
     out = os.path.join(work, "out")
-    cmd = [sys.executable, os.path.join(nanogpt, "train.py"), os.path.join(nanogpt, NANOGPT_CPU[0]),
-           *NANOGPT_CPU[1:], f"--out_dir={out}"]
+    cmd = [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out}"]
     seconds = timed(cmd, work)
     folder = os.path.join(work, "hf")
     timed([sys.executable, "-m", "gpt_train.convert", "from-nanogpt", os.path.join(out, "ckpt.pt"), folder,
@@ -71,13 +74,15 @@ def score(folder, data):
     """Mean loss of the model in `folder` over the same SCORE_BATCHES val batches for every model."""
     from transformers import GPT2LMHeadModel
     model = GPT2LMHeadModel.from_pretrained(folder).eval()
+    model.loss_type = "ForCausalLM"  # the class name does not say so, and transformers warns
     val = np.memmap(os.path.join(data, "val.bin"), dtype=np.uint16, mode="r")
     rng = np.random.default_rng(SCORE_SEED)
     total = 0.0
     for _ in range(SCORE_BATCHES):
         starts = rng.integers(0, len(val) - SCORE_BLOCK - 1, SCORE_BATCH)
         rows = torch.from_numpy(np.stack([val[i:i + SCORE_BLOCK + 1] for i in starts]).astype(np.int64))
-        total += model(input_ids=rows[:, :-1], labels=rows[:, 1:], shift_labels=rows[:, 1:]).loss.item()
+        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        total += model(input_ids=x, labels=y, shift_labels=y).loss.item()
     return total / SCORE_BATCHES
 
 
