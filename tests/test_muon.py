@@ -43,6 +43,29 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(char_data, tmp_path)
     assert isinstance(muon.optimizer, torch.optim.Muon) and isinstance(adamw.optimizer, torch.optim.AdamW)
 
 
+def test_the_speedrun_preset_is_what_the_readme_says(char_data, tmp_path):
+    run = setup(load_config([os.path.join(ROOT, "configs", "speedrun_shakespeare_char_cpu.py"),
+                             f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cpu"]))
+    cfg = run.cfg
+    assert (cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.block_size, cfg.batch_size) == (4, 4, 128, 64, 12)
+    assert (cfg.max_iters, cfg.eval_interval, cfg.compile, cfg.lr_schedule) == (500, 500, False, "cosine")
+    adamw, muon = run.optimizers
+    assert isinstance(muon.optimizer, Float32Muon)  # on a CPU
+    assert len(muon.param_groups[0]["params"]) == 16  # 4 matrices in each of 4 blocks
+    assert [g["weight_decay"] for g in adamw.param_groups] == [0.1, 0.0] and muon.param_groups[0]["weight_decay"] == 0.1
+    factor = lr_multiplier(cfg)
+    peaks = (3e-3, 1e-2)
+    for it, expected in ((0, 1 / 51), (49, 50 / 51), (50, 1.0), (275, 0.55), (500, 0.1)):
+        assert factor(it) == pytest.approx(expected), it
+    assert [adamw.param_groups[0]["lr"], muon.param_groups[0]["lr"]] == pytest.approx([p / 51 for p in peaks])
+
+
+def test_the_time_to_target_benchmark_runs(char_data):
+    result = run_script("benchmarks/time_to_target.py", "--skip_recipe", "--seeds=1", f"--data={char_data}",
+                        "--extra=--max_iters=5 --lr_decay_iters=5 --warmup_iters=1 --eval_interval=5 --eval_iters=1")
+    assert "target 1.9021 met by 0/1" in result.stdout and "fast         1" in result.stdout
+
+
 def test_float32_muon_is_torchs_muon_up_to_bfloat16_rounding():
     torch.manual_seed(0)
     weight, grad = torch.randn(64, 256), torch.randn(64, 256)
