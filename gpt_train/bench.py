@@ -8,9 +8,7 @@ is what a training run gets, data loading and logging included.
     python bench.py configs/train_gpt2.py --batch_size=12 --compile=True
     python bench.py configs/train_shakespeare_char_cpu.py --bench_iters=50 --profile=True
 """
-import json
 import math
-import os
 import resource
 import statistics
 import sys
@@ -18,10 +16,12 @@ import tempfile
 from dataclasses import dataclass
 
 import torch
+from torch._dynamo.utils import counters
 
 from gpt_train.config import TrainConfig, load_config, setting
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.model import flops_per_token, peak_flops
+from gpt_train.out_dir import read_metrics
 from gpt_train.train import fit, setup
 
 
@@ -44,17 +44,17 @@ def benchmark(cfg):
     with tempfile.TemporaryDirectory() as out_dir:
         cfg.out_dir, cfg.max_iters = out_dir, cfg.bench_warmup + cfg.bench_iters
         cfg.eval_interval, cfg.eval_iters, cfg.log_interval = cfg.max_iters, 1, 1
-        cfg.wandb_log, cfg.eval_only = False, False
+        # a benchmark logs to metrics.jsonl only: it saves, pushes and reports to wandb nothing
+        cfg.wandb_log, cfg.eval_only, cfg.always_save_checkpoint, cfg.push_to_hub = False, False, False, False
         run = setup(cfg)
-        run.best_val_loss = -math.inf  # nothing beats it: a benchmark writes no checkpoint
+        run.best_val_loss = -math.inf  # nothing beats it, so no evaluation saves
         if cfg.profile:
             _profiled_fit(run, cfg)
         else:
             fit(run)
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            steps = [r for r in map(json.loads, f) if r["event"] == "train" and r["iter"] >= cfg.bench_warmup]
-    if not run.accelerator.is_main_process:
-        return None
+        if not run.accelerator.is_main_process:
+            return None
+        steps = [r for r in read_metrics(out_dir, "train") if r["iter"] >= cfg.bench_warmup]
     device = run.accelerator.device
     ms = statistics.median(r["dt_ms"] for r in steps)
     model = run.accelerator.unwrap_model(run.model)
@@ -83,22 +83,22 @@ def benchmark(cfg):
 def _profiled_fit(run, cfg):
     """fit() under torch.profiler, recording the timed iterations only (not compilation or warmup).
 
-    The profiler steps on each iteration's train log record (bench logs every iteration), so
-    the trace holds iterations bench_warmup.. and stays small enough to open.
+    The profiler steps with the learning-rate schedule, once per training iteration, so the
+    trace holds iterations bench_warmup.. and stays small enough to open.
     """
     device = run.accelerator.device.type
     schedule = torch.profiler.schedule(wait=max(cfg.bench_warmup - 1, 0), warmup=min(cfg.bench_warmup, 1),
                                        active=cfg.bench_iters, repeat=1)
     with torch.profiler.profile(schedule=schedule, record_shapes=True,
                                 on_trace_ready=lambda p: p.export_chrome_trace(cfg.trace_file)) as prof:
-        log = run.reporter.log
+        scheduler = run.schedulers[0]
+        step = scheduler.step
 
-        def log_and_step(event, *args, **kwargs):
-            log(event, *args, **kwargs)
-            if event == "train":
-                prof.step()
+        def step_and_profile(*args, **kwargs):
+            step(*args, **kwargs)
+            prof.step()
 
-        run.reporter.log = log_and_step
+        scheduler.step = step_and_profile
         fit(run)
     if run.accelerator.is_main_process:
         sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
@@ -107,7 +107,6 @@ def _profiled_fit(run, cfg):
 
 def _compile_stats():
     """Graphs dynamo compiled and why it broke any: a break splits the step in two (slower)."""
-    from torch._dynamo.utils import counters
     return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 

@@ -1,13 +1,8 @@
-"""Checkpoints: out_dir is a Hugging Face model folder plus the state to resume training.
+"""Checkpoints: writing out_dir's model folder and training state safely, and reading them back.
 
-    out_dir/
-      config.json, model.safetensors, generation_config.json, tokenizer files   <- the model
-      training_config.json                                                      <- the run's settings
-      training_state/   accelerator.save_state (optimizer, scheduler, scaler, RNGs; under FSDP
-                        also each process's shard of the model)
-                        trainer_state.json (iteration, best val loss, tracker run id, manifest)
-
-The model part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/
+out_dir's layout (gpt_train.out_dir) is a Hugging Face model folder plus training_state/:
+accelerator.save_state (optimizer, scheduler, scaler, RNGs; under FSDP also each process's shard
+of the model) and trainer_state.json (the loop's state and the checkpoint's manifest). The model part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/
 is what `init_from='resume'` needs on top. Without FSDP the weights are stored once, in the
 model folder, which resume loads (a second copy in training_state/ would double the
 checkpoint's weight I/O: 6 GB more per gpt2-xl save). The loop's own state lives in JSON, not in
@@ -29,38 +24,31 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
-import time
 
 from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
+from safetensors import SafetensorError
 from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
-from gpt_train.errors import UserError
-from gpt_train.files import give_default_mode
+from gpt_train.errors import UserError, first_line
+from gpt_train.files import atomic_path, give_default_mode
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
+from gpt_train.out_dir import (COMMITTED_DIR, MODEL_FILES, RUN_CONFIG, RUN_FILES, STAGING_DIR, STATE_DIR, TRAINER_STATE,
+                               TrainerState, missing_model_files)
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
-STATE_DIR = "training_state"
-TRAINER_STATE = "trainer_state.json"
-RUN_CONFIG = "training_config.json"
-STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until renamed
-COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
 OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once the new one is in
-MODEL_FILES = ("config.json", "model.safetensors", "generation_config.json")
-METRICS = "metrics.jsonl"
-LOSS_CHART = "loss.png"
-# Any of these in out_dir means a training run wrote there.
-RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, MODEL_FILES[1], STAGING_DIR, COMMITTED_DIR)
 HASHED_FILES = MODEL_FILES  # replaced one by one in out_dir, so a mix must be detectable
 HASH_CHUNK = 16 << 20
+DAMAGED_STATE = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError,
+                 CheckpointException)
 FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
-# Test-only: "<phase>:<iter_num>" makes the save of that iteration stop at that phase until killed.
-HANG_IN_SAVE_ENV = "GPT_TRAIN_TEST_HANG_IN_SAVE"
 
 
 def store_weights_once(accelerator):
@@ -87,25 +75,25 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
                                      state_dict, tokenizer, staging, trainer_state)
     _write_on_every_process(accelerator, out_dir, write_folder if accelerator.is_main_process else None)
     if accelerator.is_main_process:
-        _hang_for_tests("staged", trainer_state)
         committed = os.path.join(out_dir, COMMITTED_DIR)
         os.rename(staging, committed)  # the commit point
         _fsync_dir(out_dir)
-        _hang_for_tests("committed", trainer_state)
-        _move_into_place(committed, out_dir, trainer_state)
+        _move_into_place(committed, out_dir)
     accelerator.wait_for_everyone()
 
 
 def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     """The Hugging Face folder, its model card and the manifest of the whole staged checkpoint."""
     hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
-    model.save_pretrained(staging, state_dict=state_dict)
-    hf_logging.enable_progress_bar()
+    try:
+        model.save_pretrained(staging, state_dict=state_dict)
+    finally:
+        hf_logging.enable_progress_bar()
     tokenizer.save_pretrained(staging)
     write_model_card(staging, trainer_state)
     give_default_mode(staging)  # safetensors writes model.safetensors 0600
-    manifest = {"files": _manifest(staging)}
-    _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), {**trainer_state, **manifest})
+    trainer_state.files = _manifest(staging)
+    _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state.to_dict())
     _flush_tree(staging)
 
 
@@ -168,7 +156,7 @@ def recover(out_dir):
     shutil.rmtree(os.path.join(out_dir, OLD_STATE_DIR), ignore_errors=True)
 
 
-def _move_into_place(committed, out_dir, trainer_state=None):
+def _move_into_place(committed, out_dir):
     """Replace the previous checkpoint with the committed one; safe to run again after a crash."""
     for name in os.listdir(committed):
         if name != STATE_DIR:
@@ -179,7 +167,6 @@ def _move_into_place(committed, out_dir, trainer_state=None):
         shutil.rmtree(old_state, ignore_errors=True)
         if os.path.isdir(state):
             os.rename(state, old_state)  # a folder cannot be renamed over a non-empty one
-        _hang_for_tests("moving", trainer_state)
         os.rename(new_state, state)
         shutil.rmtree(old_state, ignore_errors=True)
     os.rmdir(committed)
@@ -187,27 +174,17 @@ def _move_into_place(committed, out_dir, trainer_state=None):
 
 
 def read_trainer_state(out_dir):
-    """The saved loop state of out_dir's checkpoint, after checking the checkpoint is whole."""
-    path = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
+    """The TrainerState of out_dir's checkpoint, after checking the checkpoint is whole."""
     processes = PartialState()
     if processes.is_main_process and os.path.isdir(out_dir):
         recover(out_dir)  # the process that writes checkpoints is the one that repairs them
     processes.wait_for_everyone()
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume in {out_dir}: no {STATE_DIR}/{TRAINER_STATE} found. "
-                        "Train with init_from='scratch' first, or point out_dir at a finished checkpoint")
-    missing = [f for f in MODEL_FILES[:2] if not os.path.isfile(os.path.join(out_dir, f))]
+    state = TrainerState.read(out_dir)
+    missing = missing_model_files(out_dir)
     if missing:
         raise UserError(f"the checkpoint in {out_dir} is incomplete ({', '.join(missing)} missing): "
                         "it cannot be resumed")
-    try:
-        with open(path, encoding="utf-8") as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or not isinstance(state.get("iter_num"), int):
-            raise ValueError("no iteration number in it")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is corrupt ({e}): the checkpoint cannot be resumed") from None
-    for name, expected in state.get("files", {}).items():
+    for name, expected in state.files.items():
         problem = _file_problem(os.path.join(out_dir, name), expected)
         if problem:
             raise UserError(f"the checkpoint in {out_dir} is partial or corrupt: {name} {problem}. "
@@ -220,10 +197,9 @@ def load_training_state(accelerator, out_dir):
     _check_sharding_matches(accelerator, out_dir)
     try:
         accelerator.load_state(os.path.join(out_dir, STATE_DIR))
-    except Exception as e:  # torch and safetensors raise many types for a damaged file
-        reason = str(e).split(". ")[0].splitlines()[0] if str(e) else ""  # torch's messages run long
+    except DAMAGED_STATE as e:  # what torch, pickle and safetensors raise for a damaged or foreign file
         raise UserError(f"the training state in {os.path.join(out_dir, STATE_DIR)} cannot be loaded "
-                        f"({type(e).__name__}: {reason}): the checkpoint is corrupt or from another model") from None
+                        f"({first_line(e)}): the checkpoint is corrupt or from another model") from None
 
 
 def _check_sharding_matches(accelerator, out_dir):
@@ -245,36 +221,15 @@ def _check_sharding_matches(accelerator, out_dir):
                         "--out_dir=NEW_DIR")
 
 
-def write_run_config(out_dir, cfg_json):
-    _write_json(os.path.join(out_dir, RUN_CONFIG), json.loads(cfg_json))
-
-
-def read_run_config(out_dir):
-    """The settings of the run in out_dir, as its last session saved them."""
-    path = os.path.join(out_dir, RUN_CONFIG)
-    if not os.path.isfile(path):
-        raise UserError(f"nothing to resume in {out_dir}: no {RUN_CONFIG} found. Train with "
-                        "init_from='scratch' first, or point out_dir at the folder of a run")
-    try:
-        with open(path, encoding="utf-8") as f:
-            saved = json.load(f)
-        if not isinstance(saved, dict):
-            raise ValueError("not a JSON object")
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}): the run's settings cannot be resumed") from None
-    return saved
-
-
-def previous_run(out_dir):
-    """What a training run left in out_dir, in a few words; '' if nothing: a new run must not mix with it."""
-    found = sorted(set(os.listdir(out_dir)) & set(RUN_FILES)) if os.path.isdir(out_dir) else []
-    if not found:
-        return ""
-    try:
-        with open(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), encoding="utf-8") as f:
-            return f"a checkpoint at iteration {json.load(f)['iter_num']:,}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return ", ".join(found)
+def start_run_folder(out_dir, settings_json, replace):
+    """On the main process: out_dir created (another run's files removed first if `replace`), and
+    the run's settings written to it."""
+    if not PartialState().is_main_process:
+        return
+    if replace:
+        remove_previous_run(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    _write_json(os.path.join(out_dir, RUN_CONFIG), json.loads(settings_json))
 
 
 def remove_previous_run(out_dir):
@@ -283,13 +238,10 @@ def remove_previous_run(out_dir):
         return
     recover(out_dir)
     names = set(os.listdir(out_dir)) & set(RUN_FILES)
-    state = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
-    if os.path.isfile(state):
-        try:
-            with open(state, encoding="utf-8") as f:
-                names |= {name.split("/")[0] for name in json.load(f).get("files", {})}
-        except (OSError, ValueError, AttributeError):
-            pass  # a damaged manifest: the known names below still go
+    try:
+        names |= {name.split("/")[0] for name in TrainerState.read(out_dir).files}
+    except UserError:
+        pass  # no checkpoint, or a damaged one: the known names still go
     for name in names:
         path = os.path.join(out_dir, name)
         if os.path.isdir(path):
@@ -347,21 +299,7 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _hang_for_tests(phase, trainer_state):
-    """Let a test kill the process at a chosen moment of a save; a no-op unless the variable is set."""
-    wanted = os.environ.get(HANG_IN_SAVE_ENV)
-    if not wanted:
-        return
-    name, _, iteration = wanted.partition(":")
-    if name == phase and trainer_state and str(trainer_state["iter_num"]) == iteration:
-        print(f"hanging in save: {phase}", flush=True)
-        while True:
-            time.sleep(1)
-
-
 def _write_json(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)

@@ -7,12 +7,13 @@ transformers and Accelerate takes.
 import sys
 
 from gpt_train.config import load_config
-from gpt_train.errors import exit_on_user_error
+from gpt_train.errors import ClosedPipeTolerantStdout, exit_on_user_error
 
 
 @exit_on_user_error
 def train(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
+    sys.stdout = ClosedPipeTolerantStdout(sys.stdout)
     from gpt_train.train import train as run_training  # deferred: see the module docstring
 
     run = run_training(cfg)

@@ -8,14 +8,14 @@ its TrainingArguments name (`per_device_train_batch_size`, `max_steps`, ...).
 
 Not here: what the settings do. That is the job of the modules that read them.
 """
+import argparse
 import ast
 import dataclasses
 import difflib
-import inspect
+import functools
 import json
 import math
 import os
-import re
 import sys
 from dataclasses import dataclass, field, fields
 
@@ -27,75 +27,85 @@ OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
 
 
-def setting(default, help):
-    """A dataclass field whose one-line help feeds `--help`."""
-    return field(default=default, metadata={"help": help})
+def setting(default, help, group="settings"):
+    """A dataclass field whose one-line help (and group) feeds `--help`."""
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+def section(group):
+    """setting() for the fields of one `--help` group."""
+    return functools.partial(setting, group=group)
+
+
+io, data, model_shape, training = section("I/O and logging"), section("data and batching"), section("model"), \
+    section("training")
+schedule, init, system = section("learning-rate schedule"), section("initialisation"), section("system")
+hub = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)")
 
 
 @dataclass
 class TrainConfig:
-    # I/O and logging
-    out_dir: str = setting("out", "folder for the model, its training state and metrics.jsonl")
-    eval_interval: int = setting(2000, "evaluate train and val loss every this many iterations")
-    log_interval: int = setting(1, "print the training loss every this many iterations")
-    progress: bool = setting(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
-    eval_iters: int = setting(200, "batches per split in each evaluation")
-    eval_only: bool = setting(False, "evaluate once and exit, writing nothing to out_dir")
-    overwrite_output_dir: bool = setting(False, "train from scratch or a pretrained model into an out_dir that "
-                                         "holds another run, replacing it")
-    always_save_checkpoint: bool = setting(True, "save at every eval, not only when val loss improves")
-    wandb_log: bool = setting(False, "log to Weights & Biases")
-    wandb_project: str = setting("owt", "wandb project")
-    wandb_run_name: str = setting("gpt2", "wandb run name")
-    # data and batching
-    dataset: str = setting("openwebtext", "name of the prepared dataset under data/")
-    data_dir: str = setting("", "folder with train.bin and val.bin; empty means data/<dataset>")
-    gradient_accumulation_steps: int = setting(5 * 8, "micro-steps per optimizer step, summed over all processes")
-    batch_size: int = setting(12, "micro-batch size per process")
-    block_size: int = setting(1024, "context length in tokens")
-    # model
-    n_layer: int = setting(12, "transformer blocks")
-    n_head: int = setting(12, "attention heads per block")
-    n_embd: int = setting(768, "embedding width")
-    dropout: float = setting(0.0, "dropout; 0 for pretraining, try 0.1+ for fine-tuning")
-    bias: bool = setting(False, "learned biases in Linear and LayerNorm layers")
-    gradient_checkpointing: bool = setting(False, "recompute activations in backward to save memory")
-    # training
-    optimizer: str = setting("adamw", "'adamw' (nanoGPT's) or 'muon': Muon for the blocks' matrices, AdamW for "
-                                      "embeddings, LayerNorms and biases")
-    learning_rate: float = setting(6e-4, "peak learning rate (of AdamW)")
-    max_iters: int = setting(600000, "optimizer steps in the run")
-    weight_decay: float = setting(1e-1, "AdamW weight decay, applied to 2-D weights only")
-    beta1: float = setting(0.9, "AdamW beta1")
-    beta2: float = setting(0.95, "AdamW beta2")
-    grad_clip: float = setting(1.0, "clip the gradient norm to this; 0 disables clipping")
-    skip_nonfinite_steps: bool = setting(False, "skip steps whose loss is NaN/inf and go on (one host sync "
-                                         "per step) instead of stopping the run")
-    muon_learning_rate: float = setting(0.02, "peak learning rate of Muon (optimizer='muon'), scaled by the "
-                                              "schedule as learning_rate is")
-    muon_momentum: float = setting(0.95, "Muon's Nesterov momentum (optimizer='muon')")
-    # learning-rate schedule
-    decay_lr: bool = setting(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
-    lr_schedule: str = setting("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
-                                         "cooldown to min_lr over cooldown_iters ending at lr_decay_iters")
-    cooldown_iters: int = setting(0, "lr_schedule='wsd': iterations of the linear cooldown")
-    warmup_iters: int = setting(2000, "warmup steps")
-    lr_decay_iters: int = setting(600000, "step at which the cosine reaches min_lr; ~max_iters per Chinchilla")
-    min_lr: float = setting(6e-5, "floor of the schedule, ~learning_rate/10 per Chinchilla")
-    # initialisation
-    init_from: str = setting("scratch", "'scratch', 'resume', 'gpt2*', a Hub id or a local model folder")
-    seed: int = setting(1337, "seed for weights, data sampling and dropout")
-    # system
-    backend: str = setting("nccl", "torch.distributed backend on GPUs; CPU runs always use gloo")
-    device: str = setting("auto", "'auto' picks cuda, then mps, then cpu; or name one")
-    dtype: str = setting("auto", "'auto' is bfloat16 where supported, else float32; or float32/bfloat16/float16")
-    compile: bool = setting(True, "torch.compile the model")
+    out_dir: str = io("out", "folder for the model, its training state and metrics.jsonl")
+    eval_interval: int = io(2000, "evaluate train and val loss every this many iterations")
+    log_interval: int = io(1, "print the training loss every this many iterations")
+    progress: bool = io(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
+    eval_iters: int = io(200, "batches per split in each evaluation")
+    eval_only: bool = io(False, "evaluate once and exit, writing nothing to out_dir")
+    overwrite_output_dir: bool = io(False, "train from scratch or a pretrained model into an out_dir that "
+                                    "holds another run, replacing it")
+    always_save_checkpoint: bool = io(True, "save at every eval, not only when val loss improves")
+    wandb_log: bool = io(False, "log to Weights & Biases")
+    wandb_project: str = io("owt", "wandb project")
+    wandb_run_name: str = io("gpt2", "wandb run name")
 
-    # hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)
-    push_to_hub: bool = setting(False, "upload the model folder to the Hugging Face Hub")
-    hub_model_id: str = setting("", "the Hub repository, 'user/name'; required with push_to_hub")
-    hub_private_repo: bool = setting(False, "create the repository as private")
-    hub_strategy: str = setting("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
+    dataset: str = data("openwebtext", "name of the prepared dataset under data/")
+    data_dir: str = data("", "folder with train.bin and val.bin; empty means data/<dataset>")
+    gradient_accumulation_steps: int = data(5 * 8, "micro-steps per optimizer step, summed over all processes")
+    batch_size: int = data(12, "micro-batch size per process")
+    block_size: int = data(1024, "context length in tokens")
+
+    n_layer: int = model_shape(12, "transformer blocks")
+    n_head: int = model_shape(12, "attention heads per block")
+    n_embd: int = model_shape(768, "embedding width")
+    dropout: float = model_shape(0.0, "dropout; 0 for pretraining, try 0.1+ for fine-tuning")
+    bias: bool = model_shape(False, "learned biases in Linear and LayerNorm layers")
+    gradient_checkpointing: bool = model_shape(False, "recompute activations in backward to save memory")
+
+    optimizer: str = training("adamw", "'adamw' (nanoGPT's) or 'muon': Muon for the blocks' matrices, AdamW for "
+                              "embeddings, LayerNorms and biases")
+    learning_rate: float = training(6e-4, "peak learning rate (of AdamW)")
+    max_iters: int = training(600000, "optimizer steps in the run")
+    weight_decay: float = training(1e-1, "AdamW weight decay, applied to 2-D weights only")
+    beta1: float = training(0.9, "AdamW beta1")
+    beta2: float = training(0.95, "AdamW beta2")
+    grad_clip: float = training(1.0, "clip the gradient norm to this; 0 disables clipping")
+    skip_nonfinite_steps: bool = training(False, "skip steps whose loss is NaN/inf and go on (one host sync "
+                                          "per step) instead of stopping the run")
+    muon_learning_rate: float = training(0.02, "peak learning rate of Muon (optimizer='muon'), scaled by the "
+                                         "schedule as learning_rate is")
+    muon_momentum: float = training(0.95, "Muon's Nesterov momentum (optimizer='muon')")
+
+    decay_lr: bool = schedule(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
+    lr_schedule: str = schedule("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
+                                "cooldown to min_lr over cooldown_iters ending at lr_decay_iters")
+    cooldown_iters: int = schedule(0, "lr_schedule='wsd': iterations of the linear cooldown")
+    warmup_iters: int = schedule(2000, "warmup steps")
+    lr_decay_iters: int = schedule(600000, "step at which the cosine reaches min_lr; ~max_iters per Chinchilla")
+    min_lr: float = schedule(6e-5, "floor of the schedule, ~learning_rate/10 per Chinchilla")
+
+    init_from: str = init("scratch", "'scratch', 'resume', 'gpt2*', a Hub id or a local model folder")
+    seed: int = init(1337, "seed for weights, data sampling and dropout")
+
+    backend: str = system("nccl", "torch.distributed backend on GPUs; CPU runs always use gloo")
+    device: str = system("auto", "'auto' picks cuda, then mps, then cpu; or name one")
+    dtype: str = system("auto", "'auto' is bfloat16 on GPUs that support it, float16 on others, float32 on CPU "
+                                "and MPS; or float32/bfloat16/float16")
+    compile: bool = system(True, "torch.compile the model")
+
+    push_to_hub: bool = hub(False, "upload the model folder to the Hugging Face Hub")
+    hub_model_id: str = hub("", "the Hub repository, 'user/name'; required with push_to_hub")
+    hub_private_repo: bool = hub(False, "create the repository as private")
+    hub_strategy: str = hub("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
 
     # Names given a value by a preset or the command line (load_config fills it in). Not a
     # field: a loaded model's shape overrides only the settings nobody chose.
@@ -152,21 +162,9 @@ class TrainConfig:
     def resolved_data_dir(self):
         return self.data_dir or os.path.join("data", self.dataset)
 
-    def to_training_arguments(self):
-        """The run in TrainingArguments' vocabulary, for people and tools that speak it."""
-        args = {hf: getattr(self, ours) for hf, ours in FIELD_ALIASES.items()}
-        args["report_to"] = ["wandb"] if self.wandb_log else []
-        args["bf16"] = self.dtype == "bfloat16"
-        args["fp16"] = self.dtype == "float16"
-        args.update({name: getattr(self, name) for name in HUB_SETTINGS})
-        return args
-
     def to_json(self):
         return json.dumps(dataclasses.asdict(self), indent=2)
 
-
-# Settings that have TrainingArguments' names already.
-HUB_SETTINGS = ("push_to_hub", "hub_model_id", "hub_private_repo", "hub_strategy")
 
 # TrainingArguments names that mean exactly one of our settings.
 FIELD_ALIASES = {
@@ -281,8 +279,19 @@ def with_saved_settings(cfg, saved):
     return new, changes
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message}: usage: {self.format_usage().strip().removeprefix('usage: ')}")
+
+
+def command_parser(prog, description):
+    """The argv parser of commands that take paths (plot, convert, push): argparse, whose mistakes
+    are one UserError line like every other setting's (argparse alone prints usage and error)."""
+    return _OneLineErrors(prog=prog, description=description)
+
+
 def help_text(cls, prog=None):
-    """Every setting of `cls` with its default, type and meaning, grouped by the class's section comments."""
+    """Every setting of `cls` with its default, type and meaning, in its groups."""
     prog = prog or _program_name()
     names = {f.name: f for f in fields(cls)}
     aliases = {ours: hf for hf, ours in FIELD_ALIASES.items() if ours in names}
@@ -292,7 +301,7 @@ def help_text(cls, prog=None):
              "Settings resolve in order: these defaults, then each preset file (plain Python assigning",
              "names, later files win), then --key=value. A bare word is a string; True/False are booleans.",
              f"{PRINT_CONFIG_FLAG} shows the resolved settings and exits."]
-    for group, members in section_groups(cls):
+    for group, members in groups(cls):
         lines += ["", f"{group}:"]
         for f in members:
             flag = f"--{f.name}={f.default!r}"
@@ -301,32 +310,12 @@ def help_text(cls, prog=None):
     return "\n".join(lines)
 
 
-def section_groups(cls):
-    """[(section title, [fields])] from the `# title` comments in the class body, in order.
-
-    The comments that already sort the dataclass for its readers sort `--help` too, so the
-    field list is written once: a whole-line comment among the fields starts a section (explain
-    a field in a comment on its own line, not above it). Without source (a frozen app)
-    everything is one group.
-    """
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):
-        return [("settings", list(fields(cls)))]
-    by_name = {f.name: f for f in fields(cls)}
-    groups, title = [], "settings"
-    for line in source.splitlines():
-        comment = re.match(r"\s+#\s*(.+)$", line)
-        assignment = re.match(r"\s+(\w+)\s*:", line)
-        if comment:
-            title = comment.group(1).strip()
-        elif assignment and assignment.group(1) in by_name:
-            if not groups or groups[-1][0] != title:
-                groups.append((title, []))
-            groups[-1][1].append(by_name.pop(assignment.group(1)))
-    if by_name:  # fields the source scan missed (a generated or inherited field): still listed
-        groups.append(("other", list(by_name.values())))
-    return groups
+def groups(cls):
+    """[(group title, [fields])] in the order the dataclass declares them (setting()'s group)."""
+    grouped = {}
+    for f in fields(cls):
+        grouped.setdefault(f.metadata.get("group", "settings"), []).append(f)
+    return list(grouped.items())
 
 
 def preset_text(cfg):

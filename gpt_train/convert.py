@@ -17,7 +17,6 @@ Not here: training state. The optimizer moments are not carried across; the fold
 model to sample from, evaluate or fine-tune (`init_from=FOLDER`), and the ckpt.pt written
 back is one nanoGPT's sample.py loads (nanoGPT's init_from='resume' also wants an optimizer).
 """
-import json
 import os
 import pickle
 import sys
@@ -25,8 +24,14 @@ import zipfile
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.files import atomic_path
+from gpt_train.out_dir import TrainerState, is_model_folder, missing_model_files, read_run_config
+from gpt_train.prepare import write_meta
+from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer
 from gpt_train.model import COMPILED_PREFIX  # nanoGPT strips it on resume, so do we
 
 LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -62,7 +67,6 @@ def load_nanogpt_checkpoint(path):
 
 
 def gpt2_config(model_args, tokenizer):
-    from transformers import GPT2Config
 
     dropout = float(model_args.get("dropout", 0.0))
     special = tokenizer.eos_token_id  # None for char vocabularies, as in gpt_train.model.build_model
@@ -106,7 +110,6 @@ def nanogpt_to_hf_state_dict(state_dict, hf_keys, bias):
 
 def from_nanogpt(ckpt_path, out_dir, meta=None):
     """Write a model folder (weights, config, tokenizer) for the nanoGPT checkpoint at ckpt_path."""
-    from transformers import GPT2LMHeadModel
 
     ckpt = load_nanogpt_checkpoint(ckpt_path)
     model_args = ckpt["model_args"]
@@ -131,7 +134,6 @@ def from_nanogpt(ckpt_path, out_dir, meta=None):
 
 def _tokenizer_for(ckpt, meta, vocab_size):
     """meta.pkl's characters (given, or found the way nanoGPT's sample.py finds it), else GPT-2 BPE."""
-    from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer
 
     if meta is None:
         dataset = (ckpt.get("config") or {}).get("dataset")
@@ -171,10 +173,9 @@ def hf_to_nanogpt_state_dict(model):
 
 def to_nanogpt(out_dir, ckpt_path):
     """Write a nanoGPT ckpt.pt (and meta.pkl for char vocabularies) from the model folder out_dir."""
-    from transformers import GPT2LMHeadModel
 
-    if not os.path.isfile(os.path.join(out_dir, "config.json")):
-        raise UserError(f"{out_dir} is not a model folder: no config.json")
+    if not is_model_folder(out_dir):
+        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
     model = GPT2LMHeadModel.from_pretrained(out_dir)
     c = model.config
     if not c.tie_word_embeddings:
@@ -184,20 +185,22 @@ def to_nanogpt(out_dir, ckpt_path):
               "differ slightly, as with nanoGPT's own from_pretrained('gpt2')")
     if c.layer_norm_epsilon != NANOGPT_LAYER_NORM_EPS:
         print(f"note: layer_norm_epsilon is {c.layer_norm_epsilon}, nanoGPT uses {NANOGPT_LAYER_NORM_EPS}")
-    trainer_state = _read_json(os.path.join(out_dir, "training_state", "trainer_state.json")) or {}
+    try:  # a folder trained by gpt-train says where its run was; any other folder starts nanoGPT at 0
+        saved = TrainerState.read(out_dir)
+        iter_num, best_val_loss, settings = saved.iter_num, saved.best_val_loss, read_run_config(out_dir)
+    except UserError:
+        iter_num, best_val_loss, settings = 0, NANOGPT_INITIAL_BEST_VAL_LOSS, {}
     ckpt = {
         "model": hf_to_nanogpt_state_dict(model),
         "model_args": {"n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.n_positions,
                        "bias": bool(getattr(c, "bias", True)), "vocab_size": c.vocab_size,
                        "dropout": float(c.resid_pdrop)},
-        "iter_num": int(trainer_state.get("iter_num", 0)),
-        "best_val_loss": float(trainer_state.get("best_val_loss", NANOGPT_INITIAL_BEST_VAL_LOSS)),
-        "config": _read_json(os.path.join(out_dir, "training_config.json")) or {},
+        "iter_num": iter_num,
+        "best_val_loss": float(best_val_loss),
+        "config": settings,
     }
-    os.makedirs(os.path.dirname(os.path.abspath(ckpt_path)), exist_ok=True)
-    tmp = ckpt_path + ".tmp"
-    torch.save(ckpt, tmp)
-    os.replace(tmp, ckpt_path)
+    with atomic_path(ckpt_path) as tmp:
+        torch.save(ckpt, tmp)
     _write_char_meta(out_dir, os.path.dirname(os.path.abspath(ckpt_path)), c.vocab_size)
     return ckpt
 
@@ -206,9 +209,7 @@ def _write_char_meta(model_dir, ckpt_dir, vocab_size):
     """A char-level model's vocabulary as nanoGPT's meta.pkl, for nanoGPT's sample.py to decode with."""
     if vocab_size >= GPT2_BPE_VOCAB or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
         return
-    from transformers import AutoTokenizer
 
-    from gpt_train.prepare import write_meta
 
     stoi = AutoTokenizer.from_pretrained(model_dir).get_vocab()
     if all(len(ch) == 1 for ch in stoi):
@@ -216,39 +217,24 @@ def _write_char_meta(model_dir, ckpt_dir, vocab_size):
         print(f"wrote {os.path.join(ckpt_dir, 'meta.pkl')}: copy it to nanoGPT's data/<dataset>/ to sample")
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-USAGES = {"from-nanogpt": "python -m gpt_train.convert from-nanogpt CKPT_PT OUT_DIR [--meta=DATASET_DIR_OR_META_PKL]",
-          "to-nanogpt": "python -m gpt_train.convert to-nanogpt OUT_DIR CKPT_PT"}
-
-
 @exit_on_user_error
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help"):
-        print("usage: " + "\n       ".join(USAGES.values()))
-        print("\n" + __doc__.split("\n\n")[2])
-        sys.exit(0 if argv else 2)
-    command, rest = argv[0], argv[1:]
-    options = dict(a[2:].partition("=")[::2] for a in rest if a.startswith("--"))
-    paths = [a for a in rest if not a.startswith("--")]
-    allowed = {"from-nanogpt": {"meta"}, "to-nanogpt": set()}
-    if command not in USAGES:
-        raise UserError(f"unknown command {command!r}: use from-nanogpt or to-nanogpt (--help shows how)")
-    if len(paths) != 2 or set(options) - allowed[command]:
-        raise UserError(f"usage: {USAGES[command]}")
-    if command == "from-nanogpt":
-        ckpt = from_nanogpt(*paths, meta=options.get("meta"))
-        print(f"wrote {paths[1]}: a GPT-2 model folder (iter {ckpt.get('iter_num', '?')} of the nanoGPT run)")
+    parser = command_parser("python -m gpt_train.convert", __doc__.split("\n\n")[2])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{from-nanogpt,to-nanogpt}")
+    from_ = commands.add_parser("from-nanogpt", help="a nanoGPT ckpt.pt to a model folder")
+    from_.add_argument("ckpt", metavar="CKPT_PT")
+    from_.add_argument("out_dir", metavar="OUT_DIR")
+    from_.add_argument("--meta", help="the char vocabulary: a dataset folder or its meta.pkl")
+    to = commands.add_parser("to-nanogpt", help="a model folder to a nanoGPT ckpt.pt")
+    to.add_argument("out_dir", metavar="OUT_DIR")
+    to.add_argument("ckpt", metavar="CKPT_PT")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "from-nanogpt":
+        ckpt = from_nanogpt(args.ckpt, args.out_dir, meta=args.meta)
+        print(f"wrote {args.out_dir}: a GPT-2 model folder (iter {ckpt.get('iter_num', '?')} of the nanoGPT run)")
     else:
-        to_nanogpt(*paths)
-        print(f"wrote {paths[1]}")
+        to_nanogpt(args.out_dir, args.ckpt)
+        print(f"wrote {args.ckpt}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ import functools
 import os
 import sys
 
+from gpt_train.launch import launched_processes
+
 
 class UserError(Exception):
     """A mistake in settings, files or environment that the user can fix."""
@@ -39,16 +41,42 @@ def exit_on_user_error(main):
     return guarded
 
 
+def first_line(error, limit=200):
+    """'TypeName: the first line of its message', cut at `limit`: enough to act on, in one line."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
+
+
+class ClosedPipeTolerantStdout:
+    """stdout that, once its reader has gone (`train.py ... | head`), sends the rest to /dev/null
+    instead of raising: a training run's files are what matter, so it trains on quietly."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            stdout_to_devnull()
+            return len(text)
+
+    def flush(self):
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            stdout_to_devnull()
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def stdout_to_devnull():
     """Send the rest of stdout to /dev/null once its reader has gone, so no later write or the
     flush at exit fails again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
-
-
-def launched_processes():
-    return int(os.environ.get("WORLD_SIZE", "1"))  # set by torchrun, which accelerate launch runs
 
 
 def _exit(code):

@@ -35,7 +35,9 @@ class atomic_path:
     def __init__(self, path):
         self.path = path
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-")
+        # NAME.<random>.tmp: torch.save refuses names that start with a dot; the Hub push skips *.tmp
+        fd, self.tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=os.path.basename(path) + ".",
+                                        suffix=".tmp")
         os.close(fd)
         os.chmod(self.tmp, default_mode())
 

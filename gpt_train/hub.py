@@ -22,10 +22,11 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from gpt_train.errors import UserError
+from gpt_train.errors import UserError, first_line
+from gpt_train.out_dir import METRICS, is_model_folder, missing_model_files
 
 HUB_STRATEGIES = ("end", "every_save")
-NOT_PUBLISHED = {"metrics.jsonl"}  # the run's log, not part of the model
+NOT_PUBLISHED = {METRICS}  # the run's log, not part of the model
 SNAPSHOT_PREFIX = ".hub-upload-"  # inside out_dir, so hard links stay on one file system
 
 
@@ -45,7 +46,7 @@ def check_login():
 def check_model_folder(folder):
     if not os.path.isdir(folder):
         raise UserError(f"{folder} does not exist: give the out_dir of a training run")
-    missing = [f for f in ("config.json", "model.safetensors") if not os.path.isfile(os.path.join(folder, f))]
+    missing = missing_model_files(folder)
     if missing:
         raise UserError(f"{folder} is not a model folder ({', '.join(missing)} missing): "
                         "nothing to push; train until a checkpoint is saved")
@@ -92,7 +93,10 @@ class HubPusher:
     queue and reports each upload's result.
     """
 
-    def __init__(self, cfg, is_main_process, report):
+    def __init__(self, cfg, report, is_main_process=None):
+        if is_main_process is None:
+            from accelerate import PartialState  # deferred: gpt_train.config imports this module without torch
+            is_main_process = PartialState().is_main_process
         self.active = cfg.push_to_hub and is_main_process
         if self.active:
             check_login()
@@ -109,7 +113,7 @@ class HubPusher:
         if not self.active:
             return
         if self.cfg.hub_strategy == "end":
-            if os.path.isfile(os.path.join(out_dir, "model.safetensors")):
+            if is_model_folder(out_dir):
                 self._queue(out_dir, f"End of training, iteration {iter_num}")
             else:
                 self.report(f"warning: no checkpoint in {out_dir}, nothing pushed to {self.cfg.hub_model_id}")
@@ -121,12 +125,12 @@ class HubPusher:
             if error is None:
                 self.report(f"pushed '{message}' to the Hub: {future.result()}")
             else:
-                self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed: {_describe(error)}")
+                self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed: {first_line(error)}")
         self.pending = []
         self.executor.shutdown()
         if error is not None:  # the last upload failed: the Hub does not hold the run's final folder
             raise UserError(f"training finished and {out_dir} is complete, but its upload to {self.cfg.hub_model_id} "
-                            f"failed ({_describe(error)}): push it again with `python -m gpt_train.push {out_dir} "
+                            f"failed ({first_line(error)}): push it again with `python -m gpt_train.push {out_dir} "
                             f"{self.cfg.hub_model_id}`")
 
     def _queue(self, out_dir, message):
@@ -138,8 +142,4 @@ class HubPusher:
     def _warn_if_failed(self, message, future):
         if future.exception() is not None:  # said at once; training goes on regardless
             self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed "
-                        f"({_describe(future.exception())}); training continues")
-
-
-def _describe(error):
-    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+                        f"({first_line(future.exception())}); training continues")

@@ -1,61 +1,78 @@
-"""Where progress goes: the console, out_dir/metrics.jsonl and Accelerate's trackers (wandb).
+"""Where the loop's numbers go: Accelerate's trackers, one of which is out_dir/metrics.jsonl.
 
-One `Reporter` per run. It is the only place that asks whether this is the main process:
-on the others every call is a no-op, so the loop can report unconditionally.
+`MetricsFile` is an Accelerate tracker beside wandb, so the loop calls `log` (Accelerate's
+`accelerator.log`) and Accelerate decides that only the main process writes. An evaluation-only
+run has no MetricsFile: it writes nothing. The console goes through `accelerator.print`.
 
-Not here: computing the numbers (the loop does that).
+Not here: computing the numbers (the loop), reading metrics.jsonl (gpt_train.out_dir).
 """
 import json
 import os
 import time
 
-from gpt_train.errors import UserError, stdout_to_devnull
+from accelerate.tracking import GeneralTracker
 
-
-class Reporter:
-    def __init__(self, accelerator, out_dir):
-        """out_dir None: the console and trackers only (an evaluation writes no files)."""
-        self.accelerator = accelerator
-        self.active = accelerator.is_main_process
-        self.path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
-
-    def print(self, *args):
-        if self.active:
-            try:
-                print(*args, flush=True)
-            except BrokenPipeError:  # `train.py ... | head` has read enough: train on, quietly
-                stdout_to_devnull()
-
-    def log(self, event, iteration, **values):
-        """Append one event to metrics.jsonl and send its numbers to the trackers."""
-        if not self.active:
-            return
-        if self.path:
-            record = {"event": event, "iter": iteration, "time": round(time.time(), 3), **values}
-            with open(self.path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-        if self.accelerator.trackers:
-            self.accelerator.log(values, step=iteration)
-
+from gpt_train.errors import UserError, first_line
+from gpt_train.out_dir import METRICS
 
 WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 WANDB_WAY_OUT = "or log locally with WANDB_MODE=offline and upload later with `wandb sync`"
+
+
+class MetricsFile(GeneralTracker):
+    """out_dir/metrics.jsonl: one JSON object per event, {"event", "iter", "time", **values}."""
+
+    name = METRICS
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.path = os.path.join(out_dir, METRICS)
+
+    @property
+    def tracker(self):
+        return self.path
+
+    def store_init_configuration(self, values):
+        pass  # the settings are out_dir/training_config.json
+
+    def log(self, values, step=None, event="train", **kwargs):
+        record = {"event": event, "iter": step, "time": round(time.time(), 3), **values}
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def trackers(cfg):
+    """What a run logs to: metrics.jsonl unless it only evaluates, and wandb if asked."""
+    return ([] if cfg.eval_only else [MetricsFile(cfg.out_dir)]) + (["wandb"] if cfg.wandb_log else [])
+
+
+def log(accelerator, event, iteration, values):
+    """One 'train' or 'eval' event to every tracker, from the main process (Accelerate's rule)."""
+    accelerator.log(values, step=iteration, log_kwargs={METRICS: {"event": event}})
 
 
 def check_wandb_login():
     """wandb_log=True without a key would stop with wandb's traceback once the run has started."""
     if os.environ.get("WANDB_MODE", "").lower() in WANDB_LOCAL_MODES:
         return
-    import wandb  # only runs that log to wandb pay for its import
+    import wandb  # deferred: only runs that log to wandb pay for its import (~1 s)
     if not wandb.login(prompt=False, verify=False):
         raise UserError(f"wandb_log=True needs a W&B API key: run `wandb login` or set WANDB_API_KEY, {WANDB_WAY_OUT}")
 
 
-def start_wandb(accelerator, project, config, init):
-    """Accelerate's wandb tracker; wandb's own failure (no network, a bad key) as one line."""
+def start_trackers(accelerator, cfg, config, tracker_run_id):
+    """Start the run's trackers (continuing the saved wandb run on a resume); the wandb run's id,
+    on the main process, for the checkpoint. wandb's own failures (no network, a bad key) are one line."""
+    init = {"name": cfg.wandb_run_name}
+    if tracker_run_id:
+        init.update(id=tracker_run_id, resume="allow")
     try:
-        accelerator.init_trackers(project, config=config, init_kwargs={"wandb": init})
+        accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs={"wandb": init})
     except Exception as e:  # wandb raises its own types and plain ones (timeouts) alike
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"wandb could not start the run ({type(e).__name__}: {reason[:200]}): check the "
-                        f"network and key, {WANDB_WAY_OUT}") from None
+        raise UserError(f"wandb could not start the run ({first_line(e)}): check the network and key, "
+                        f"{WANDB_WAY_OUT}") from None
+    if not cfg.wandb_log:
+        return None
+    return getattr(accelerator.get_tracker("wandb", unwrap=True), "id", None)  # None off the main process

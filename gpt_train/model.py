@@ -14,12 +14,14 @@ import math
 import os
 
 import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
 from gpt_train.config import with_values
-from gpt_train.errors import UserError
+from gpt_train.errors import UserError, first_line
 
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64: faster matmuls
 
@@ -136,9 +138,6 @@ def pretrained_folder(init_from):
     repo = GPT2_HUB_IDS.get(init_from, init_from)
     if init_from.startswith((".", "/", "~")) or os.path.splitext(init_from)[1]:
         raise UserError(f"init_from={init_from!r}: model folder not found")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError
-
     try:
         return snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True)
     except LocalEntryNotFoundError:
@@ -149,8 +148,7 @@ def pretrained_folder(init_from):
     try:
         return snapshot_download(repo, allow_patterns=HUB_FILES, etag_timeout=HUB_TIMEOUT_S)
     except Exception as e:  # offline, unknown or gated repo: one line, with the way out
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"could not get {repo} from the Hugging Face Hub ({type(e).__name__}: {reason[:200]}): "
+        raise UserError(f"could not get {repo} from the Hugging Face Hub ({first_line(e)}): "
                         f"download it first with `hf download {repo}`, or set init_from to a local model "
                         "folder") from None
 

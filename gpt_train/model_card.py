@@ -12,20 +12,20 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
-CARD_FILE = "README.md"
+from gpt_train.out_dir import MODEL_CARD
 
 
 def write_model_card(folder, trainer_state):
-    """Write folder/README.md from the trainer state (iter_num, tokens_seen, best_val_loss, config)."""
-    ModelCard(render(trainer_state)).save(os.path.join(folder, CARD_FILE))
+    """Write folder/README.md from the checkpoint's TrainerState (iteration, tokens, best val loss, settings)."""
+    ModelCard(render(trainer_state)).save(os.path.join(folder, MODEL_CARD))
 
 
 def render(trainer_state):
-    cfg = trainer_state["config"]
+    cfg = trainer_state.config
     dataset = os.path.basename(os.path.normpath(cfg["data_dir"])) if cfg.get("data_dir") else cfg["dataset"]
     data = ModelCardData(library_name="transformers", pipeline_tag="text-generation",
                          tags=["gpt2", "gpt-train", dataset])
-    best = trainer_state["best_val_loss"]
+    best = trainer_state.best_val_loss
     best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
     shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
     source = {"scratch": "trained from scratch", "resume": "trained (a resumed run)"}.get(
@@ -42,8 +42,8 @@ A GPT-2 ({shape}) {source} on the `{dataset}` dataset with gpt-train
 | at this checkpoint | |
 | --- | --- |
 | dataset | `{dataset}` |
-| iteration | {trainer_state["iter_num"]:,} |
-| tokens seen | {trainer_state["tokens_seen"]:,} |
+| iteration | {trainer_state.iter_num:,} |
+| tokens seen | {trainer_state.tokens_seen:,} |
 | best val loss | {best_text} |
 
 ## Use

@@ -8,19 +8,18 @@ shows train and val loss against iteration, tokens on the top axis, and the lear
 below. matplotlib is imported only when a chart is drawn, with the file-only Agg backend:
 training startup pays nothing and no display is needed.
 
-Not here: writing metrics (gpt_train.metrics).
+Not here: writing metrics (gpt_train.metrics), reading the file (gpt_train.out_dir).
 """
-import json
 import os
 import sys
 from dataclasses import dataclass, field
 
+from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.files import atomic_path
+from gpt_train.out_dir import LOSS_CHART, MetricsReader, tokens_per_iter
 
-PLOT_FILE = "loss.png"
 COMPARISON_FILE = "loss_comparison.png"  # several runs have no single out_dir to write into
-METRICS_FILE = "metrics.jsonl"
-RUN_CONFIG = "training_config.json"
 MAX_STEP_POINTS = 4000  # more step losses than pixels only cost drawing time: thin them out
 FIGURE_INCHES = (9, 6.5)
 DPI = 110  # ~1000 px wide: sharp on a screen, ~100 KB on disk
@@ -41,55 +40,29 @@ class RunCurves:
         return min(self.evals, key=lambda e: e[2]) if self.evals else None
 
 
-class MetricsReader:
-    """Reads a run's metrics.jsonl, and on later calls only the lines added since."""
+class CurvesReader:
+    """A run's curves from its metrics.jsonl, each call folding in only the records added since."""
 
     def __init__(self, out_dir):
-        self.out_dir, self.path = out_dir, os.path.join(out_dir, METRICS_FILE)
-        self.offset, self.line_number = 0, 0
+        self.out_dir, self.metrics = out_dir, MetricsReader(out_dir)
+        self.seen = 0
         self.step, self.evals, self.lr = {}, {}, {}
 
     def curves(self, name=None):
-        self._read_new_lines()
+        records = self.metrics.read()
+        for record in records[self.seen:]:
+            it = record.get("iter")
+            # Later lines win: after a resume the replayed iterations are the ones that count.
+            if record.get("event") == "train" and "train/step_loss" in record:
+                self.step[it] = record["train/step_loss"]
+            elif record.get("event") == "eval" and "val/loss" in record:
+                self.evals[it] = (record["train/loss"], record["val/loss"])
+            if "lr" in record:
+                self.lr[it] = record["lr"]
+        self.seen = len(records)
         return RunCurves(name or os.path.basename(os.path.normpath(self.out_dir)) or self.out_dir,
-                         _tokens_per_iter(self.out_dir), sorted(self.step.items()),
+                         tokens_per_iter(self.out_dir), sorted(self.step.items()),
                          [(i, *self.evals[i]) for i in sorted(self.evals)], sorted(self.lr.items()))
-
-    def _read_new_lines(self):
-        if not os.path.isfile(self.path):
-            raise UserError(f"{self.path} not found: is {self.out_dir} the out_dir of a gpt-train run?")
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            for line in f:
-                if not line.endswith(b"\n"):
-                    break  # the last line of a run still being written: read it next time
-                self.offset += len(line)
-                self.line_number += 1
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise UserError(f"{self.path} line {self.line_number} is not JSON") from None
-                it = record.get("iter")
-                # Later lines win: after a resume the replayed iterations are the ones that count.
-                if record.get("event") == "train" and "train/step_loss" in record:
-                    self.step[it] = record["train/step_loss"]
-                elif record.get("event") == "eval" and "val/loss" in record:
-                    self.evals[it] = (record["train/loss"], record["val/loss"])
-                if "lr" in record:
-                    self.lr[it] = record["lr"]
-
-
-def read_run(out_dir, name=None):
-    return MetricsReader(out_dir).curves(name)
-
-
-def _tokens_per_iter(out_dir):
-    try:
-        with open(os.path.join(out_dir, RUN_CONFIG), encoding="utf-8") as f:
-            cfg = json.load(f)
-        return cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None  # the chart simply goes without its tokens axis
 
 
 def draw(runs, output):
@@ -137,58 +110,42 @@ def draw(runs, output):
     ax_lr.set_xlabel("iteration")
     ax_lr.grid(alpha=0.3)
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    tmp = f"{output}.tmp"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, output)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, format="png")
 
 
 class LivePlot:
-    """Redraws out_dir/loss.png after each eval, on the main process only."""
+    """Redraws out_dir/loss.png after each eval, on the main process only; out_dir None: never."""
 
-    def __init__(self, reporter, out_dir):
-        self.reporter, self.out_dir = reporter, out_dir
-        self.enabled = reporter.active and reporter.path is not None
-        self.reader = MetricsReader(out_dir)  # reads each metrics.jsonl line once per run
+    def __init__(self, accelerator, out_dir):
+        self.print, self.out_dir = accelerator.print, out_dir
+        self.enabled = accelerator.is_main_process and out_dir is not None
+        self.reader = CurvesReader(out_dir) if self.enabled else None
 
     def update(self):
         if not self.enabled:
             return
         try:
-            draw([self.reader.curves()], os.path.join(self.out_dir, PLOT_FILE))
+            draw([self.reader.curves()], os.path.join(self.out_dir, LOSS_CHART))
         except ImportError:
             self.enabled = False
-            self.reporter.print("matplotlib is not installed: no loss.png (pip install -r requirements.txt)")
-
-
-USAGE = "python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]"
-
-
-def _parse_args(argv):
-    dirs, output = [], None
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(f"usage: {USAGE}\n\nDraws the runs' metrics.jsonl on one chart. --output defaults to "
-                  f"OUT_DIR/{PLOT_FILE} for one run, {COMPARISON_FILE} for several.")
-            sys.exit(0)
-        if arg.startswith("--output="):
-            output = arg.partition("=")[2]
-        elif arg.startswith("-"):
-            raise UserError(f"unknown option {arg}: usage: {USAGE}")
-        else:
-            dirs.append(arg)
-    if not dirs:
-        raise UserError(f"name at least one out_dir: usage: {USAGE}")
-    return dirs, output or (os.path.join(dirs[0], PLOT_FILE) if len(dirs) == 1 else COMPARISON_FILE)
+            self.print("matplotlib is not installed: no loss.png (pip install -r requirements.txt)")
 
 
 @exit_on_user_error
 def main(argv=None):
-    dirs, output = _parse_args(sys.argv[1:] if argv is None else argv)
+    parser = command_parser("python -m gpt_train.plot", "Draws the runs' metrics.jsonl on one chart.")
+    parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="the out_dir of a run, finished or running")
+    parser.add_argument("--output", help=f"the PNG to write; default OUT_DIR/{LOSS_CHART} for one run, "
+                                         f"{COMPARISON_FILE} for several")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    dirs = args.out_dirs
+    output = args.output or (os.path.join(dirs[0], LOSS_CHART) if len(dirs) == 1 else COMPARISON_FILE)
     names = [os.path.basename(os.path.normpath(d)) for d in dirs]
     if len(set(names)) < len(names):  # out-a/run and out-b/run: the paths below their common folder differ
         common = os.path.commonpath([os.path.abspath(d) for d in dirs])
         names = [os.path.relpath(os.path.abspath(d), common) for d in dirs]
-    runs = [read_run(d, name) for d, name in zip(dirs, names)]
+    runs = [CurvesReader(d).curves(name) for d, name in zip(dirs, names)]
     if not any(r.step or r.evals for r in runs):
         raise UserError("no losses logged yet in " + ", ".join(dirs))
     draw(runs, output)

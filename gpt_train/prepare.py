@@ -2,17 +2,18 @@
 
 A dataset folder gets `train.bin` and `val.bin` (uint16 token ids, nanoGPT's format), the
 tokenizer that encoded them (so training and sampling decode with the same one), and for
-char-level data nanoGPT's `meta.pkl`. Files are written next to their final name and moved
-into place only when complete, so a failed run never leaves a half-written dataset behind.
+char-level data nanoGPT's `meta.pkl`. The whole folder is staged and moved into place only when
+complete, so a failed run never leaves a half-written dataset behind.
 
-Corpora (BPE Shakespeare, OpenWebText, the user's own files or Hub datasets) all go through
-one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
+Every dataset (Shakespeare in characters or GPT-2 BPE, OpenWebText, the user's own files or Hub
+datasets) goes through one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
 batches of documents and write them straight to chunk files, and the chunks are joined into
 the bins. Memory stays bounded by one batch per worker, whatever the corpus size.
 
 Not here: reading datasets (gpt_train.data), tokenizers themselves (gpt_train.tokenizer).
 """
 import difflib
+import glob
 import os
 import pickle
 import shutil
@@ -21,10 +22,12 @@ import tempfile
 from dataclasses import dataclass
 
 import numpy as np
+from huggingface_hub.utils import logging as hub_logging
+from tqdm import tqdm
 
 from gpt_train.config import load_config, setting
 from gpt_train.data import SPLITS, TOKEN_DTYPE
-from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,67 +41,15 @@ def check_token_range(ids, what):
                         f"(max {np.iinfo(TOKEN_DTYPE).max}): use a vocabulary of at most 65,536 tokens")
 
 
-def write_bin(path, ids):
-    """Write token ids to `path` as uint16, atomically."""
-    ids = np.asarray(ids)
-    check_token_range(ids, path)
-    with atomic_path(path) as tmp:
-        ids.astype(TOKEN_DTYPE).tofile(tmp)
-
-
 def write_meta(out_dir, meta):
+    """nanoGPT's meta.pkl (its char vocabulary), written whole or not at all."""
     with atomic_path(os.path.join(out_dir, "meta.pkl")) as tmp, open(tmp, "wb") as f:
         pickle.dump(meta, f)
 
 
-def save_tokenizer(out_dir, tokenizer):
-    """Save the tokenizer files into `out_dir`, so AutoTokenizer.from_pretrained(out_dir) loads it."""
-    with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
-        tokenizer.save_pretrained(tmp)
-        for name in os.listdir(tmp):
-            os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
-
-
-@dataclass
-class CharPrepareConfig:
-    input: str = setting(TINY_SHAKESPEARE, "text file to encode")
-    out_dir: str = setting("", "output folder; empty means data/<dataset name>")
-    val_fraction: float = setting(0.1, "share of the text, taken from its end, held out for validation")
-
-    def validate(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if not os.path.isfile(self.input):
-            raise UserError(f"input text {self.input} not found")
-        return self
-
-
-def prepare_char_dataset(name, argv):
-    """nanoGPT's char-level preparation: vocabulary = the sorted set of characters in the text."""
-    from gpt_train.tokenizer import char_tokenizer  # transformers is slow to import; only here
-
-    cfg = load_config(argv, CharPrepareConfig)
-    out_dir = cfg.out_dir or os.path.join("data", name)
-    with open(cfg.input, encoding="utf-8") as f:
-        text = f.read()
-    print(f"length of dataset in characters: {len(text):,}")
-    chars = sorted(set(text))
-    stoi = {ch: i for i, ch in enumerate(chars)}
-    print(f"vocab size: {len(chars):,}")
-    cut = int(len(text) * (1 - cfg.val_fraction))
-    os.makedirs(out_dir, exist_ok=True)
-    for split, part in (("train", text[:cut]), ("val", text[cut:])):
-        ids = np.fromiter((stoi[c] for c in part), dtype=np.int64, count=len(part))
-        print(f"{split} has {len(ids):,} tokens")
-        write_bin(os.path.join(out_dir, f"{split}.bin"), ids)
-    write_meta(out_dir, {"vocab_size": len(chars), "itos": dict(enumerate(chars)), "stoi": stoi})
-    save_tokenizer(out_dir, char_tokenizer(stoi))
-    print(f"wrote {out_dir}")
-
-
 # ---------------------------------------------------------------------------------------
 # Corpora through `datasets`: load, split, tokenize in worker processes, write the bins.
-# Every BPE and generic preparer (shakespeare, openwebtext, custom) is this one pipeline
+# Every preparer (shakespeare_char, shakespeare, openwebtext, custom) is this one pipeline
 # with different defaults.
 
 OWT_VAL_FRACTION = 0.0005  # nanoGPT's held-out share of OpenWebText documents (~4M val tokens)
@@ -166,8 +117,6 @@ def prepare_corpus(argv, cls=CorpusConfig):
 
 def _local_files(source):
     """The files `source` names, or [] if it names a Hub dataset."""
-    import glob
-
     parts = [p.strip() for p in source.split(",") if p.strip()]
     if not any(os.path.splitext(p)[1].lower() in LOADERS or os.path.exists(p) or any(c in p for c in "*?[")
                for p in parts):
@@ -205,7 +154,7 @@ def _default_name(source, files):
 
 
 def _load(cfg, files):
-    from datasets import load_dataset
+    from datasets import load_dataset  # deferred (~2 s): `gpt-prepare --help` and convert's meta.pkl need none
 
     if files:
         kind = _loader(files)
@@ -214,20 +163,13 @@ def _load(cfg, files):
         try:
             return load_dataset(kind, data_files=files, split="train", **options)
         except Exception as e:  # malformed json/parquet: name the file problem in one line
-            raise UserError(f"could not read {cfg.source} as {kind}: {_first_line(e)}") from None
-    from huggingface_hub.utils import logging as hub_logging
-
+            raise UserError(f"could not read {cfg.source} as {kind}: {first_line(e)}") from None
     hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
     try:
         return load_dataset(cfg.source, split="train", num_proc=cfg.num_proc)
     except Exception as e:  # no network, unknown name, gated dataset: all end here
-        raise UserError(f"could not load the Hub dataset {cfg.source!r} ({_first_line(e)}); check the name and "
+        raise UserError(f"could not load the Hub dataset {cfg.source!r} ({first_line(e)}); check the name and "
                         "the network, or pass local files with --source=PATH") from None
-
-
-def _first_line(e):
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
 def _split(corpus, cfg, split_by):
@@ -250,7 +192,7 @@ def _split(corpus, cfg, split_by):
 
 
 def _codec(cfg, splits):
-    from gpt_train.tokenizer import CharCodec, Gpt2Codec
+    from gpt_train.tokenizer import CharCodec, Gpt2Codec  # deferred: it imports transformers (~2 s)
 
     if cfg.tokenizer == "gpt2":
         return Gpt2Codec()
@@ -303,8 +245,6 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
     Everything is staged in a hidden folder inside out_dir and moved into place at the end,
     so an interrupted or failed run leaves an existing dataset as it was.
     """
-    from tqdm import tqdm
-
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
         for split, part in splits.items():
@@ -326,8 +266,7 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
                                 "it, or a larger val_fraction if only val came out empty")
             print(f"{split} has {tokens:,} tokens")
         if codec.nanogpt_meta() is not None:
-            with open(os.path.join(staging, "meta.pkl"), "wb") as f:
-                pickle.dump(codec.nanogpt_meta(), f)
+            write_meta(staging, codec.nanogpt_meta())
         codec.hf_tokenizer().save_pretrained(staging)
         _commit(staging, out_dir)
     print(f"wrote {out_dir}")
@@ -341,6 +280,16 @@ def _commit(staging, out_dir):
             os.remove(os.path.join(out_dir, name))
     for name in sorted(new, key=lambda n: n.endswith(".bin")):  # the bins last
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+
+
+@dataclass
+class ShakespeareCharConfig(CorpusConfig):
+    source: str = setting(TINY_SHAKESPEARE, "the text to encode")
+    name: str = setting("shakespeare_char", "dataset name, written to data/<name>")
+    tokenizer: str = setting("char", "one token per character, ids in the order of the sorted characters")
+    split_by: str = setting("tail", "the last val_fraction of the text is val, as in nanoGPT")
+    append_eot: bool = setting(False, "characters have no end-of-text token")
+    num_proc: int = setting(1, "one document: one worker")
 
 
 @dataclass
@@ -362,7 +311,7 @@ class OpenWebTextConfig(CorpusConfig):
 
 # `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
 PREPARERS = {
-    "shakespeare_char": prepare_char_dataset,
+    "shakespeare_char": lambda name, argv: prepare_corpus(argv, ShakespeareCharConfig),
     "shakespeare": lambda name, argv: prepare_corpus(argv, ShakespeareConfig),
     "openwebtext": lambda name, argv: prepare_corpus(argv, OpenWebTextConfig),
     "custom": lambda name, argv: prepare_corpus(argv),

@@ -7,14 +7,15 @@ process only, and only when stdout is a terminal (a log file gets no carriage-re
 
 Not here: the numbers of the step itself (the loop measures dt, loss and MFU).
 """
-import json
 import os
 import shlex
 import statistics
 import sys
 import time
 
-from tqdm.auto import tqdm
+from accelerate.utils import tqdm
+
+from gpt_train.out_dir import METRICS, best_eval, is_model_folder, read_metrics
 
 SECONDS_PER = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
 
@@ -32,18 +33,19 @@ def format_duration(seconds):
     return "".join(parts)
 
 
-def bar(reporter, enabled, iterable, desc, total=None):
+def bar(enabled, iterable, desc):
     """`iterable`, with a tqdm bar on the main process's terminal; a plain iterable elsewhere."""
-    if not (enabled and reporter.active and sys.stdout.isatty()):
+    # TQDM_DISABLE is checked here: Accelerate's tqdm passes disable=False, which overrides it
+    if not enabled or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true") or not sys.stdout.isatty():
         return iterable
-    return tqdm(iterable, desc=desc, total=total, leave=False, dynamic_ncols=True)
+    return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, main_process_only=True)
 
 
 class Progress:
     """Rate, time left and the end-of-run summary for one call of the training loop."""
 
-    def __init__(self, reporter, out_dir, max_iters, start_iter, tokens_per_iter, flops_per_iter, peak_flops):
-        self.reporter, self.out_dir, self.max_iters = reporter, out_dir, max_iters
+    def __init__(self, accelerator, out_dir, max_iters, start_iter, tokens_per_iter, flops_per_iter, peak_flops):
+        self.print, self.out_dir, self.max_iters = accelerator.print, out_dir, max_iters
         self.start_iter, self.tokens_per_iter = start_iter, tokens_per_iter
         self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
         self.started = time.time()
@@ -64,14 +66,12 @@ class Progress:
 
     def summary(self, iter_num):
         """The closing lines: best val loss, tokens, time, throughput, where the model is."""
-        if not self.reporter.active:
-            return
         wall = time.time() - self.started
         trained = iter_num - self.start_iter
         lines = [f"done: {trained:,} iterations in {format_duration(wall)} "
                  f"(iter {self.start_iter:,} -> {iter_num:,}), {iter_num * self.tokens_per_iter:,} tokens seen"]
-        best = self._best_val()
-        if best:
+        best = best_eval(read_metrics(self.out_dir)) if os.path.isfile(os.path.join(self.out_dir, METRICS)) else None
+        if best:  # from metrics.jsonl: after a resume it covers the whole run
             lines.append(f"best val loss {best[1]:.4f} at iter {best[0]:,}")
         if self.step_seconds and wall > 0:
             # The median step leaves out compilation and the steps that carried an evaluation.
@@ -80,25 +80,9 @@ class Progress:
             lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
                          f"(evals included); median step {step * 1000:.1f} ms = "
                          f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {mfu * 100:.2f}%")
-        if os.path.isfile(os.path.join(self.out_dir, "config.json")):
+        if is_model_folder(self.out_dir):
             lines.append(f"model folder: {os.path.abspath(self.out_dir)}")
             lines.append(f"sample from it: python sample.py --out_dir={shlex.quote(self.out_dir)}")
         else:
             lines.append(f"no checkpoint was written to {self.out_dir}")
-        self.reporter.print("\n".join(lines))
-
-    def _best_val(self):
-        """(iteration, val loss) of the best evaluation in metrics.jsonl, earlier sessions included."""
-        best = None
-        if not self.reporter.path:
-            return None
-        try:
-            with open(self.reporter.path, encoding="utf-8") as f:
-                for line in f:
-                    record = json.loads(line)
-                    if record.get("event") == "eval" and "val/loss" in record:
-                        if best is None or record["val/loss"] < best[1]:
-                            best = (record["iter"], record["val/loss"])
-        except (OSError, ValueError):
-            return None
-        return best
+        self.print("\n".join(lines))

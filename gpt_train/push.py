@@ -4,10 +4,10 @@ Uploads what a training run with push_to_hub would (gpt_train.hub: the model fil
 card, not training_state/ or metrics.jsonl), as one commit, and waits for it. The token comes
 from HF_TOKEN or `hf auth login`.
 """
-import argparse
 import shutil
 
-from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.config import command_parser
+from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.hub import check_login, check_model_folder, check_repo_id, snapshot, upload
 
 COMMIT_MESSAGE = "Upload model trained with gpt-train"
@@ -21,14 +21,14 @@ def push(out_dir, repo_id, private=False):
     try:
         return upload(copy, repo_id, private, COMMIT_MESSAGE)
     except Exception as e:  # network, permissions, quota: the user's to fix, the folder is untouched
-        raise UserError(f"upload to {repo_id} failed: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(f"upload to {repo_id} failed: {first_line(e)}") from None
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
 
 @exit_on_user_error
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m gpt_train.push", description=__doc__.splitlines()[0])
+    parser = command_parser("python -m gpt_train.push", __doc__.splitlines()[0])
     parser.add_argument("out_dir", help="a model folder written by train.py (or save_pretrained)")
     parser.add_argument("repo_id", help="the Hub repository, 'user/name'; created if it does not exist")
     parser.add_argument("--private", action="store_true", help="create the repository as private")

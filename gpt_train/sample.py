@@ -21,8 +21,10 @@ from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
 from gpt_train.config import DTYPES, load_config, setting
-from gpt_train.errors import UserError, exit_on_user_error
+from gpt_train.device import resolve_device, torch_dtype
+from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
+from gpt_train.out_dir import is_model_folder, missing_model_files
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 FILE_PREFIX = "FILE:"
@@ -30,7 +32,6 @@ FILE_PREFIX = "FILE:"
 # cached forward: each new token then sees between 3/4 and all of the context (nanoGPT: all of
 # it, at the price of a full forward per token; see generate_sliding).
 SLIDE_FRACTION = 4
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -168,39 +169,13 @@ def model_source(cfg):
         if not os.path.isdir(cfg.out_dir):
             raise UserError(f"out_dir {cfg.out_dir} does not exist: train a model first "
                             "(python train.py ...) or point --out_dir at one")
-        if not os.path.isfile(os.path.join(cfg.out_dir, "config.json")):
-            raise UserError(f"{cfg.out_dir} is not a model folder (no config.json): point --out_dir at a "
-                            "folder written by train.py or save_pretrained")
+        if not is_model_folder(cfg.out_dir):
+            raise UserError(f"{cfg.out_dir} is not a model folder ({', '.join(missing_model_files(cfg.out_dir))} "
+                            "missing): point --out_dir at a folder written by train.py or save_pretrained")
         return cfg.out_dir
     if os.path.isdir(cfg.init_from):
         return cfg.init_from
     return GPT2_HUB_IDS.get(cfg.init_from, cfg.init_from)
-
-
-def resolve_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UserError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device={name!r} but no CUDA GPU is visible: use --device=cpu or --device=auto")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"device={name!r} but MPS is not available: use --device=cpu or --device=auto")
-    return device
-
-
-def resolve_dtype(name, device):
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.float32
-    if name == "float16" and device.type == "cpu":
-        raise UserError("dtype='float16' is not supported on CPU: use bfloat16 or float32")
-    return TORCH_DTYPES[name]
 
 
 def read_prompt(start):
@@ -218,14 +193,14 @@ def load_generator(cfg):
     """The text-generation pipeline for cfg's model on cfg's device, in cfg's precision."""
     source = model_source(cfg)
     device = resolve_device(cfg.device)
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = torch_dtype(cfg.dtype, device)
     if not os.path.exists(source) and not source.startswith((".", "/", "~")):
         source = pretrained_folder(source)  # a Hub id: the cached snapshot, or a fast, clear offline failure
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a model from {source!r} ({str(e).splitlines()[0]}): give a model "
+        raise UserError(f"cannot load a model from {source!r} ({first_line(e)}): give a model "
                         "folder, a gpt2 name or a Hub id reachable from here") from None
     if cfg.compile:
         model.forward = torch.compile(model.forward, dynamic=True)

@@ -3,7 +3,7 @@
 The handler only records the signal; the loop acts on it between two optimizer steps, where
 model, optimizer and RNGs are consistent, so the checkpoint resumes exactly. A second Ctrl-C
 interrupts at once. Every process must stop at the same step: under DDP they agree through
-an all-reduce of the flag, done only at log steps, where the loop synchronises anyway.
+Accelerate's trigger (an all-reduce), checked only at log steps, where the loop synchronises anyway.
 
 Not here: the saving itself (gpt_train.checkpoint).
 """
@@ -12,17 +12,16 @@ import signal
 import sys
 import threading
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
     """A context manager that turns SIGTERM/SIGINT into a request to stop."""
 
-    def __init__(self, announce=True):
+    def __init__(self, accelerator):
+        self.accelerator = accelerator
         self.received = None  # the first signal number, once one arrives
-        self.announce = announce  # say at once that the signal was seen (one process of several)
+        self.announce = accelerator.is_main_process  # say at once that the signal was seen, once
         self._previous = {}
 
     def __enter__(self):
@@ -44,14 +43,15 @@ class StopSignals:
             os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received: saving a checkpoint at the "
                      "next step boundary, then stopping (Ctrl-C again to stop at once)\n".encode())
 
-    def agreed(self, accelerator, at_sync_point):
-        """Whether all processes stop now; False between sync points when several processes run."""
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        if not at_sync_point:
+    def agreed(self, at_sync_point):
+        """Whether all processes stop now; False between sync points when several processes run
+        (Accelerate's trigger is an all-reduce, so it is checked only where the loop syncs anyway)."""
+        acc = self.accelerator
+        if self.received is not None:
+            acc.set_trigger()
+        if acc.num_processes > 1 and not at_sync_point:
             return False
-        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
-        if accelerator.reduce(flag, reduction="sum").item() == 0:
+        if not acc.check_trigger():
             return False
         self.received = self.received or signal.SIGTERM  # a process the signal missed stops as well
         return True

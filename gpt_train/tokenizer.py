@@ -16,6 +16,8 @@ import functools
 import os
 
 import numpy as np
+import tiktoken
+from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
@@ -88,9 +90,6 @@ def gpt2_encoding():
     The name differs from tiktoken's registered "gpt2" on purpose: a registered encoding is
     pickled by name and rebuilt from the network in worker processes.
     """
-    import tiktoken
-    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-
     ranks = data_gym_to_mergeable_bpe_ranks(
         vocab_bpe_file=os.path.join(GPT2_ASSETS, "merges.txt"),
         encoder_json_file=os.path.join(GPT2_ASSETS, "vocab.json"),

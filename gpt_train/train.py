@@ -17,23 +17,26 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
+from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint
 from gpt_train.config import with_saved_settings
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
-from gpt_train.errors import UserError, launched_processes
+from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, process_group_kwargs
+from gpt_train.errors import UserError
 from gpt_train.hub import HubPusher
-from gpt_train.metrics import Reporter, check_wandb_login, start_wandb
+from gpt_train.launch import launched_with_fsdp
+from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
 from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
                              pretrained_folder, read_model_config, ready_for_training, set_hyperparameters, set_schedule,
                              settings_for_checkpoint, use_causal_sdpa)
+from gpt_train.out_dir import TrainerState, previous_run, read_run_config
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
 from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer
 
-PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
 MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
 
@@ -53,7 +56,6 @@ class Run:
     schedulers: list  # one LambdaLR per optimizer, the same multiplier
     sampler: BlockSampler
     tokenizer: object
-    reporter: Reporter
     iter_num: int
     best_val_loss: float
     micro_steps: int  # micro-steps per optimizer step on this process
@@ -65,42 +67,43 @@ class Run:
 
 
 def setup(cfg):
+    """Settings, then processes and precision, then the model (and the data it trains on), then
+    Accelerate's objects, then the saved state on top: each decided once, in that order."""
     resume_changes = []
     if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
-        cfg, resume_changes = with_saved_settings(cfg, checkpoint.read_run_config(cfg.out_dir))
+        cfg, resume_changes = with_saved_settings(cfg, read_run_config(cfg.out_dir))
     elif not cfg.eval_only and not cfg.overwrite_output_dir:
         _refuse_another_run(cfg.out_dir)
     if cfg.wandb_log:
         check_wandb_login()
-    state = PartialState(**_process_group_kwargs(cfg))
-    _check_one_run(state)
+    state = PartialState(**process_group_kwargs(cfg.device, cfg.backend))
+    check_one_run(state)
     if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
         state.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): "
                     f"the learning rate rises until iteration {cfg.warmup_iters}, then drops to min_lr")
     device = state.device
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
-    mixed_precision = _mixed_precision(cfg, device)  # a dtype the device lacks fails before any loading
-    fsdp_plugin = _fsdp_plugin(mixed_precision)
+    mixed = mixed_precision(cfg.dtype, device)  # a dtype the device lacks fails before any loading
+    fsdp_plugin = _fsdp_plugin(mixed)
     if fsdp_plugin and cfg.optimizer == "muon":
         raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
                         "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
-    n_proc = state.num_processes
-    micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, n_proc)
+    micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, state.num_processes)
 
     set_seed(cfg.seed)  # identical initial weights on every process
     cfg, bins, model, tokenizer, saved = _init_model(cfg, state)
-    set_seed(cfg.seed + state.process_index)  # but each process its own dropout masks
     check_token_ids(bins, model.config.vocab_size)
 
     accelerator = Accelerator(
-        mixed_precision=mixed_precision,
+        mixed_precision=mixed,
         gradient_accumulation_steps=micro_steps,
         step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-        log_with="wandb" if cfg.wandb_log else None,
+        log_with=trackers(cfg) or None,
         dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
         fsdp_plugin=fsdp_plugin,
     )
+    set_seed(cfg.seed, device_specific=True)  # but each process its own dropout masks
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     use_causal_sdpa(model)
     if cfg.gradient_checkpointing:
@@ -112,28 +115,26 @@ def setup(cfg):
     checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
 
     run = Run(cfg, accelerator, model, optimizers, schedulers,
-              BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device),
-              tokenizer, Reporter(accelerator, None if cfg.eval_only else cfg.out_dir), iter_num=0, best_val_loss=math.inf,
-              micro_steps=micro_steps,
+              BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device), tokenizer,
+              iter_num=0, best_val_loss=math.inf, micro_steps=micro_steps,
               tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size)
     if saved is not None:
         checkpoint.load_training_state(accelerator, cfg.out_dir)
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
             set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
             set_schedule(optimizer, scheduler.scheduler, cfg)
-        run.iter_num, run.best_val_loss = saved["iter_num"], saved["best_val_loss"]
-        run.tracker_run_id = saved.get("tracker_run_id")
-        run.skipped_steps = saved.get("skipped_steps", 0)
+        run.iter_num, run.best_val_loss = saved.iter_num, saved.best_val_loss
+        run.tracker_run_id, run.skipped_steps = saved.tracker_run_id, saved.skipped_steps
         for line in resume_changes:
             state.print(line)
         state.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
-    run.hub = HubPusher(cfg, accelerator.is_main_process, run.reporter.print)  # no token: stop now
-    _start_logging(run, device, n_proc)
+    run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
+    _start_logging(run)
     return run
 
 
 def _refuse_another_run(out_dir):
-    found = checkpoint.previous_run(out_dir)
+    found = previous_run(out_dir)
     if found:
         raise UserError(f"{out_dir} holds another training run ({found}): continue it with --init_from=resume, "
                         "train into another --out_dir, or replace it with --overwrite_output_dir=True")
@@ -147,61 +148,17 @@ def micro_steps_per_process(gradient_accumulation_steps, num_processes):
     return gradient_accumulation_steps // num_processes
 
 
-def _process_group_kwargs(cfg):
-    # Accelerate forms a CPU process group only when asked to: without this, processes launched on
-    # a machine with no GPU would each train alone, all into the same out_dir.
-    if cfg.device == "cpu" or (launched_processes() > 1 and cfg.device == "auto" and not torch.cuda.is_available()):
-        return {"cpu": True}
-    if cfg.device not in ("auto", "cuda", "mps"):
-        if cfg.device.startswith("cuda:"):
-            raise UserError(f"device={cfg.device!r}: choose the GPU with CUDA_VISIBLE_DEVICES="
-                            f"{cfg.device[5:]} and --device=cuda (Accelerate places one process per GPU)")
-        raise UserError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {cfg.device!r}")
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("device='cuda' but no CUDA GPU is visible: use --device=cpu or --device=auto")
-    if cfg.device == "mps" and not torch.backends.mps.is_available():
-        raise UserError("device='mps' but MPS is not available: use --device=cpu or --device=auto")
-    if torch.cuda.is_available() and launched_processes() > 1:
-        return {"backend": cfg.backend}
-    return {}
-
-
-def _check_one_run(state):
-    """Processes a launcher started train together or not at all: never side by side into one out_dir."""
-    if state.num_processes != launched_processes():
-        raise UserError(f"{launched_processes()} processes were launched but they did not form one run "
-                        f"({state.distributed_type} on {state.device.type}): launch several processes on "
-                        "GPUs, or on CPUs with --device=cpu or ACCELERATE_USE_CPU=1")
-
-
-def _mixed_precision(cfg, device):
-    """dtype names the precision; 'auto' defers to `accelerate config`, else bf16 where it pays."""
-    if cfg.dtype == "auto":
-        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
-            return None  # the YAML given to `accelerate launch` decides
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
-    if cfg.dtype == "float16" and device.type == "cpu":
-        raise UserError("dtype='float16' is not supported on CPU: use bfloat16 or float32")
-    if cfg.dtype == "bfloat16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise UserError("this GPU does not support bfloat16: use --dtype=float16 (with loss scaling) or float32")
-    return PRECISION[cfg.dtype]
-
-
-def _fsdp_plugin(mixed_precision):
+def _fsdp_plugin(mixed):
     """The launch config's FSDP settings, with FSDP2 computing in bf16 but keeping float32 where DDP does.
 
     Accelerate's FSDP2 policy also casts the gradient reduce-scatter and the model's output to
     bf16: gradients would be summed in bf16 and the loss rounded to 3 digits (4.1875, 4.1719).
     """
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+    if not launched_with_fsdp():
         return None
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
-    precision = mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    compute_dtype = fsdp_compute_dtype(mixed)
     if plugin.fsdp_version == 2 and compute_dtype is not None:
-        from torch.distributed.fsdp import MixedPrecisionPolicy
         plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     return plugin
 
@@ -216,25 +173,29 @@ def _prepare_hint(cfg):
 
 
 def _init_model(cfg, state):
-    """(settings with the model's shape, dataset, model, tokenizer, saved loop state or None).
+    """(settings with the model's shape, dataset, model, tokenizer, saved TrainerState or None).
 
-    A scratch model takes its vocabulary from the dataset; a loaded one (resume, gpt2*, a Hub
-    id, a local folder) keeps its own vocabulary, tokenizer and shape.
+    First where the model comes from (scratch, out_dir's checkpoint, a pretrained folder or Hub
+    id) and so its shape, then the data and its tokenizer, once, then the model itself: a scratch
+    model takes its vocabulary from the data, a loaded one keeps its own and must read the data
+    as the data were written.
     """
-    data_dir, hint = cfg.resolved_data_dir, _prepare_hint(cfg)
-    if cfg.init_from == "scratch":
-        bins = open_dataset(data_dir, cfg.block_size, hint)
-        tokenizer = dataset_tokenizer(data_dir)
-        return cfg, bins, build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, tokenizer), tokenizer, None
+    saved = folder = None
     if cfg.init_from == "resume":
-        saved, folder, where = checkpoint.read_trainer_state(cfg.out_dir), cfg.out_dir, cfg.out_dir
-    else:
+        saved, folder = checkpoint.read_trainer_state(cfg.out_dir), cfg.out_dir
+    elif cfg.init_from != "scratch":
         with state.main_process_first():  # one process downloads, the others find it cached
-            saved, folder, where = None, pretrained_folder(cfg.init_from), cfg.init_from
-    config = read_model_config(folder, where)
-    cfg = settings_for_checkpoint(cfg, config, where, can_crop=saved is None)
-    bins = open_dataset(data_dir, cfg.block_size, hint)  # before the weights: a data mistake fails fast
-    data_tokenizer, tokenizer = dataset_tokenizer(data_dir), model_tokenizer(folder)
+            folder = pretrained_folder(cfg.init_from)
+    where = cfg.out_dir if saved else cfg.init_from
+    if folder:
+        config = read_model_config(folder, where)
+        cfg = settings_for_checkpoint(cfg, config, where, can_crop=saved is None)
+    data_dir = cfg.resolved_data_dir
+    bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
+    data_tokenizer = dataset_tokenizer(data_dir)
+    if not folder:
+        return cfg, bins, build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, data_tokenizer), data_tokenizer, None
+    tokenizer = model_tokenizer(folder)
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
@@ -248,25 +209,17 @@ def _init_model(cfg, state):
     return cfg, bins, ready_for_training(model, cfg.dropout), tokenizer, saved
 
 
-def _start_logging(run, device, n_proc):
-    cfg, acc, report = run.cfg, run.accelerator, run.reporter
-    if cfg.wandb_log:
-        init = {"name": cfg.wandb_run_name}
-        if run.tracker_run_id:  # continue the same wandb run after a resume
-            init.update(id=run.tracker_run_id, resume="allow")
-        start_wandb(acc, cfg.wandb_project, dataclasses.asdict(cfg), init)
-        if acc.is_main_process:
-            run.tracker_run_id = acc.get_tracker("wandb").run.id
-    if acc.is_main_process and not cfg.eval_only:  # an evaluation leaves the run it reads as it was
-        if cfg.overwrite_output_dir and cfg.init_from != "resume":
-            checkpoint.remove_previous_run(cfg.out_dir)
-        os.makedirs(cfg.out_dir, exist_ok=True)
-        checkpoint.write_run_config(cfg.out_dir, cfg.to_json())
-    report.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
-    report.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
-    report.print(f"{n_proc} process(es) on {device.type}, {run.micro_steps} micro-steps each, "
-                 f"precision {acc.mixed_precision}")
-    report.print(f"number of parameters: {count_parameters(acc.unwrap_model(run.model)) / 1e6:.2f}M")
+def _start_logging(run):
+    cfg, acc = run.cfg, run.accelerator
+    run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id)
+    if not cfg.eval_only:  # an evaluation leaves the run it reads as it was
+        checkpoint.start_run_folder(cfg.out_dir, cfg.to_json(), replace=cfg.overwrite_output_dir and
+                                    cfg.init_from != "resume")
+    acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
+    acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "
+              f"precision {acc.mixed_precision}")
+    acc.print(f"number of parameters: {count_parameters(acc.unwrap_model(run.model)) / 1e6:.2f}M")
 
 
 @torch.no_grad()
@@ -278,9 +231,10 @@ def evaluate(run):
     for split in SPLITS:
         offsets = run.sampler.iteration_offsets(split, run.iter_num, cfg.eval_iters, purpose="eval")
         # Every process runs the same number of forwards (FSDP needs it); padding batches weigh 0.
+        # (Accelerate's split_between_processes pads with repeats that would count twice.)
         per_process = math.ceil(cfg.eval_iters / acc.num_processes)
         total = torch.zeros(2, device=acc.device)
-        for k in bar(run.reporter, cfg.progress, range(per_process), f"eval {split}"):
+        for k in bar(cfg.progress, range(per_process), f"eval {split}"):
             index = acc.process_index + k * acc.num_processes
             x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
             loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
@@ -294,34 +248,32 @@ def evaluate(run):
 
 def train_batches(run):
     """This process's (x, y) micro-batches, iteration after iteration, from run.iter_num on."""
-    acc, n = run.accelerator, run.micro_steps
-    iteration = run.iter_num
+    acc, iteration = run.accelerator, run.iter_num
     while True:
-        offsets = run.sampler.iteration_offsets("train", iteration, n * acc.num_processes)
-        for row in offsets[acc.process_index * n:(acc.process_index + 1) * n]:
-            yield run.sampler.batch("train", row)
+        offsets = run.sampler.iteration_offsets("train", iteration, run.micro_steps * acc.num_processes)
+        with acc.split_between_processes(offsets) as rows:  # each process its own micro_steps rows
+            yield from (run.sampler.batch("train", row) for row in rows)
         iteration += 1
 
 
 def save(run):
-    state = {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss,
-             "tokens_seen": run.iter_num * run.tokens_per_iter, "tracker_run_id": run.tracker_run_id,
-             "skipped_steps": run.skipped_steps,
-             "config": dataclasses.asdict(run.cfg)}
-    run.reporter.print(f"saving checkpoint to {run.cfg.out_dir}")
+    state = TrainerState(iter_num=run.iter_num, best_val_loss=run.best_val_loss,
+                         tokens_seen=run.iter_num * run.tokens_per_iter, tracker_run_id=run.tracker_run_id,
+                         skipped_steps=run.skipped_steps, config=dataclasses.asdict(run.cfg))
+    run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
 
 def fit(run):
-    cfg, acc, model, report = run.cfg, run.accelerator, run.model, run.reporter
+    cfg, acc, model = run.cfg, run.accelerator, run.model
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
     peak = peak_flops(acc.device)
     batches = train_batches(run)
     x, y = next(batches)
-    progress = Progress(report, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
+    progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
                         flops_per_iter, peak)  # ETA on the log line, summary at the end
-    plot = LivePlot(report, cfg.out_dir)  # out_dir/loss.png, redrawn after each eval (not by eval_only)
+    plot = LivePlot(acc, None if cfg.eval_only else cfg.out_dir)  # out_dir/loss.png, after each eval
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
     while True:
@@ -344,7 +296,7 @@ def fit(run):
             loss_sum += loss.detach()
         if cfg.skip_nonfinite_steps and not torch.isfinite(acc.reduce(loss_sum, reduction="sum")).item():
             run.skipped_steps += 1  # no update: the weights stay as they were (a host sync every step)
-            report.print(f"iter {run.iter_num}: non-finite loss, step skipped ({run.skipped_steps} so far)")
+            acc.print(f"iter {run.iter_num}: non-finite loss, step skipped ({run.skipped_steps} so far)")
         else:
             if cfg.grad_clip:
                 acc.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -368,20 +320,20 @@ def fit(run):
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
-            report.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                         f"mfu {_percent(running_mfu)}, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
-            report.log("train", run.iter_num, **{"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
-                                                 "tokens_per_sec": tokens_per_sec, **_mfu_record(running_mfu)})
+            acc.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
+                      f"mfu {_percent(running_mfu)}, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
+            log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
+                                             "tokens_per_sec": tokens_per_sec, **_mfu_record(running_mfu)})
         run.iter_num += 1
         local_iter_num += 1
 
         # pre-emption (SIGTERM) or Ctrl-C: checkpoint at this step boundary, then stop
-        if run.stop and run.stop.agreed(acc, at_sync_point=log_step):
+        if run.stop and run.stop.agreed(at_sync_point=log_step):
             if not cfg.skip_nonfinite_steps:
                 check_finite(run, acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps, "loss")
             save(run)
-            report.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
-                         "continue with --init_from=resume")
+            acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
+                      "continue with --init_from=resume")
             break
     if not cfg.eval_only:
         progress.summary(run.iter_num)
@@ -392,15 +344,15 @@ def fit(run):
 
 def evaluate_and_checkpoint(run, lr, running_mfu):
     """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
-    cfg, report = run.cfg, run.reporter
+    cfg, acc = run.cfg, run.accelerator
     losses = evaluate(run)
     perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
-    report.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if cfg.eval_only:
-        report.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
-    report.log("eval", run.iter_num, **{"train/loss": losses["train"], "val/loss": losses["val"],
-                                        "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
-                                        "lr": lr, **_mfu_record(running_mfu)})
+        acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
+    log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
+                                    "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
+                                    "lr": lr, **_mfu_record(running_mfu)})
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
     if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
@@ -426,7 +378,7 @@ def check_finite(run, loss, what):
 
 def train(cfg):
     run = setup(cfg)
-    with StopSignals(announce=run.reporter.active) as run.stop:
+    with StopSignals(run.accelerator) as run.stop:
         try:
             return fit(run)
         except NonFiniteLoss:

@@ -92,4 +92,4 @@ def test_a_full_disk_on_one_process_fails_the_save_on_all_of_them(tiny_run):
     assert_every_process_reports_the_full_disk(failed, out_dir)
     assert tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR),
                        os.path.join(out_dir, "model.safetensors")) == state_before
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 3
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 3

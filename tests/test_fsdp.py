@@ -107,7 +107,7 @@ def test_an_fsdp_checkpoint_resumes_on_another_process_count_but_not_without_fsd
     # torch.distributed.checkpoint reshards the 2-process state onto 1 process; bf16 from the YAML this time
     one = launch_fsdp(out_dir, *args, "--init_from=resume", "--max_iters=9", "--dtype=auto", processes=1)
     assert "1 process(es) on cpu, 2 micro-steps each, precision bf16" in one.stdout
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 9
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 9
     # Accelerate's own FSDP2 policy would cast the loss to bf16: steps of 1/64 here, so the mean
     # of the 2 micro-steps' losses would be a multiple of 1/128
     losses = [loss for i, loss in losses_by_iter(out_dir, "train", "train/step_loss").items() if i >= 6]
@@ -123,7 +123,7 @@ def test_a_full_disk_on_one_process_fails_the_fsdp_save_on_all_of_them(fsdp_runs
                          wrapper=["tests/full_disk_on_rank_1.py"])
     assert_every_process_reports_the_full_disk(failed, out_dir)
     assert tree_digest(out_dir / checkpoint.STATE_DIR, out_dir / "model.safetensors") == state_before
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 6
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 6
 
 
 def test_fine_tuning_a_pretrained_folder_under_fsdp_matches_one_process(tiny_gpt2, bpe_data, tmp_path):

@@ -124,7 +124,7 @@ def test_upload_sends_the_snapshot_taken_at_save_time(tmp_path, hub):
     (folder / "metrics.jsonl").write_text("{}")
     hub.gate = threading.Event()
     cfg = load_config(["--push_to_hub=True", "--hub_model_id=someone/x"])
-    pusher = HubPusher(cfg, is_main_process=True, report=lambda *a: None)
+    pusher = HubPusher(cfg, report=lambda *a: None, is_main_process=True)
     pusher.after_save(str(folder), 1)
     (folder / "model.safetensors.tmp").write_text("model.safetensors v2")
     os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
@@ -135,7 +135,7 @@ def test_upload_sends_the_snapshot_taken_at_save_time(tmp_path, hub):
 
 def test_only_the_main_process_pushes(tmp_path, hub):
     cfg = load_config(["--push_to_hub=True", "--hub_model_id=someone/x", "--hub_strategy=end"])
-    pusher = HubPusher(cfg, is_main_process=False, report=print)
+    pusher = HubPusher(cfg, report=print, is_main_process=False)
     pusher.after_save(str(tmp_path), 1)
     pusher.finish(str(tmp_path), 1)
     assert hub.calls == []

@@ -1,6 +1,5 @@
 """Starting from a pretrained GPT-2: loading, cropping, dropout, shape conflicts, the offline Hub, fine-tuning."""
 import os
-import shutil
 import time
 
 import pytest

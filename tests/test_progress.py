@@ -2,20 +2,21 @@
 import json
 import os
 import re
+import sys
 
 from conftest import read_metrics, run_script
 from gpt_train import progress as progress_module
 from gpt_train.config import load_config
-from gpt_train.plot import MetricsReader
+from gpt_train.plot import CurvesReader
 from gpt_train.progress import Progress, bar, format_duration
 from gpt_train.train import train
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-class FakeReporter:
-    def __init__(self, active=True, path=""):
-        self.active, self.path, self.printed = active, path, []
+class FakeAccelerator:
+    def __init__(self):
+        self.printed = []
 
     def print(self, *args):
         self.printed.append(" ".join(map(str, args)))
@@ -47,7 +48,7 @@ def test_training_shows_eta_a_summary_and_redraws_loss_png(tiny_run, capsys):
 def test_eta_is_wall_clock_rate_over_iterations_since_the_first_log(monkeypatch):
     clock = iter([0.0, 100.0, 110.0])  # created, first log, second log
     monkeypatch.setattr(progress_module.time, "time", lambda: next(clock))
-    p = Progress(FakeReporter(), "out", max_iters=1000, start_iter=0, tokens_per_iter=1, flops_per_iter=1,
+    p = Progress(FakeAccelerator(), "out", max_iters=1000, start_iter=0, tokens_per_iter=1, flops_per_iter=1,
                  peak_flops=1)
     assert p.eta(0, 5.0) == ""
     assert p.eta(10, 0.5) == ", 1.00 it/s, ETA 16m29s"  # 989 iterations left at 1 it/s
@@ -60,12 +61,17 @@ def test_durations_use_the_two_largest_units():
 def test_eval_bars_only_on_the_main_process_terminal_and_when_asked(monkeypatch):
     items = range(3)
     monkeypatch.setattr("sys.stdout.isatty", lambda: False)
-    assert bar(FakeReporter(), True, items, "eval") is items  # piped to a log file: no bar
+    assert bar(True, items, "eval") is items  # piped to a log file: no bar
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
-    assert bar(FakeReporter(active=False), True, items, "eval") is items
-    assert bar(FakeReporter(), False, items, "eval") is items
-    shown = bar(FakeReporter(), True, items, "eval val")
-    assert shown is not items and list(shown) == [0, 1, 2]
+    assert bar(False, items, "eval") is items
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    assert bar(True, items, "eval") is items
+    monkeypatch.delenv("TQDM_DISABLE")
+    shown = bar(True, items, "eval val")
+    assert shown is not items and not shown.disable and list(shown) == [0, 1, 2]
+    second_process = type("State", (), {"local_process_index": 1})
+    monkeypatch.setattr(sys.modules["accelerate.utils.tqdm"], "PartialState", second_process)
+    assert bar(True, items, "eval").disable  # on every process but the main one
 
 
 def write_metrics(out_dir, records, tokens_per_iter=None, tail=""):
@@ -92,7 +98,7 @@ def test_resumed_iterations_replace_the_earlier_ones_and_a_half_written_line_wai
     first = fake_run(30, 4.0)
     replay = [{"event": "train", "iter": 25, "train/step_loss": 9.0, "lr": 1e-3}]
     write_metrics(tmp_path, first + replay, tail='{"event": "train", "iter": 31, "train/st')
-    reader = MetricsReader(str(tmp_path))
+    reader = CurvesReader(str(tmp_path))
     curves = reader.curves()
     assert dict(curves.step)[25] == 9.0 and max(dict(curves.step)) == 30
     assert curves.best == (30, 4.0 / 2.5, 4.0 / 2.5 * 1.02)

@@ -32,8 +32,8 @@ RUN = [*TINY_MODEL, "--dropout=0.1", "--gradient_accumulation_steps=1", "--eval_
 ITER_LINE = "iter "
 
 
-def start(args, env=None):
-    return subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True, bufsize=1,
+def start(args, env=None, wrapper=()):
+    return subprocess.Popen([sys.executable, *wrapper, "train.py", *args], cwd=ROOT, text=True, bufsize=1,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
 
@@ -79,7 +79,7 @@ def test_resume_after_kill_matches_uninterrupted_run(char_data, tmp_path, straig
     read_until(proc, lambda line, lines: line.startswith("iter 11:") and any("saving" in l for l in lines))
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
-    saved = checkpoint.read_trainer_state(out_dir)["iter_num"]
+    saved = checkpoint.read_trainer_state(out_dir).iter_num
     assert saved in (10, 20)
     resumed = run_script("train.py", *args, "--init_from=resume")
     assert min(losses_printed(resumed.stdout)) == saved
@@ -97,7 +97,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_continues_exactly(char_data
     stopped = [line for line in rest.splitlines() if line.startswith("SIGTERM received: stopped after iteration")]
     assert len(stopped) == 1, rest
     last_done = int(stopped[0].split("iteration ")[1].split(";")[0])
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == last_done + 1
+    assert checkpoint.read_trainer_state(out_dir).iter_num == last_done + 1
     resumed = run_script("train.py", *args, "--init_from=resume")
     assert min(losses_printed(resumed.stdout)) == last_done + 1
     assert_resume_matches(resumed.stdout, out_dir, straight)
@@ -108,16 +108,16 @@ def test_kill_during_a_save_leaves_one_whole_checkpoint(char_data, tmp_path, pha
     """Killed before the commit, the previous checkpoint stays; after it, the new one is rolled in."""
     out_dir = str(tmp_path / "out")
     proc = start([f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN],
-                 env={checkpoint.HANG_IN_SAVE_ENV: f"{phase}:20"})
+                 wrapper=("tests/hang_in_save.py", phase, "20"))
     read_until(proc, lambda line, lines: line.startswith(f"hanging in save: {phase}"))
     proc.kill()
     proc.wait()
     if phase == "moving":  # the kill left new model files next to no training_state/ at all
         assert not os.path.exists(os.path.join(out_dir, checkpoint.STATE_DIR))
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == survivor  # recovers, then verifies
+    assert checkpoint.read_trainer_state(out_dir).iter_num == survivor  # recovers, then verifies
     assert not any(name.startswith(".checkpoint") or name.endswith(".old") for name in os.listdir(out_dir))
     # the model folder holds the weights this training state was saved with: nothing is mixed
-    manifest = checkpoint.read_trainer_state(out_dir)["files"]
+    manifest = checkpoint.read_trainer_state(out_dir).files
     assert manifest["model.safetensors"]["sha256"] == sha256(os.path.join(out_dir, "model.safetensors"))
     GPT2LMHeadModel.from_pretrained(out_dir)
 
@@ -141,7 +141,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny
     after[os.path.join(out_dir, "model.safetensors")] = sha256(os.path.join(out_dir, "model.safetensors"))
     assert after == before
     assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 5
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 5
 
 
 def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_run):
@@ -159,7 +159,7 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_
     # nanoGPT does; nothing of the diverged steps reached the checkpoint.
     weights = os.path.join(out_dir, "model.safetensors")
     assert after[weights] == before[weights]
-    assert checkpoint.read_trainer_state(out_dir)["iter_num"] == 5
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 5
 
 
 def test_skip_nonfinite_steps_skips_and_counts_instead_of_updating(tiny_run, capsys):
@@ -184,14 +184,14 @@ def test_resume_continues_the_same_wandb_run(tiny_run, tmp_path, monkeypatch):
     common = [*args, "--gradient_accumulation_steps=1", "--eval_interval=2", "--eval_iters=1", "--wandb_log=True"]
     try:
         train(load_config([*common, "--max_iters=2"]))
-        first = checkpoint.read_trainer_state(out_dir)["tracker_run_id"]
+        first = checkpoint.read_trainer_state(out_dir).tracker_run_id
         AcceleratorState._reset_state(True), GradientState._reset_state(), PartialState._reset_state()  # a new run
         train(load_config([*common, "--max_iters=4", "--init_from=resume"]))
     finally:
         wandb.teardown()  # wandb keeps its settings (WANDB_DIR) process-wide; later tests have their own
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
     assert len(runs) == 2 and all(d.endswith("-" + first) for d in runs)
-    assert checkpoint.read_trainer_state(out_dir)["tracker_run_id"] == first
+    assert checkpoint.read_trainer_state(out_dir).tracker_run_id == first
 
 
 # ---- guarded inputs: one line, non-zero exit, no traceback, nothing changed in out_dir or data/

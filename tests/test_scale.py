@@ -9,7 +9,8 @@ from transformers import GPT2LMHeadModel
 from conftest import ROOT, TINY_MODEL, read_metrics, run_script
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
-from gpt_train.train import _mixed_precision, micro_steps_per_process, setup, train
+from gpt_train.device import mixed_precision, process_group_kwargs, resolve_device, torch_dtype
+from gpt_train.train import micro_steps_per_process, setup, train
 
 
 def launch_env(name):
@@ -63,13 +64,25 @@ def test_two_nodes_need_a_divisible_accumulation_count():
 def test_explicit_dtype_beats_the_launch_config_and_auto_defers_to_it(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    assert _mixed_precision(load_config([]), cpu) == "no"  # auto on CPU: float32
+    assert mixed_precision(load_config([]).dtype, cpu) == "no"  # auto on CPU: float32
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
-    assert _mixed_precision(load_config([]), cpu) is None  # auto: the YAML decides
-    assert _mixed_precision(load_config(["--dtype=float32"]), cpu) == "no"
-    assert _mixed_precision(load_config(["--bf16=True"]), cpu) == "bf16"
+    assert mixed_precision(load_config([]).dtype, cpu) is None  # auto: the YAML decides
+    assert mixed_precision(load_config(["--dtype=float32"]).dtype, cpu) == "no"
+    assert mixed_precision(load_config(["--bf16=True"]).dtype, cpu) == "bf16"
     with pytest.raises(UserError, match="float16' is not supported on CPU"):
-        _mixed_precision(load_config(["--dtype=float16"]), cpu)
+        mixed_precision(load_config(["--dtype=float16"]).dtype, cpu)
+
+
+def test_training_and_sampling_share_one_device_and_precision_policy():
+    assert resolve_device("cpu") == torch.device("cpu") and torch_dtype("auto", torch.device("cpu")) == torch.float32
+    assert process_group_kwargs("cpu", "nccl") == {"cpu": True}
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="device='cuda:1' but no CUDA GPU is visible"):
+            resolve_device("cuda:1")  # sampling names a GPU
+    with pytest.raises(UserError, match="choose the GPU with CUDA_VISIBLE_DEVICES=1 and --device=cuda"):
+        process_group_kwargs("cuda:1", "nccl")  # training takes its GPUs from the launcher
+    with pytest.raises(UserError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"):
+        resolve_device("tpu")
 
 
 def test_compiled_training_matches_eager_in_one_graph_and_publishes_loadable_weights(char_data, tmp_path):
