@@ -17,6 +17,7 @@ import torch
 import wandb
 from transformers import GPT2LMHeadModel
 
+import accelerate
 import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from conftest import ROOT, TINY_MODEL, run_script, sha256, tree_digest
@@ -283,6 +284,33 @@ GUARDED = {
     "a new run over a run": (["--overwrite_output_dir=False"], None, None, "holds another training run (a "
                              "checkpoint at iteration 2): continue it with --init_from=resume", True),
 }
+
+
+def test_a_bug_while_loading_the_training_state_is_not_called_a_corrupt_checkpoint(checkpointed, tmp_path,
+                                                                                    monkeypatch):
+    out_dir = str(tmp_path / "out")
+    shutil.copytree(checkpointed, out_dir)
+
+    def buggy_load_state(self, input_dir=None, **kwargs):
+        raise TypeError("a bug in gpt-train or Accelerate")
+
+    monkeypatch.setattr(accelerate.Accelerator, "load_state", buggy_load_state)
+    with pytest.raises(TypeError, match="a bug in gpt-train"):  # a traceback to report, not "corrupt"
+        train(load_config([f"--out_dir={out_dir}", "--init_from=resume", "--max_iters=4"]))
+
+
+def test_a_failing_save_turns_the_progress_bars_back_on(tiny_run, monkeypatch):
+    from transformers import PreTrainedModel
+    from transformers.utils import logging as hf_logging
+    out_dir, args = tiny_run
+
+    def full_disk(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    with pytest.raises(UserError, match="the disk is full"):
+        train(load_config([*args, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
+    assert hf_logging.is_progress_bar_enabled()
 
 
 @pytest.mark.parametrize("case", GUARDED)

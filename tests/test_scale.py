@@ -124,6 +124,16 @@ def test_compiled_training_attends_through_is_causal_without_a_mask_tensor(char_
         assert node.kwargs.get("attn_mask") is None and node.kwargs.get("is_causal") is True, node.kwargs
 
 
+def test_a_benchmark_saves_pushes_and_logs_to_wandb_nothing(char_data, tmp_path):
+    """train_gpt2 says always_save_checkpoint=True and wandb_log=True: bench.py of it must not act on them."""
+    result = run_script("bench.py", "configs/train_gpt2.py", f"--data_dir={char_data}", "--device=cpu",
+                        "--compile=False", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16",
+                        "--batch_size=2", "--gradient_accumulation_steps=1", "--bench_iters=2", "--bench_warmup=1",
+                        "--push_to_hub=True", "--hub_model_id=someone/bench", env={"HF_TOKEN": ""})
+    assert "saving checkpoint" not in result.stdout and "sample from it" not in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith("cpu x1: ")
+
+
 def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
     result = run_script("bench.py", f"--data_dir={char_data}", "--device=cpu", "--compile=True", "--n_layer=2",
                         "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--bench_iters=5",
