@@ -2,8 +2,8 @@
 # GPT-2 124M on two 8-GPU nodes under SLURM: one task per node, each starting 8 processes.
 #   sbatch accelerate_configs/slurm_2nodes.sh
 # data/ and out_dir must be on a filesystem both nodes see (checkpoints are written by the
-# main process, training state by every rank). If a node dies the job fails; resubmit with
-# --init_from=resume appended and it continues from the last checkpoint.
+# main process, training state by every rank). If a node dies the job fails; resubmit it and it
+# continues from the last checkpoint (train_gpt2 sets resume_from_checkpoint=True).
 #SBATCH --job-name=gpt2-124m
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1

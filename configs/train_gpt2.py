@@ -23,3 +23,7 @@ log_interval = 10
 
 # weight decay
 weight_decay = 1e-1
+
+# A run of days: relaunching this command, by hand or by torchrun (--max_restarts=3), continues
+# the checkpoint in out_dir, redoing at most eval_interval iterations (README, "Restarts and lost nodes")
+resume_from_checkpoint = True

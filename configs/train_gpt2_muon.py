@@ -33,3 +33,7 @@ cooldown_iters = 8000
 eval_interval = 1000
 eval_iters = 200
 log_interval = 10
+
+# A run of days: relaunching this command, by hand or by torchrun (--max_restarts=3), continues
+# the checkpoint in out_dir, redoing at most eval_interval iterations (README, "Restarts and lost nodes")
+resume_from_checkpoint = True

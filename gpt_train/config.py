@@ -18,6 +18,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field, fields
+from types import UnionType
 
 from gpt_train.errors import UserError
 from gpt_train.hub import HUB_STRATEGIES, check_repo_id
@@ -94,6 +95,9 @@ class TrainConfig:
     min_lr: float = schedule(6e-5, "floor of the schedule, ~learning_rate/10 per Chinchilla")
 
     init_from: str = init("scratch", "'scratch', 'resume', 'gpt2*', a Hub id or a local model folder")
+    resume_from_checkpoint: bool | str = init(False, "True: continue out_dir's checkpoint if it has one, else start "
+                                              "as init_from says (for restarted workers); a folder: continue the "
+                                              "run in that folder")
     seed: int = init(1337, "seed for weights, data sampling and dropout")
 
     backend: str = system("nccl", "torch.distributed backend on GPUs; CPU runs always use gloo")
@@ -101,6 +105,8 @@ class TrainConfig:
     dtype: str = system("auto", "'auto' is bfloat16 on GPUs that support it, float16 on others, float32 on CPU "
                                 "and MPS; or float32/bfloat16/float16")
     compile: bool = system(True, "torch.compile the model")
+    ddp_timeout: int = system(1800, "seconds a process waits for the others at a collective before it gives up "
+                                    "(NCCL notices a dead peer only then; gloo at once)")
 
     push_to_hub: bool = hub(False, "upload the model folder to the Hugging Face Hub")
     hub_model_id: str = hub("", "the Hub repository, 'user/name'; required with push_to_hub")
@@ -114,7 +120,7 @@ class TrainConfig:
     def validate(self):
         """Reject settings that cannot make a sensible run, before anything is touched."""
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters")
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -243,7 +249,7 @@ def with_values(cfg, **changes):
 
 
 # Settings a resumed run takes from the command line only: they say what to do with the run.
-NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir")
+NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir", "resume_from_checkpoint")
 TOKENS_PER_ITER = ("gradient_accumulation_steps", "batch_size", "block_size")
 # Settings whose change makes a resumed run differ from the uninterrupted one.
 TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
@@ -326,7 +332,7 @@ def preset_text(cfg):
 
 
 def _type_name(annotation):
-    return getattr(annotation, "__name__", str(annotation))
+    return str(annotation) if isinstance(annotation, UnionType) else annotation.__name__
 
 
 def _program_name():
@@ -398,7 +404,7 @@ def _resolve_layer(cls, source, assignments):
             hint = f"; did you mean {near[0]}?" if near else ""
             raise UserError(f"unknown setting '{key}' in {source}{hint}")
         if value is BARE_FLAG:
-            if types[name] not in (bool, "bool"):
+            if bool not in getattr(types[name], "__args__", (types[name],)):
                 raise UserError(f"'--{key}' has no value: write --{key}=VALUE")
             value = True
         if name in spelled:
@@ -419,6 +425,13 @@ def _alias_target(cls, key):
 
 
 def _check_type(key, value, expected, source):
+    if isinstance(expected, UnionType):  # resume_from_checkpoint: True/False or a folder
+        if type(value) in expected.__args__:
+            return value
+        if str in expected.__args__ and source == "the command line":
+            return str(value)  # --resume_from_checkpoint=2024 is a folder's name
+        raise UserError(f"{key} must be {_type_name(expected).replace(' | ', ' or ')}, got "
+                        f"{type(value).__name__} {value!r} (in {source})")
     expected = {"int": int, "float": float, "bool": bool, "str": str}.get(expected, expected)
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

@@ -9,10 +9,12 @@
 Not here: what a process does with them (gpt_train.train, gpt_train.sample), the launcher's
 environment (gpt_train.launch).
 """
+import datetime
+
 import torch
 
 from gpt_train.errors import UserError
-from gpt_train.launch import launch_mixed_precision, launched_processes
+from gpt_train.launch import agent_store, launch_mixed_precision, launched_processes, restart_attempt
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # Accelerate's names
@@ -37,19 +39,39 @@ def resolve_device(name):
     return device
 
 
-def process_group_kwargs(device_name, backend):
+def process_group_kwargs(device_name, backend, timeout_s):
     """PartialState's arguments for a training process, after checking the device setting."""
     if device_name.startswith("cuda:"):
         raise UserError(f"device={device_name!r}: choose the GPU with CUDA_VISIBLE_DEVICES={device_name[5:]} and "
                         "--device=cuda (Accelerate places one process per GPU)")
     device = resolve_device(device_name)
+    group = {"timeout": datetime.timedelta(seconds=timeout_s), **_restart_store(timeout_s)} \
+        if launched_processes() > 1 else {}
     # Accelerate forms a CPU process group only when asked to: without this, processes launched on
     # a machine with no GPU would each train alone, all into the same out_dir.
     if device.type == "cpu":
-        return {"cpu": True}
+        return {"cpu": True, **group}
     if device.type == "cuda" and launched_processes() > 1:
-        return {"backend": backend}
+        return {"backend": backend, **group}
     return {}
+
+
+def _restart_store(timeout_s):
+    """A restarted worker group's own keys in the launcher's store.
+
+    torchrun's static rendezvous keeps one store across restarts (--max_restarts) and the process
+    group writes its keys without the attempt in them: a restarted process could read a dead
+    one's address and fail to connect (gloo: Connection refused), using up the restarts. On one
+    machine one agent restarts every process, so they agree on the attempt; across machines a node
+    that comes back counts from 0 again, so the keys are left as torchrun makes them.
+    """
+    where = agent_store()
+    if not restart_attempt() or where is None:
+        return {}
+    host, port, rank = where
+    store = torch.distributed.TCPStore(host, port, is_master=False, timeout=datetime.timedelta(seconds=timeout_s))
+    return {"store": torch.distributed.PrefixStore(f"gpt-train/attempt-{restart_attempt()}", store),
+            "rank": rank, "world_size": launched_processes()}
 
 
 def check_one_run(state):
@@ -58,6 +80,22 @@ def check_one_run(state):
         raise UserError(f"{launched_processes()} processes were launched but they did not form one run "
                         f"({state.distributed_type} on {state.device.type}): launch several processes on "
                         "GPUs, or on CPUs with --device=cpu or ACCELERATE_USE_CPU=1")
+
+
+# How gloo's TCP transport reports a peer that is gone, and one that is silent past the timeout;
+# NCCL and the rendezvous store raise DistError.
+LOST_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+SILENT_PEER_MESSAGES = ("Timed out waiting",)
+
+
+def peer_failure(error, timeout_s):
+    """Why a collective failed, in a few words, if another process of the run is gone or silent;
+    None for any other error."""
+    if any(m in str(error) for m in SILENT_PEER_MESSAGES):
+        return f"no answer from the other processes within ddp_timeout={timeout_s}s (one hangs or its node is lost)"
+    if isinstance(error, torch.distributed.DistError) or any(m in str(error) for m in LOST_PEER_MESSAGES):
+        return "lost contact with the other processes (a process or node died)"
+    return None
 
 
 def torch_dtype(name, device):

@@ -31,11 +31,19 @@ STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until re
 COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
 # Any of these in out_dir means a training run wrote there.
 RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR)
+# What a run leaves before its first checkpoint is committed: a restart may start it again.
+BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
 
 
 def is_model_folder(folder):
     """Whether `folder` holds a model from_pretrained can load (its config and weights)."""
     return all(os.path.isfile(os.path.join(folder, name)) for name in (MODEL_CONFIG, WEIGHTS))
+
+
+def has_checkpoint(out_dir):
+    """Whether out_dir holds a checkpoint to resume (a committed save still being moved in counts)."""
+    return (os.path.isfile(os.path.join(out_dir, STATE_DIR, TRAINER_STATE))
+            or os.path.isdir(os.path.join(out_dir, COMMITTED_DIR)))
 
 
 def missing_model_files(folder):
@@ -100,10 +108,11 @@ def tokens_per_iter(out_dir):
         return None
 
 
-def previous_run(out_dir):
-    """What a training run left in out_dir, in a few words; '' if nothing: a new run must not mix with it."""
+def previous_run(out_dir, allow=()):
+    """What a training run left in out_dir, in a few words; '' if nothing (or only the `allow`ed
+    files): a new run must not mix with it."""
     found = sorted(set(os.listdir(out_dir)) & set(RUN_FILES)) if os.path.isdir(out_dir) else []
-    if not found:
+    if set(found) <= set(allow):
         return ""
     try:
         return f"a checkpoint at iteration {TrainerState.read(out_dir).iter_num:,}"

@@ -20,9 +20,9 @@ from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, 
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint
-from gpt_train.config import with_saved_settings
+from gpt_train.config import with_saved_settings, with_values
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
-from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, process_group_kwargs
+from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure, process_group_kwargs
 from gpt_train.errors import UserError
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
@@ -31,7 +31,8 @@ from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, c
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
                              pretrained_folder, read_model_config, ready_for_training, set_hyperparameters, set_schedule,
                              settings_for_checkpoint, use_causal_sdpa)
-from gpt_train.out_dir import TrainerState, previous_run, read_run_config
+from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, STATE_DIR, TRAINER_STATE, TrainerState, has_checkpoint,
+                               previous_run, read_run_config)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
@@ -70,13 +71,14 @@ def setup(cfg):
     """Settings, then processes and precision, then the model (and the data it trains on), then
     Accelerate's objects, then the saved state on top: each decided once, in that order."""
     resume_changes = []
+    cfg = _resume_choice(cfg)
     if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
         cfg, resume_changes = with_saved_settings(cfg, read_run_config(cfg.out_dir))
     elif not cfg.eval_only and not cfg.overwrite_output_dir:
-        _refuse_another_run(cfg.out_dir)
+        _refuse_another_run(cfg)
     if cfg.wandb_log:
         check_wandb_login()
-    state = PartialState(**process_group_kwargs(cfg.device, cfg.backend))
+    state = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(state)
     if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
         state.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): "
@@ -133,10 +135,30 @@ def setup(cfg):
     return run
 
 
-def _refuse_another_run(out_dir):
-    found = previous_run(out_dir)
+def _resume_choice(cfg):
+    """resume_from_checkpoint as init_from: 'resume' where there is a checkpoint to continue.
+
+    Every process decides alone, from the files, before any of them can change out_dir: a
+    restarted worker group (torchrun --max_restarts) thus continues as one run.
+    """
+    target = cfg.resume_from_checkpoint
+    if isinstance(target, str) and target:
+        if not has_checkpoint(target):
+            raise UserError(f"resume_from_checkpoint={target!r}: no checkpoint there to continue (no "
+                            f"{STATE_DIR}/{TRAINER_STATE}); give the out_dir of a run, or True to start when "
+                            "there is none")
+        return with_values(cfg, out_dir=target, init_from="resume")
+    if target is True and has_checkpoint(cfg.out_dir):
+        return with_values(cfg, init_from="resume")
+    return cfg
+
+
+def _refuse_another_run(cfg):
+    # a worker restarted before the first checkpoint replaces what its own first attempt left
+    restarting = cfg.resume_from_checkpoint is True
+    found = previous_run(cfg.out_dir, allow=BEFORE_FIRST_CHECKPOINT if restarting else ())
     if found:
-        raise UserError(f"{out_dir} holds another training run ({found}): continue it with --init_from=resume, "
+        raise UserError(f"{cfg.out_dir} holds another training run ({found}): continue it with --init_from=resume, "
                         "train into another --out_dir, or replace it with --overwrite_output_dir=True")
 
 
@@ -213,8 +235,8 @@ def _start_logging(run):
     cfg, acc = run.cfg, run.accelerator
     run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id)
     if not cfg.eval_only:  # an evaluation leaves the run it reads as it was
-        checkpoint.start_run_folder(cfg.out_dir, cfg.to_json(), replace=cfg.overwrite_output_dir and
-                                    cfg.init_from != "resume")
+        replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
+        checkpoint.start_run_folder(cfg.out_dir, cfg.to_json(), replace=replace)
     acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "
@@ -384,3 +406,16 @@ def train(cfg):
         except NonFiniteLoss:
             run.accelerator.end_training()  # close trackers and the process group before exiting
             raise
+        except RuntimeError as e:  # a collective whose peer is gone: say what is left, not gloo's traceback
+            why = peer_failure(e, run.cfg.ddp_timeout) if run.accelerator.num_processes > 1 else None
+            if why is None:
+                raise
+            raise UserError(f"{why}: {_last_checkpoint(run.cfg.out_dir)}") from None
+
+
+def _last_checkpoint(out_dir):
+    try:
+        iteration = TrainerState.read(out_dir).iter_num
+    except UserError:
+        return f"{out_dir} has no checkpoint yet; start the run again"
+    return f"the last checkpoint in {out_dir} is at iteration {iteration:,}; continue with --init_from=resume"

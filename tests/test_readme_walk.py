@@ -54,6 +54,11 @@ PLAN = {
         Skip("needs 8 GPUs"),
     "accelerate launch --config_file accelerate_configs/2x8xa100.yaml --machine_rank 0 --main_process_ip 10.0.0.1 "
     "train.py configs/train_gpt2.py --gradient_accumulation_steps=32 --batch_size=15": Skip("needs two 8-GPU nodes"),
+    "accelerate launch --config_file accelerate_configs/8xa100.yaml --max_restarts=3 train.py configs/train_gpt2.py":
+        Skip("needs 8 GPUs (tests/test_restarts.py runs the restart on two CPU processes)"),
+    "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 accelerate launch --config_file accelerate_configs/2x8xa100.yaml "
+    "--main_process_ip 10.0.0.1 --rdzv_backend c10d --max_restarts=3 train.py configs/train_gpt2.py "
+    "--gradient_accumulation_steps=32 --batch_size=15": Skip("needs two 8-GPU nodes"),
     "pip install -e .": Skip("console commands are run through their pyproject.toml entry points instead"),
     "gpt-prepare shakespeare_char": [],
     "gpt-train configs/train_shakespeare_char_cpu.py --overwrite_output_dir=True": SHORT_TRAINING,

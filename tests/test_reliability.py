@@ -24,6 +24,7 @@ from conftest import ROOT, TINY_MODEL, run_script, sha256, tree_digest
 from gpt_train import checkpoint
 from gpt_train.config import load_config
 from gpt_train.errors import UserError
+from gpt_train.out_dir import has_checkpoint
 from gpt_train.cli import train as main
 from gpt_train.train import NonFiniteLoss, fit, setup, train
 
@@ -115,6 +116,7 @@ def test_kill_during_a_save_leaves_one_whole_checkpoint(char_data, tmp_path, pha
     proc.wait()
     if phase == "moving":  # the kill left new model files next to no training_state/ at all
         assert not os.path.exists(os.path.join(out_dir, checkpoint.STATE_DIR))
+    assert has_checkpoint(out_dir)  # so a restarted worker (resume_from_checkpoint=True) resumes it
     assert checkpoint.read_trainer_state(out_dir).iter_num == survivor  # recovers, then verifies
     assert not any(name.startswith(".checkpoint") or name.endswith(".old") for name in os.listdir(out_dir))
     # the model folder holds the weights this training state was saved with: nothing is mixed

@@ -1,4 +1,5 @@
 """Scale-out settings: the Accelerate YAML files, the accumulation split, precision choice, bench.py."""
+import datetime
 import os
 
 import pytest
@@ -73,14 +74,16 @@ def test_explicit_dtype_beats_the_launch_config_and_auto_defers_to_it(monkeypatc
         mixed_precision(load_config(["--dtype=float16"]).dtype, cpu)
 
 
-def test_training_and_sampling_share_one_device_and_precision_policy():
+def test_training_and_sampling_share_one_device_and_precision_policy(monkeypatch):
     assert resolve_device("cpu") == torch.device("cpu") and torch_dtype("auto", torch.device("cpu")) == torch.float32
-    assert process_group_kwargs("cpu", "nccl") == {"cpu": True}
+    assert process_group_kwargs("cpu", "nccl", 1800) == {"cpu": True}
+    monkeypatch.setenv("WORLD_SIZE", "2")  # launched: ddp_timeout reaches the process group
+    assert process_group_kwargs("cpu", "nccl", 60) == {"cpu": True, "timeout": datetime.timedelta(seconds=60)}
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="device='cuda:1' but no CUDA GPU is visible"):
             resolve_device("cuda:1")  # sampling names a GPU
     with pytest.raises(UserError, match="choose the GPU with CUDA_VISIBLE_DEVICES=1 and --device=cuda"):
-        process_group_kwargs("cuda:1", "nccl")  # training takes its GPUs from the launcher
+        process_group_kwargs("cuda:1", "nccl", 1800)  # training takes its GPUs from the launcher
     with pytest.raises(UserError, match="device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'tpu'"):
         resolve_device("tpu")
 
