@@ -37,6 +37,7 @@ from gpt_train.errors import UserError, first_line
 from gpt_train.files import atomic_path, give_default_mode
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
+from gpt_train.tokenizer import save_tokenizer
 from gpt_train.out_dir import (COMMITTED_DIR, MODEL_FILES, RUN_CONFIG, RUN_FILES, STAGING_DIR, STATE_DIR, TRAINER_STATE,
                                TrainerState, missing_model_files)
 
@@ -89,7 +90,7 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
         model.save_pretrained(staging, state_dict=state_dict)
     finally:
         hf_logging.enable_progress_bar()
-    tokenizer.save_pretrained(staging)
+    save_tokenizer(tokenizer, staging, context=model.config.n_positions)
     write_model_card(staging, trainer_state)
     give_default_mode(staging)  # safetensors writes model.safetensors 0600
     trainer_state.files = _manifest(staging)
@@ -250,16 +251,28 @@ def remove_previous_run(out_dir):
             os.remove(path)
 
 
-def _manifest(folder):
-    """{relative path: {"size", and "sha256" for the model files}} of every file under folder."""
+def refresh_manifest(out_dir, names):
+    """After files of out_dir's model folder were rewritten on purpose (convert upgrade): the
+    checkpoint's manifest describes them as they are now, so resume still trusts it."""
+    try:
+        state = TrainerState.read(out_dir)
+    except UserError:
+        return  # a model folder without a checkpoint: nothing to keep in step
+    state.files.update(_manifest(out_dir, names))
+    _write_json(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), state.to_dict())
+
+
+def _manifest(folder, names=None):
+    """{relative path: {"size", and "sha256" for the model files}} of every file under folder (or
+    of the top-level files `names`)."""
+    paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found] if names is None \
+        else [os.path.join(folder, n) for n in names]
     files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            rel = os.path.relpath(path, folder).replace(os.sep, "/")
-            files[rel] = {"size": os.path.getsize(path)}
-            if rel in HASHED_FILES:
-                files[rel]["sha256"] = _sha256(path)
+    for path in paths:
+        rel = os.path.relpath(path, folder).replace(os.sep, "/")
+        files[rel] = {"size": os.path.getsize(path)}
+        if rel in HASHED_FILES:
+            files[rel]["sha256"] = _sha256(path)
     return files
 
 

@@ -1,7 +1,9 @@
-"""nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back.
+"""nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back; and older
+model folders brought up to date for other clients.
 
     python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-char [--meta=data/shakespeare_char]
     python -m gpt_train.convert to-nanogpt hf-char nanogpt/ckpt.pt
+    python -m gpt_train.convert upgrade out-shakespeare-char
 
 The two networks are the same GPT-2; only the storage differs. nanoGPT keeps nn.Linear
 weights (out x in) where GPT-2 has Conv1D (in x out), `torch.compile` prefixes every name with
@@ -17,22 +19,26 @@ Not here: training state. The optimizer moments are not carried across; the fold
 model to sample from, evaluate or fine-tune (`init_from=FOLDER`), and the ckpt.pt written
 back is one nanoGPT's sample.py loads (nanoGPT's init_from='resume' also wants an optimizer).
 """
+import filecmp
 import os
 import pickle
 import sys
+import tempfile
 import zipfile
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
 
 from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
-from gpt_train.out_dir import TrainerState, is_model_folder, missing_model_files, read_run_config
+from gpt_train.checkpoint import refresh_manifest
+from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, is_model_folder, missing_model_files, read_run_config
 from gpt_train.prepare import write_meta
-from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer
-from gpt_train.model import COMPILED_PREFIX  # nanoGPT strips it on resume, so do we
+from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer, model_tokenizer, save_tokenizer
+from gpt_train.model import (COMPILED_PREFIX,  # nanoGPT strips it on resume, so do we
+                             read_model_config, set_generation_defaults)
 
 LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CAUSAL_MASK = ".attn.bias"  # nanoGPT's mask buffer, present when it ran without flash attention
@@ -126,9 +132,10 @@ def from_nanogpt(ckpt_path, out_dir, meta=None):
     model.tie_weights()
     assert model.lm_head.weight is model.transformer.wte.weight
     model.eval()
+    set_generation_defaults(model.config, model.generation_config)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    save_tokenizer(tokenizer, out_dir, context=config.n_positions)
     return ckpt
 
 
@@ -217,10 +224,38 @@ def _write_char_meta(model_dir, ckpt_dir, vocab_size):
         print(f"wrote {os.path.join(ckpt_dir, 'meta.pkl')}: copy it to nanoGPT's data/<dataset>/ to sample")
 
 
+def upgrade(folder):
+    """Rewrite a model folder's config, generation and tokenizer files as gpt-train writes them
+    today (gpt_train.model.set_generation_defaults, gpt_train.tokenizer.save_tokenizer), in place.
+
+    The weights are not touched. Each file is replaced atomically, and a checkpoint's manifest is
+    updated to match, so the run still resumes. Returns the names of the files that changed.
+    """
+    if not is_model_folder(folder):
+        raise UserError(f"{folder} is not a model folder ({', '.join(missing_model_files(folder))} missing)")
+    config = read_model_config(folder, folder)
+    generation = GenerationConfig.from_model_config(config)
+    if os.path.isfile(os.path.join(folder, GENERATION_CONFIG)):
+        generation = GenerationConfig.from_pretrained(folder)
+    set_generation_defaults(config, generation)
+    changed = []
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".upgrade-") as staging:
+        config.save_pretrained(staging)
+        generation.save_pretrained(staging)
+        save_tokenizer(model_tokenizer(folder), staging, context=config.n_positions)
+        for name in sorted(os.listdir(staging)):
+            old = os.path.join(folder, name)
+            if not os.path.isfile(old) or not filecmp.cmp(old, os.path.join(staging, name), shallow=False):
+                os.replace(os.path.join(staging, name), old)
+                changed.append(name)
+    refresh_manifest(folder, changed)
+    return changed
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = command_parser("python -m gpt_train.convert", __doc__.split("\n\n")[2])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{from-nanogpt,to-nanogpt}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{from-nanogpt,to-nanogpt,upgrade}")
     from_ = commands.add_parser("from-nanogpt", help="a nanoGPT ckpt.pt to a model folder")
     from_.add_argument("ckpt", metavar="CKPT_PT")
     from_.add_argument("out_dir", metavar="OUT_DIR")
@@ -228,8 +263,14 @@ def main(argv=None):
     to = commands.add_parser("to-nanogpt", help="a model folder to a nanoGPT ckpt.pt")
     to.add_argument("out_dir", metavar="OUT_DIR")
     to.add_argument("ckpt", metavar="CKPT_PT")
+    up = commands.add_parser("upgrade", help="an older model folder's config, generation and tokenizer files, "
+                                             "rewritten as gpt-train writes them today")
+    up.add_argument("out_dir", metavar="OUT_DIR")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "from-nanogpt":
+    if args.command == "upgrade":
+        changed = upgrade(args.out_dir)
+        print(f"upgraded {args.out_dir}: {', '.join(changed)}" if changed else f"{args.out_dir} is up to date")
+    elif args.command == "from-nanogpt":
         ckpt = from_nanogpt(args.ckpt, args.out_dir, meta=args.meta)
         print(f"wrote {args.out_dir}: a GPT-2 model folder (iter {ckpt.get('iter_num', '?')} of the nanoGPT run)")
     else:

@@ -77,7 +77,7 @@ def build_model(cfg, vocab_size, tokenizer):
 def ready_for_training(model, dropout):
     """What every model needs before training, built here or loaded from a folder."""
     model.loss_type = "ForCausalLM"  # the class name does not say so, and transformers warns
-    set_generation_defaults(model)
+    set_generation_defaults(model.config, model.generation_config)
     set_dropout(model, dropout)
     _freeze_biases_if_unused(model)
     return model
@@ -88,23 +88,29 @@ def use_causal_sdpa(model):
     model.set_attn_implementation(CAUSAL_SDPA)
 
 
-def set_generation_defaults(model):
-    """Fill the generation settings the model leaves open, so its folder samples sensibly anywhere.
+def set_generation_defaults(config, generation):
+    """Fill what the model's folder tells other programs and leaves open, so it works anywhere.
 
-    The default length is half the context, so a prompt of up to the other half fits: the
-    text-generation pipeline's own default of 256 new tokens runs past a small model's position
-    table (an IndexError). It is max_new_tokens, not max_length, because a saved max_length makes
-    every call that passes max_new_tokens warn that both are set. A model with an end-of-text
-    token pads with it; a char model has none and runs to the requested length.
+    The default length is the context, `max_length = n_positions`: a caller's `max_length` is
+    then obeyed exactly, and `pipeline()` and lm-eval stay inside the position table whatever
+    the prompt (past it GPT-2 fails with an IndexError). A caller passing `max_new_tokens` gets
+    transformers' warning that both are set (its value wins) and must keep prompt plus new
+    tokens inside the context. Folders written before saved `max_new_tokens = n_positions // 2`,
+    which overrode every caller's max_length: that default is replaced. `n_ctx` repeats the
+    context under GPT-2's original name, which llama.cpp's converter reads. A model with an
+    end-of-text token pads with it; a char model has none and runs to the requested length.
     """
-    generation = model.generation_config
+    context = config.n_positions
     for name, value in SAMPLING_DEFAULTS.items():
         if getattr(generation, name) is None:
             setattr(generation, name, value)
-    if generation.max_length is None and generation.max_new_tokens is None:
-        generation.max_new_tokens = model.config.n_positions // 2
+    if generation.max_new_tokens == context // 2 and generation.max_length is None:
+        generation.max_new_tokens = None  # the old default, see above
+    if generation.max_new_tokens is None and (generation.max_length is None or generation.max_length > context):
+        generation.max_length = context
     if generation.pad_token_id is None and generation.eos_token_id is not None:
         generation.pad_token_id = generation.eos_token_id
+    config.n_ctx = context
 
 
 def _freeze_biases_if_unused(model):

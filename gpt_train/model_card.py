@@ -51,10 +51,12 @@ A GPT-2 ({shape}) {source} on the `{dataset}` dataset with gpt-train
 ```python
 from transformers import pipeline
 generator = pipeline("text-generation", model="path/or/hub-id/of/this/folder")
-print(generator("ROMEO:", max_new_tokens={cfg["block_size"] // 2})[0]["generated_text"])
+print(generator("ROMEO:")[0]["generated_text"])
 ```
 
-The folder's generation defaults sample as nanoGPT's sample.py does (temperature 0.8, top_k 200).
+The folder's generation defaults sample as nanoGPT's sample.py does (temperature 0.8, top_k 200)
+and stop at the context ({cfg["block_size"]} tokens, prompt included; pass `max_length` to stop
+sooner). For longer text use gpt-train's `sample.py`, which slides the context as nanoGPT does.
 
 ## Training settings
 

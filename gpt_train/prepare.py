@@ -267,7 +267,7 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
             print(f"{split} has {tokens:,} tokens")
         if codec.nanogpt_meta() is not None:
             write_meta(staging, codec.nanogpt_meta())
-        codec.hf_tokenizer().save_pretrained(staging)
+        codec.save_tokenizer(staging)
         _commit(staging, out_dir)
     print(f"wrote {out_dir}")
 

@@ -103,6 +103,7 @@ def generate_sliding(model, input_ids, max_new_tokens, attention_mask=None, stre
     Returns prompt + new tokens, like `generate`; stops early only where `generate` does (an
     end-of-text token), never for a model without one.
     """
+    generate_kwargs["max_length"] = None  # max_new_tokens decides: the folder's max_length would only warn
     window = context_length(model)
     if window is None or input_ids.shape[1] + max_new_tokens <= window:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,

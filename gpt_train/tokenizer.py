@@ -13,6 +13,7 @@ char codec; both turn a batch of documents into one uint16-ready numpy array.
 Not here: datasets, splitting and writing bins (gpt_train.prepare).
 """
 import functools
+import json
 import os
 
 import numpy as np
@@ -23,11 +24,14 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from gpt_train.data import read_meta
 from gpt_train.errors import UserError
+from gpt_train.files import atomic_path
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB = 50257
+TOKENIZER_CONFIG = "tokenizer_config.json"
+MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what GPT-2's forward takes from a tokenizer
 # The splitting regex of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public.r50k_pat_str).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
 # tiktoken's pinned sha256 of the files it would download for "gpt2"; the bundled copies match.
@@ -46,7 +50,31 @@ def char_tokenizer(stoi):
     model = Tokenizer(models.WordLevel(vocab=dict(stoi), unk_token=None))
     model.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     model.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=model, clean_up_tokenization_spaces=False)
+    return PreTrainedTokenizerFast(tokenizer_object=model, clean_up_tokenization_spaces=False,
+                                   model_input_names=list(MODEL_INPUT_NAMES))
+
+
+def save_tokenizer(tokenizer, folder, context=None):
+    """`save_pretrained`, with the fields other clients need (`context`: the model's, if it has one).
+
+    transformers 5 names a tokenizer built from a `tokenizers` object "TokenizersBackend", which
+    4.x does not know (it then loads no tokenizer at all); "PreTrainedTokenizerFast" loads in
+    both. The input names are written out because 4.x would otherwise also return
+    token_type_ids, which GPT-2 adds to its embeddings.
+    """
+    if context:
+        tokenizer.model_max_length = context
+    tokenizer.save_pretrained(folder)
+    path = os.path.join(folder, TOKENIZER_CONFIG)
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_input_names"] = list(MODEL_INPUT_NAMES)
+    for key in ("is_local", "local_files_only"):  # how a re-saved tokenizer was loaded, not what it is
+        config.pop(key, None)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False, sort_keys=True)
 
 
 def dataset_tokenizer(data_dir):
@@ -55,7 +83,7 @@ def dataset_tokenizer(data_dir):
     A folder prepared by gpt-train holds its own tokenizer files; one prepared by nanoGPT
     has a meta.pkl with a char vocabulary, or nothing, which means GPT-2 BPE.
     """
-    if os.path.exists(os.path.join(data_dir, "tokenizer_config.json")):
+    if os.path.exists(os.path.join(data_dir, TOKENIZER_CONFIG)):
         return AutoTokenizer.from_pretrained(data_dir)
     meta = read_meta(data_dir)
     if meta and "stoi" in meta:
@@ -65,7 +93,7 @@ def dataset_tokenizer(data_dir):
 
 def model_tokenizer(folder):
     """The tokenizer saved in a model folder, or the bundled GPT-2 BPE if it has none."""
-    names = ("tokenizer_config.json", "tokenizer.json", "vocab.json")
+    names = (TOKENIZER_CONFIG, "tokenizer.json", "vocab.json")
     if any(os.path.isfile(os.path.join(folder, n)) for n in names):
         return AutoTokenizer.from_pretrained(folder)
     return gpt2_tokenizer()
@@ -121,8 +149,8 @@ class Gpt2Codec:
                 parts.append(eot)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
-    def hf_tokenizer(self):
-        return gpt2_tokenizer()
+    def save_tokenizer(self, folder):
+        save_tokenizer(gpt2_tokenizer(), folder)
 
     def nanogpt_meta(self):
         return None  # nanoGPT's BPE datasets have no meta.pkl: no meta means GPT-2 BPE
@@ -146,8 +174,8 @@ class CharCodec:
     def stoi(self):
         return {ch: i for i, ch in enumerate(self.chars)}
 
-    def hf_tokenizer(self):
-        return char_tokenizer(self.stoi)
+    def save_tokenizer(self, folder):
+        save_tokenizer(char_tokenizer(self.stoi), folder)
 
     def nanogpt_meta(self):
         return {"vocab_size": self.vocab_size, "itos": dict(enumerate(self.chars)), "stoi": self.stoi}
