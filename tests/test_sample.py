@@ -55,12 +55,13 @@ def draw(folder, *args, init_from="resume"):
 def test_pipeline_loads_both_model_folders_offline_in_a_fresh_interpreter_without_warnings(char_model, bpe_model):
     code = ("import sys; from transformers import pipeline\n"
             "for folder in sys.argv[1:]:\n"
-            "    print(repr(pipeline('text-generation', model=folder)('ROMEO:', max_new_tokens=10)[0]['generated_text']))\n")
+            "    print(repr(pipeline('text-generation', model=folder)('ROMEO:', max_length=16)[0]['generated_text']))\n")
     result = run_script("-c", code, char_model, bpe_model, env={"HF_HUB_OFFLINE": "1"})
     char_text, bpe_text = [eval(line) for line in result.stdout.splitlines()]
-    assert char_text.startswith("ROMEO:") and len(char_text) == len("ROMEO:") + 10  # no early stop on a char model
+    assert char_text.startswith("ROMEO:") and len(char_text) == 16  # no early stop on a char model
     assert bpe_text.startswith("ROMEO:")
-    assert "warn" not in result.stderr.lower() and "pad_token_id" not in result.stderr, result.stderr
+    # nothing from transformers at all (its messages start "[transformers]"; none says "warn")
+    assert "warn" not in result.stderr.lower() and "[transformers]" not in result.stderr, result.stderr
 
 
 def test_auto_classes_load_folders_with_sensible_generation_defaults(char_model, bpe_model):
@@ -68,7 +69,7 @@ def test_auto_classes_load_folders_with_sensible_generation_defaults(char_model,
     g = char.generation_config
     assert (g.do_sample, g.temperature, g.top_k) == (True, 0.8, 200)  # nanoGPT's sample.py
     assert g.eos_token_id is None and g.pad_token_id is None and char.config.eos_token_id is None
-    assert g.max_new_tokens == BLOCK // 2 and g.max_length is None
+    assert g.max_length == BLOCK and g.max_new_tokens is None  # the context: tests/test_clients.py
     tokenizer = AutoTokenizer.from_pretrained(char_model)
     assert tokenizer.decode(tokenizer("O Romeo, Romeo!\n")["input_ids"]) == "O Romeo, Romeo!\n"
     bpe = AutoModelForCausalLM.from_pretrained(bpe_model)
