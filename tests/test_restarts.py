@@ -44,7 +44,12 @@ def two_nodes(train_args):
 
 
 def finish(proc, timeout=300):
-    out, _ = proc.communicate(timeout=timeout)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:  # a hung run must not outlive the test: its workers have their own group
+        for process in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+            process.kill()
+        raise
     return proc.returncode, out
 
 
