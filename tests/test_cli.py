@@ -62,8 +62,8 @@ def test_console_entry_points_name_importable_mains():
     with open(f"{ROOT}/pyproject.toml", "rb") as f:
         project = tomllib.load(f)["project"]
     scripts = project["scripts"]
-    assert set(scripts) == {"gpt-train", "gpt-sample", "gpt-prepare", "gpt-bench"}
-    for name in ("gpt-train", "gpt-prepare"):  # sample and bench: their own modules' tests
+    assert set(scripts) == {"gpt-train", "gpt-sample", "gpt-prepare", "gpt-bench", "gpt-eval"}
+    for name in ("gpt-train", "gpt-prepare", "gpt-eval"):  # sample and bench: their own modules' tests
         module, _, function = scripts[name].partition(":")
         assert callable(getattr(importlib.import_module(module), function)), name
     assert "dependencies" in project["dynamic"]  # the exact pins of requirements.txt

@@ -2,17 +2,25 @@
 of it would: HFLM on the folder, local tasks of each request type lm-eval has."""
 import json
 import os
+import shutil
+import subprocess
+import sys
+import time
 
 import pytest
+from huggingface_hub import ModelCard
 
-from conftest import TINY_MODEL
+from conftest import ROOT, TINY_MODEL, sha256
+from gpt_train import checkpoint
 from gpt_train.cli import train as main
+from gpt_train.evaluate import main as evaluate_main
 
 lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-eval.txt")  # requirements-dev has it
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-MAX_GEN_TOKS = 10  # far below half the context: the length at which the old folders overflowed
+MAX_GEN_TOKS = 10
+TASK_FOLDER = []  # where the tasks fixture wrote its YAML files  # far below half the context: the length at which the old folders overflowed
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +46,7 @@ def tasks(tmp_path_factory):
         "output_type: generate_until\ndoc_to_text: '{{text}}'\ndoc_to_target: 'x'\n"
         f"generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: {MAX_GEN_TOKS}\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    TASK_FOLDER[:] = [str(folder)]
     return TaskManager(include_path=str(folder))
 
 
@@ -47,25 +56,100 @@ def trained(data_dir, out_dir):
     return out_dir
 
 
+@pytest.fixture(scope="module")
+def bpe_folder(bpe_data, tmp_path_factory):
+    return trained(bpe_data, str(tmp_path_factory.mktemp("bpe") / "out"))
+
+
+@pytest.fixture(scope="module")
+def char_folder(char_data, tmp_path_factory):
+    return trained(char_data, str(tmp_path_factory.mktemp("char") / "out"))
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
 def evaluate(folder, task_names, task_manager, **model_args):
     lm = HFLM(pretrained=folder, batch_size=2, device="cpu", **model_args)
     return lm_eval.simple_evaluate(model=lm, tasks=task_names, task_manager=task_manager, log_samples=False,
                                    verbosity="ERROR")["results"]
 
 
-def test_lm_eval_scores_and_generates_past_half_the_context_on_a_bpe_folder(bpe_data, tmp_path, tasks, monkeypatch):
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    folder = trained(bpe_data, str(tmp_path / "bpe"))
-    results = evaluate(folder, ["shakespeare_ppl", "shakespeare_mc", "shakespeare_gen"], tasks)
+def test_lm_eval_scores_and_generates_past_half_the_context_on_a_bpe_folder(bpe_folder, tasks):
+    results = evaluate(bpe_folder, ["shakespeare_ppl", "shakespeare_mc", "shakespeare_gen"], tasks)
     assert 0 < results["shakespeare_ppl"]["bits_per_byte,none"] < 20
     assert 0 <= results["shakespeare_mc"]["acc,none"] <= 1
     assert results["shakespeare_gen"]["exact_match,none"] == 0.0  # ran: contexts cut to fit, no IndexError
 
 
-def test_lm_eval_scores_a_char_folder_with_a_newline_prefix(char_data, tmp_path, tasks, monkeypatch):
+def test_lm_eval_scores_a_char_folder_with_a_newline_prefix(char_folder, tasks):
     """A char vocabulary has no BOS/EOS: lm-eval's prefix_token_id names what starts a text."""
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    folder = trained(char_data, str(tmp_path / "char"))
-    results = evaluate(folder, ["shakespeare_ppl", "shakespeare_mc"], tasks, prefix_token_id=0)  # 0 is "\n"
+    results = evaluate(char_folder, ["shakespeare_ppl", "shakespeare_mc"], tasks, prefix_token_id=0)  # 0 is "\n"
     assert 0 < results["shakespeare_ppl"]["bits_per_byte,none"] < 10
     assert 0 <= results["shakespeare_mc"]["acc,none"] <= 1
+
+
+def test_gpt_train_evaluate_prints_the_table_and_writes_results_beside_the_model(bpe_folder, tasks, tmp_path, capsys):
+    folder = str(tmp_path / "judged")
+    shutil.copytree(bpe_folder, folder)
+    weights = sha256(os.path.join(folder, "model.safetensors"))
+    judge(["shakespeare_ppl", "shakespeare_mc"], folder, tasks)
+    out = capsys.readouterr().out
+    table = [line for line in out.splitlines() if line.startswith("|shakespeare_mc")]  # lm-eval's table
+    assert len(table) == 1 and "|acc" in table[0].replace(" ", "") and f"wrote {folder}/eval_results.json" in out
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        saved = json.load(f)
+    assert saved["iteration"] == 4 and set(saved["results"]) == {"shakespeare_ppl", "shakespeare_mc"}
+    assert 0 <= saved["results"]["shakespeare_mc"]["acc"] <= 1
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    index = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index[("shakespeare_mc", "acc")] == saved["results"]["shakespeare_mc"]["acc"]
+    assert "model-index" in card.content and "| tokens seen |" in card.content  # the rest of the card stays
+    assert checkpoint.read_trainer_state(folder).iter_num == 4  # card and manifest changed together
+    assert sha256(os.path.join(folder, "model.safetensors")) == weights
+
+
+def test_gpt_train_evaluate_starts_a_char_model_after_a_newline_and_refuses_its_generation(char_folder, tasks,
+                                                                                          capsys):
+    judge(["shakespeare_ppl"], char_folder, tasks)
+    assert "shakespeare_ppl" in capsys.readouterr().out
+    assert one_line(["shakespeare_gen"], char_folder, tasks, capsys).startswith(
+        "error: shakespeare_gen is a generation task, and ")
+
+
+def test_a_task_whose_data_is_neither_cached_nor_reachable_fails_in_seconds_in_one_line(bpe_folder, tmp_path,
+                                                                                       capsys):
+    """In a fresh interpreter with the Hub unreachable, not offline by setting: the command finds out itself."""
+    (tmp_path / "hub.yaml").write_text(
+        "task: hub_only\ndataset_path: gpt-train-tests/not-cached\ntest_split: test\n"
+        "output_type: loglikelihood_rolling\ndoc_to_text: ''\ndoc_to_target: '{{text}}'\n"
+        "metric_list:\n  - metric: bits_per_byte\n")
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "gpt_train.evaluate", bpe_folder, "--tasks=hub_only",
+                             f"--include_path={tmp_path}", "--device=cpu"], cwd=ROOT, capture_output=True, text=True,
+                            env={**env, "HF_ENDPOINT": "http://127.0.0.1:9"}, timeout=300)
+    took = time.monotonic() - started
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: lm-eval could not load a task's data (")
+    assert took < 60, f"{took:.0f} s"  # imports included; datasets' retries alone took minutes
+    assert one_line(["no_such_task"], bpe_folder, str(tmp_path), capsys).startswith(
+        "error: unknown lm-eval task 'no_such_task'")
+
+
+def judge(task_names, folder, tasks):
+    include = tasks if isinstance(tasks, str) else TASK_FOLDER[0]
+    evaluate_main([folder, f"--tasks={','.join(task_names)}", "--batch_size=2", "--device=cpu",
+                   f"--include_path={include}"])
+
+
+def one_line(task_names, folder, tasks, capsys):
+    with pytest.raises(SystemExit) as exited:
+        judge(task_names, folder, tasks)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    return err

@@ -1,0 +1,130 @@
+"""Judge a model folder the way the field does: EleutherAI's lm-evaluation-harness on it.
+
+    python -m gpt_train.evaluate out-gpt2 --tasks=hellaswag,arc_easy,piqa,lambada_openai
+    gpt-eval out-shakespeare-char --tasks=my_ppl --include_path=my_tasks --limit=100
+
+lm-eval's Python API runs on the folder as any lm-eval user would run it (its `hf` model), prints
+lm-eval's table, writes the results to OUT_DIR/eval_results.json and adds them to the model card's
+`model-index`, so the Hub shows them. The card and the checkpoint's manifest change together, so
+the run still resumes; the next checkpoint's card drops the scores, which described older weights.
+A char vocabulary has no BOS/EOS: its scoring tasks start from its newline (lm-eval's
+prefix_token_id); its generation tasks are refused, as there is no end-of-text token to stop at.
+
+Needs `pip install -r requirements-eval.txt` (or `pip install -e .[eval]`).
+Not here: training-time losses (gpt_train.train); the model card's other sections (gpt_train.model_card).
+"""
+import json
+import os
+import sys
+
+import datasets.config
+from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.utils import get_session
+
+from gpt_train.checkpoint import refresh_manifest
+from gpt_train.config import command_parser
+from gpt_train.device import resolve_device
+from gpt_train.errors import UserError, exit_on_user_error, first_line
+from gpt_train.files import atomic_path
+from gpt_train.out_dir import MODEL_CARD, TrainerState, is_model_folder, missing_model_files
+from gpt_train.tokenizer import model_tokenizer
+
+RESULTS = "eval_results.json"
+HUB_PROBE_TIMEOUT_S = 5
+
+
+def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
+    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+    try:
+        import lm_eval  # deferred: an optional extra
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise UserError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
+    if not is_model_folder(out_dir):
+        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
+    task_manager = TaskManager(include_path=include_path or None)
+    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+    if unknown:
+        raise UserError(f"unknown lm-eval task {unknown[0]!r}: see `lm_eval ls tasks`, or add your own YAML "
+                        "with --include_path")
+    _go_offline_unless_the_hub_answers()
+    try:
+        loaded = task_manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
+    except (ConnectionError, OSError) as e:  # neither cached nor reachable
+        raise UserError(f"lm-eval could not load a task's data ({first_line(e)}): run it once with network "
+                        "so the datasets cache holds it, or use local tasks with --include_path") from None
+    model_args = {}
+    tokenizer = model_tokenizer(out_dir)
+    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:  # a char vocabulary
+        generating = [name for name, task in loaded.items() if task.OUTPUT_TYPE == "generate_until"]
+        if generating:
+            raise UserError(f"{generating[0]} is a generation task, and {out_dir}'s char vocabulary has no "
+                            "end-of-text token to stop at: score it with perplexity or multiple-choice tasks")
+        model_args["prefix_token_id"] = tokenizer.get_vocab().get("\n", 0)  # a text starts after a newline
+    model = HFLM(pretrained=out_dir, batch_size=batch_size, device=device, **model_args)
+    return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=task_manager, limit=limit,
+                                   log_samples=False, verbosity="ERROR")
+
+
+def save_results(out_dir, results):
+    """OUT_DIR/eval_results.json and the model card's model-index, written atomically."""
+    scores = {task: {k.split(",")[0]: v for k, v in metrics.items()
+                     if isinstance(v, float) and "_stderr" not in k}
+              for task, metrics in results["results"].items()}
+    try:
+        iteration = TrainerState.read(out_dir).iter_num
+    except UserError:
+        iteration = None  # a folder not trained by gpt-train
+    record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
+    with atomic_path(os.path.join(out_dir, RESULTS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=2)
+    card_path = os.path.join(out_dir, MODEL_CARD)
+    if os.path.isfile(card_path):
+        card = ModelCard.load(card_path)
+        card.data.model_name = card.data.model_name or os.path.basename(os.path.abspath(out_dir))
+        card.data.eval_results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
+                                             metric_type=metric, metric_value=value)
+                                  for task, metrics in scores.items() for metric, value in metrics.items()]
+        with atomic_path(card_path) as tmp:
+            card.save(tmp)
+        refresh_manifest(out_dir, [MODEL_CARD])
+    return scores
+
+
+def _go_offline_unless_the_hub_answers():
+    """Without network, datasets retries each Hub dataset for minutes; with the Hub unreachable,
+    look only in the cache, so a cached task runs and an uncached one fails at once."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    try:
+        get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # any failure to reach it means: offline
+        # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = command_parser("python -m gpt_train.evaluate", "Runs lm-evaluation-harness tasks on a model folder.")
+    parser.add_argument("out_dir", metavar="OUT_DIR")
+    parser.add_argument("--tasks", required=True, help="comma-separated lm-eval task names")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or name one")
+    parser.add_argument("--limit", type=int, help="only the first N examples of each task (a quick look)")
+    parser.add_argument("--include_path", help="a folder of your own task YAML files")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    from lm_eval.utils import make_table
+
+    device = str(resolve_device(args.device))
+    results = evaluate(args.out_dir, [t for t in args.tasks.split(",") if t], args.batch_size, device, args.limit,
+                       args.include_path)
+    print(make_table(results))
+    save_results(args.out_dir, results)
+    print(f"wrote {os.path.join(args.out_dir, RESULTS)} and the model card's model-index")
+
+
+if __name__ == "__main__":
+    main()
