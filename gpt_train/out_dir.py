@@ -6,6 +6,7 @@
       training_config.json                                                      <- the run's settings
       metrics.jsonl                                                             <- one line per log/eval
       loss.png                                                                  <- the chart of it
+      eval_results.json                                                         <- lm-eval's scores, if judged
       training_state/   accelerator.save_state files, and trainer_state.json    <- to resume
 
 Light on purpose (no torch): the plot command, the Hub push and the progress summary read an
@@ -25,12 +26,13 @@ MODEL_CARD = "README.md"
 RUN_CONFIG = "training_config.json"
 METRICS = "metrics.jsonl"
 LOSS_CHART = "loss.png"
+EVAL_RESULTS = "eval_results.json"  # lm-eval's scores (gpt_train.evaluate)
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until renamed
 COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
 # Any of these in out_dir means a training run wrote there.
-RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR)
+RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR, EVAL_RESULTS)
 # What a run leaves before its first checkpoint is committed: a restart may start it again.
 BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
 
@@ -66,17 +68,16 @@ class TrainerState:
     def read(cls, out_dir):
         """The state of out_dir's checkpoint, or a one-line error if it is missing or unreadable."""
         path = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
-        if not os.path.isfile(path):
-            raise UserError(f"nothing to resume in {out_dir}: no {STATE_DIR}/{TRAINER_STATE} found. "
-                            "Train with init_from='scratch' first, or point out_dir at a finished checkpoint")
+        saved = _read_json_object(
+            path, f"nothing to resume in {out_dir}: no {STATE_DIR}/{TRAINER_STATE} found. Train with "
+                  "init_from='scratch' first, or point out_dir at a finished checkpoint",
+            "is corrupt ({}): the checkpoint cannot be resumed")
+        known = {f.name for f in fields(cls)}
         try:
-            with open(path, encoding="utf-8") as f:
-                saved = json.load(f)
-            if not isinstance(saved, dict) or not isinstance(saved.get("iter_num"), int):
+            if not isinstance(saved.get("iter_num"), int):
                 raise ValueError("no iteration number in it")
-            known = {f.name for f in fields(cls)}
             return cls(**{k: v for k, v in saved.items() if k in known})
-        except (OSError, ValueError, TypeError) as e:
+        except (ValueError, TypeError) as e:
             raise UserError(f"{path} is corrupt ({e}): the checkpoint cannot be resumed") from None
 
     def to_dict(self):
@@ -85,17 +86,24 @@ class TrainerState:
 
 def read_run_config(out_dir):
     """The settings of the run in out_dir, as its last session saved them."""
-    path = os.path.join(out_dir, RUN_CONFIG)
+    return _read_json_object(
+        os.path.join(out_dir, RUN_CONFIG), f"nothing to resume in {out_dir}: no {RUN_CONFIG} found. Train with "
+                                           "init_from='scratch' first, or point out_dir at the folder of a run",
+        "is unreadable ({}): the run's settings cannot be resumed")
+
+
+def _read_json_object(path, missing, broken):
+    """The JSON object in `path`; if there is none, the one-line error `missing`, if it cannot be
+    read, `path` and `broken` with the reason in its {}."""
     if not os.path.isfile(path):
-        raise UserError(f"nothing to resume in {out_dir}: no {RUN_CONFIG} found. Train with "
-                        "init_from='scratch' first, or point out_dir at the folder of a run")
+        raise UserError(missing)
     try:
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         if not isinstance(saved, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as e:
-        raise UserError(f"{path} is unreadable ({e}): the run's settings cannot be resumed") from None
+        raise UserError(f"{path} {broken.format(e)}") from None
     return saved
 
 
