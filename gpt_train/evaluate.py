@@ -27,10 +27,9 @@ from gpt_train.config import command_parser
 from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path
-from gpt_train.out_dir import MODEL_CARD, TrainerState, is_model_folder, missing_model_files
+from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, is_model_folder, missing_model_files
 from gpt_train.tokenizer import model_tokenizer
 
-RESULTS = "eval_results.json"
 HUB_PROBE_TIMEOUT_S = 5
 
 
@@ -78,7 +77,7 @@ def save_results(out_dir, results):
     except UserError:
         iteration = None  # a folder not trained by gpt-train
     record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
-    with atomic_path(os.path.join(out_dir, RESULTS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
+    with atomic_path(os.path.join(out_dir, EVAL_RESULTS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=2)
     card_path = os.path.join(out_dir, MODEL_CARD)
     if os.path.isfile(card_path):
@@ -123,7 +122,7 @@ def main(argv=None):
                        args.include_path)
     print(make_table(results))
     save_results(args.out_dir, results)
-    print(f"wrote {os.path.join(args.out_dir, RESULTS)} and the model card's model-index")
+    print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)} and the model card's model-index")
 
 
 if __name__ == "__main__":
