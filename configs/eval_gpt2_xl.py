@@ -6,3 +6,4 @@ eval_iters = 500 # use more iterations to get good estimate
 eval_only = True
 wandb_log = False
 init_from = 'gpt2-xl'
+lm_eval_tasks = 'hellaswag,arc_easy,piqa,lambada_openai' # zero-shot, as GPT-2 papers and lm-eval report them

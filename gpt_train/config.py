@@ -41,6 +41,7 @@ def section(group):
 io, data, model_shape, training = section("I/O and logging"), section("data and batching"), section("model"), \
     section("training")
 schedule, init, system = section("learning-rate schedule"), section("initialisation"), section("system")
+lm_eval = section("lm-eval (pip install -r requirements-eval.txt)")
 hub = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)")
 
 
@@ -108,6 +109,11 @@ class TrainConfig:
     ddp_timeout: int = system(1800, "seconds a process waits for the others at a collective before it gives up "
                                     "(NCCL notices a dead peer only then; gloo at once)")
 
+    lm_eval_tasks: str = lm_eval("", "comma-separated lm-evaluation-harness tasks run on each saved checkpoint "
+                                 "(on the eval_only model once), kept in eval_results.json and the model card")
+    lm_eval_limit: int = lm_eval(0, "examples per lm-eval task; 0 runs them all")
+    lm_eval_include_path: str = lm_eval("", "a folder of your own lm-eval task YAML files")
+
     push_to_hub: bool = hub(False, "upload the model folder to the Hugging Face Hub")
     hub_model_id: str = hub("", "the Hub repository, 'user/name'; required with push_to_hub")
     hub_private_repo: bool = hub(False, "create the repository as private")
@@ -124,7 +130,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
+        for name in ("lm_eval_limit", "learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
                      "muon_learning_rate", "muon_momentum", "cooldown_iters"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")

@@ -13,9 +13,15 @@ prefix_token_id); its generation tasks are refused, as there is no end-of-text t
 Needs `pip install -r requirements-eval.txt` (or `pip install -e .[eval]`).
 Not here: training-time losses (gpt_train.train); the model card's other sections (gpt_train.model_card).
 """
+import contextlib
+import functools
 import json
 import os
+import random
 import sys
+
+import numpy
+import torch
 
 import datasets.config
 from huggingface_hub import EvalResult, ModelCard
@@ -33,45 +39,89 @@ from gpt_train.tokenizer import model_tokenizer
 HUB_PROBE_TIMEOUT_S = 5
 
 
-def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
-    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+class NotInstalled(UserError):
+    """lm-eval, an optional extra, is missing."""
+
+
+def task_names(text):
+    return [t for t in text.split(",") if t]
+
+
+@functools.cache  # indexing lm-eval's ~15,000 task files takes ~20 s on 2 cores: once per process
+def task_manager(include_path=None):
+    """lm-eval's TaskManager; UserError when lm-eval is missing."""
     try:
-        import lm_eval  # deferred: an optional extra
-        from lm_eval.models.huggingface import HFLM
-        from lm_eval.tasks import TaskManager
+        from lm_eval.tasks import TaskManager  # deferred: an optional extra
     except ImportError:
-        raise UserError("lm-eval is not installed: pip install -r requirements-eval.txt") from None
-    if not is_model_folder(out_dir):
-        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
-    task_manager = TaskManager(include_path=include_path or None)
-    unknown = [t for t in tasks if t not in task_manager.all_tasks]
+        raise NotInstalled("lm-eval is not installed: pip install -r requirements-eval.txt") from None
+    return TaskManager(include_path=include_path or None)
+
+
+def check_tasks(tasks, include_path=None):
+    """The task manager that knows every named task, or a UserError naming the first unknown one."""
+    manager = task_manager(include_path or None)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise UserError(f"unknown lm-eval task {unknown[0]!r}: see `lm_eval ls tasks`, or add your own YAML "
                         "with --include_path")
-    _go_offline_unless_the_hub_answers()
+    return manager
+
+
+def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
+    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+    manager = check_tasks(tasks, include_path)
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+
+    if not is_model_folder(out_dir):
+        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
+    with _offline_unless_the_hub_answers():
+        try:
+            loaded = manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
+        except (ConnectionError, OSError) as e:  # neither cached nor reachable
+            raise UserError(f"lm-eval could not load a task's data ({first_line(e)}): run it once with network "
+                            "so the datasets cache holds it, or use local tasks with --include_path") from None
+        model_args = {}
+        tokenizer = model_tokenizer(out_dir)
+        if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:  # a char vocabulary
+            generating = [name for name, task in loaded.items() if task.OUTPUT_TYPE == "generate_until"]
+            if generating:
+                raise UserError(f"{generating[0]} is a generation task, and {out_dir}'s char vocabulary has no "
+                                "end-of-text token to stop at: score it with perplexity or multiple-choice tasks")
+            model_args["prefix_token_id"] = tokenizer.get_vocab().get("\n", 0)  # a text starts after a newline
+        model = HFLM(pretrained=out_dir, batch_size=batch_size, device=device, **model_args)
+        with _random_state_kept():
+            return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
+                                           log_samples=False, verbosity="ERROR")
+
+
+def during_training(cfg, folder, device, keep=True):
+    """cfg.lm_eval_tasks on a model folder, from a training run: lm-eval's table on the console,
+    the scores kept with the model when `keep`, and flat for the trackers ({"lm_eval/task/metric": v}).
+    A failing task is a warning and None: a benchmark never stops the training it watches."""
+    from lm_eval.utils import make_table
+
     try:
-        loaded = task_manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
-    except (ConnectionError, OSError) as e:  # neither cached nor reachable
-        raise UserError(f"lm-eval could not load a task's data ({first_line(e)}): run it once with network "
-                        "so the datasets cache holds it, or use local tasks with --include_path") from None
-    model_args = {}
-    tokenizer = model_tokenizer(out_dir)
-    if tokenizer.bos_token_id is None and tokenizer.eos_token_id is None:  # a char vocabulary
-        generating = [name for name, task in loaded.items() if task.OUTPUT_TYPE == "generate_until"]
-        if generating:
-            raise UserError(f"{generating[0]} is a generation task, and {out_dir}'s char vocabulary has no "
-                            "end-of-text token to stop at: score it with perplexity or multiple-choice tasks")
-        model_args["prefix_token_id"] = tokenizer.get_vocab().get("\n", 0)  # a text starts after a newline
-    model = HFLM(pretrained=out_dir, batch_size=batch_size, device=device, **model_args)
-    return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=task_manager, limit=limit,
-                                   log_samples=False, verbosity="ERROR")
+        results = evaluate(folder, task_names(cfg.lm_eval_tasks), cfg.batch_size, device, cfg.lm_eval_limit or None,
+                           cfg.lm_eval_include_path)
+        scores = save_results(folder, results) if keep else scores_of(results)
+    except Exception as e:  # lm-eval's own errors are of every kind
+        why = str(e) if isinstance(e, UserError) else first_line(e)
+        print(f"warning: lm-eval on {folder} failed ({why}); the run goes on", file=sys.stderr)
+        return None
+    print(make_table(results))
+    return {f"lm_eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
+
+
+def scores_of(results):
+    """{task: {metric: value}} from lm-eval's results, without filters' suffixes and standard errors."""
+    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and "_stderr" not in k}
+            for task, metrics in results["results"].items()}
 
 
 def save_results(out_dir, results):
     """OUT_DIR/eval_results.json and the model card's model-index, written atomically."""
-    scores = {task: {k.split(",")[0]: v for k, v in metrics.items()
-                     if isinstance(v, float) and "_stderr" not in k}
-              for task, metrics in results["results"].items()}
+    scores = scores_of(results)
     try:
         iteration = TrainerState.read(out_dir).iter_num
     except UserError:
@@ -92,17 +142,45 @@ def save_results(out_dir, results):
     return scores
 
 
-def _go_offline_unless_the_hub_answers():
+@contextlib.contextmanager
+def _offline_unless_the_hub_answers():
     """Without network, datasets retries each Hub dataset for minutes; with the Hub unreachable,
-    look only in the cache, so a cached task runs and an uncached one fails at once."""
+    look only in the cache, so a cached task runs and an uncached one fails at once. Afterwards
+    the Hub counts as online again: a training run still pushes when the network is back."""
     if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        yield
         return
     try:
         get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+        reachable = True
     except Exception:  # any failure to reach it means: offline
-        # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+        reachable = False
+    if reachable:
+        yield
+        return
+    # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
+    saved = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved[0] is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = saved[0]
+        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[1:]
+
+
+@contextlib.contextmanager
+def _random_state_kept():
+    """lm-eval seeds Python's, numpy's and torch's generators (for reproducible few-shot
+    examples); a training run's dropout and sampling must go on as if it had not run."""
+    states = random.getstate(), numpy.random.get_state()
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+        yield
+    random.setstate(states[0])
+    numpy.random.set_state(states[1])
 
 
 @exit_on_user_error
@@ -118,7 +196,7 @@ def main(argv=None):
     from lm_eval.utils import make_table
 
     device = str(resolve_device(args.device))
-    results = evaluate(args.out_dir, [t for t in args.tasks.split(",") if t], args.batch_size, device, args.limit,
+    results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
                        args.include_path)
     print(make_table(results))
     save_results(args.out_dir, results)

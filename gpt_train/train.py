@@ -24,6 +24,7 @@ from gpt_train.config import with_saved_settings, with_values
 from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
 from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure, process_group_kwargs
 from gpt_train.errors import UserError
+from gpt_train.evaluate import NotInstalled, check_tasks, during_training, task_names
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
@@ -65,6 +66,7 @@ class Run:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
+    lm_eval_folder: str | None = None  # the folder lm_eval_tasks judge, None when they do not run
 
 
 def setup(cfg):
@@ -94,7 +96,7 @@ def setup(cfg):
     micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, state.num_processes)
 
     set_seed(cfg.seed)  # identical initial weights on every process
-    cfg, bins, model, tokenizer, saved = _init_model(cfg, state)
+    cfg, bins, model, tokenizer, saved, folder = _init_model(cfg, state)
     check_token_ids(bins, model.config.vocab_size)
 
     accelerator = Accelerator(
@@ -130,6 +132,7 @@ def setup(cfg):
         for line in resume_changes:
             state.print(line)
         state.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
+    run.lm_eval_folder = _lm_eval_folder(cfg, folder, state)
     run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
     _start_logging(run)
     return run
@@ -160,6 +163,21 @@ def _refuse_another_run(cfg):
     if found:
         raise UserError(f"{cfg.out_dir} holds another training run ({found}): continue it with --init_from=resume, "
                         "train into another --out_dir, or replace it with --overwrite_output_dir=True")
+
+
+def _lm_eval_folder(cfg, model_folder, state):
+    """What lm_eval_tasks judge: out_dir's checkpoints, or the model an eval_only run reads.
+    Unknown tasks are refused now; lm-eval missing is a warning, as the eval presets name tasks."""
+    if not cfg.lm_eval_tasks:
+        return None
+    try:
+        check_tasks(task_names(cfg.lm_eval_tasks), cfg.lm_eval_include_path)
+    except NotInstalled as e:
+        state.print(f"warning: lm_eval_tasks skipped: {e}")
+        return None
+    if cfg.eval_only and not model_folder:
+        state.print("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
+    return model_folder if cfg.eval_only else cfg.out_dir
 
 
 def micro_steps_per_process(gradient_accumulation_steps, num_processes):
@@ -195,7 +213,8 @@ def _prepare_hint(cfg):
 
 
 def _init_model(cfg, state):
-    """(settings with the model's shape, dataset, model, tokenizer, saved TrainerState or None).
+    """(settings with the model's shape, dataset, model, tokenizer, saved TrainerState or None, the
+    folder the model was loaded from or None).
 
     First where the model comes from (scratch, out_dir's checkpoint, a pretrained folder or Hub
     id) and so its shape, then the data and its tokenizer, once, then the model itself: a scratch
@@ -216,7 +235,8 @@ def _init_model(cfg, state):
     bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
     data_tokenizer = dataset_tokenizer(data_dir)
     if not folder:
-        return cfg, bins, build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, data_tokenizer), data_tokenizer, None
+        model = build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, data_tokenizer)
+        return cfg, bins, model, data_tokenizer, None, None
     tokenizer = model_tokenizer(folder)
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
@@ -228,7 +248,7 @@ def _init_model(cfg, state):
         raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
                         f"data, {ours!r} in the model): prepare the data with the model's tokenizer")
     model = crop_block_size(load_pretrained(folder, config), cfg.block_size)
-    return cfg, bins, ready_for_training(model, cfg.dropout), tokenizer, saved
+    return cfg, bins, ready_for_training(model, cfg.dropout), tokenizer, saved, folder
 
 
 def _start_logging(run):
@@ -284,7 +304,19 @@ def save(run):
                          skipped_steps=run.skipped_steps, config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
+    judge(run, keep=True)  # before the push, so the Hub gets the scores with the weights
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
+
+
+def judge(run, keep):
+    """lm_eval_tasks on the main process, from the saved folder; the others wait at their next
+    collective (up to ddp_timeout: keep lm_eval_limit small enough on long tasks)."""
+    if not run.lm_eval_folder:
+        return
+    acc = run.accelerator
+    scores = acc.on_main_process(during_training)(run.cfg, run.lm_eval_folder, str(acc.device), keep)
+    if scores:
+        log(acc, "lm_eval", run.iter_num, scores)
 
 
 def fit(run):
@@ -372,6 +404,7 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
     acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
     if cfg.eval_only:
         acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
+        judge(run, keep=False)  # an evaluation writes nothing
     log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
                                     "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
                                     "lr": lr, **_mfu_record(running_mfu)})

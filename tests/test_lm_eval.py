@@ -19,8 +19,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-eva
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
-MAX_GEN_TOKS = 10
-TASK_FOLDER = []  # where the tasks fixture wrote its YAML files  # far below half the context: the length at which the old folders overflowed
+MAX_GEN_TOKS = 10  # far below half the context: the length at which the old folders overflowed
+TASK_FOLDER = []  # where the tasks fixture wrote its YAML files
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +153,85 @@ def one_line(task_names, folder, tasks, capsys):
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     return err
+
+
+def judged_training(data_dir, out_dir, *settings):
+    main([f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL, "--dropout=0.1", "--max_iters=6",
+          "--eval_interval=3", "--eval_iters=1", f"--lm_eval_include_path={TASK_FOLDER[0]}", "--lm_eval_limit=2",
+          *settings])
+
+
+def records(out_dir, event):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [r for r in map(json.loads, f) if r["event"] == event]
+
+
+def test_lm_eval_tasks_judge_every_checkpoint_and_leave_the_training_as_it_was(char_data, tasks, tmp_path, capsys):
+    judged, plain = str(tmp_path / "judged"), str(tmp_path / "plain")
+    judged_training(char_data, judged, "--lm_eval_tasks=shakespeare_ppl,shakespeare_mc")
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if line.startswith("|shakespeare_mc")]) == 2  # lm-eval's table
+    scores = records(judged, "lm_eval")
+    assert [r["iter"] for r in scores] == [3, 6]
+    assert all(0 < r["lm_eval/shakespeare_ppl/bits_per_byte"] < 10 and 0 <= r["lm_eval/shakespeare_mc/acc"] <= 1
+               for r in scores)
+    with open(os.path.join(judged, "eval_results.json")) as f:
+        saved = json.load(f)
+    assert saved["iteration"] == 6 and saved["limit"] == 2
+    assert saved["results"]["shakespeare_mc"]["acc"] == scores[-1]["lm_eval/shakespeare_mc/acc"]
+    card = ModelCard.load(os.path.join(judged, "README.md"))
+    assert {r.dataset_name for r in card.data.eval_results} == {"shakespeare_ppl", "shakespeare_mc"}
+
+    # lm-eval seeds every generator; with dropout on, the run's weights must not notice
+    judged_training(char_data, plain)
+    assert sha256(os.path.join(judged, "model.safetensors")) == sha256(os.path.join(plain, "model.safetensors"))
+    assert [r["val/loss"] for r in records(judged, "eval")] == [r["val/loss"] for r in records(plain, "eval")]
+    assert not os.path.exists(os.path.join(plain, "eval_results.json"))
+
+    main(["--init_from=resume", f"--out_dir={judged}", "--max_iters=9", "--lr_decay_iters=9"])  # the card changed
+    # it still resumes (card and manifest agree); as in nanoGPT, a resume saves its first iteration again
+    assert [r["iter"] for r in records(judged, "lm_eval")] == [3, 6, 6, 9]
+
+
+def test_a_failing_lm_eval_task_is_a_warning_and_an_unknown_one_is_refused_before_training(char_data, tasks,
+                                                                                            tmp_path, capsys):
+    out_dir = str(tmp_path / "out")
+    judged_training(char_data, out_dir, "--lm_eval_tasks=shakespeare_gen")  # a char model cannot generate
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: lm-eval")]
+    assert len(warnings) == 2 and warnings[0].startswith(f"warning: lm-eval on {out_dir} failed (shakespeare_gen is "
+                                                         "a generation task, and ")
+    assert warnings[0].endswith("); the run goes on")
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 6 and not records(out_dir, "lm_eval")
+
+    with pytest.raises(SystemExit) as exited:
+        judged_training(char_data, str(tmp_path / "typo"), "--lm_eval_tasks=shakespeare_pl")
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith("error: unknown lm-eval task 'shakespeare_pl'")
+    assert err.count("\n") == 1 and not os.path.exists(tmp_path / "typo")
+
+
+def test_an_eval_only_run_judges_its_model_and_writes_nothing(bpe_folder, bpe_data, tasks, tmp_path, capsys):
+    before = {name: sha256(os.path.join(bpe_folder, name)) for name in os.listdir(bpe_folder)
+              if os.path.isfile(os.path.join(bpe_folder, name))}
+    main([f"--init_from={bpe_folder}", f"--data_dir={bpe_data}", f"--out_dir={tmp_path / 'none'}", "--eval_only=True",
+          "--eval_iters=1", "--batch_size=2", "--device=cpu", "--compile=False", "--lm_eval_tasks=shakespeare_mc",
+          f"--lm_eval_include_path={TASK_FOLDER[0]}", "--lm_eval_limit=2"])
+    assert "|shakespeare_mc" in capsys.readouterr().out
+    assert before == {name: sha256(os.path.join(bpe_folder, name)) for name in before}
+    assert not os.path.exists(os.path.join(bpe_folder, "eval_results.json")) and not os.path.exists(tmp_path / "none")
+
+
+def test_without_lm_eval_installed_the_tasks_are_skipped_with_a_warning(char_data, tasks, tmp_path):
+    """The eval presets name tasks, and must still run on requirements.txt alone."""
+    shadow = tmp_path / "shadow" / "lm_eval"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named lm_eval')\n")
+    out_dir = tmp_path / "out"
+    result = subprocess.run([sys.executable, "train.py", f"--data_dir={char_data}", f"--out_dir={out_dir}",
+                             *TINY_MODEL, "--max_iters=2", "--eval_interval=2", "--eval_iters=1",
+                             "--lm_eval_tasks=hellaswag"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(shadow.parent)})
+    assert result.returncode == 0, result.stderr
+    assert "warning: lm_eval_tasks skipped: lm-eval is not installed: pip install -r requirements-eval.txt" in (
+        result.stdout + result.stderr)
+    assert checkpoint.read_trainer_state(str(out_dir)).iter_num == 2
