@@ -36,7 +36,7 @@ from gpt_train.files import atomic_path
 from gpt_train.checkpoint import refresh_manifest
 from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, is_model_folder, missing_model_files, read_run_config
 from gpt_train.prepare import write_meta
-from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer, model_tokenizer, save_tokenizer
+from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer, save_tokenizer
 from gpt_train.model import (COMPILED_PREFIX,  # nanoGPT strips it on resume, so do we
                              read_model_config, set_generation_defaults)
 
@@ -183,6 +183,11 @@ def to_nanogpt(out_dir, ckpt_path):
 
     if not is_model_folder(out_dir):
         raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
+    tokenizer = model_tokenizer(out_dir)
+    if not (is_gpt2_bpe(tokenizer) or all(len(t) == 1 for t in tokenizer.get_vocab())):
+        raise UserError(f"{out_dir} has its own BPE tokenizer ({len(tokenizer):,} tokens), and nanoGPT reads only "
+                        "GPT-2 BPE or a meta.pkl of characters: sample it with gpt-train's sample.py or "
+                        "transformers instead")
     model = GPT2LMHeadModel.from_pretrained(out_dir)
     c = model.config
     if not c.tie_word_embeddings:

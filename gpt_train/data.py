@@ -81,6 +81,16 @@ def open_dataset(data_dir, block_size, prepare_hint):
     return TokenBins(data_dir, lengths, meta.get("vocab_size") if meta else None)
 
 
+def bytes_per_token(bins, split, byte_lengths):
+    """The mean bytes of text per token of `split` (byte_lengths[id]: what each id stands for);
+    a loss in nats per token over it, / ln 2, is bits per byte, comparable across tokenizers."""
+    data, total = bins.memmap(split), 0
+    for start in range(0, len(data), TOKEN_SCAN_CHUNK):
+        counts = np.bincount(data[start:start + TOKEN_SCAN_CHUNK], minlength=len(byte_lengths))
+        total += int(counts[:len(byte_lengths)] @ byte_lengths)
+    return total / len(data)
+
+
 def check_token_ids(bins, vocab_size):
     """Refuse ids the model has no embedding for: data prepared with another tokenizer.
 

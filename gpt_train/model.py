@@ -23,7 +23,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from gpt_train.config import with_values
 from gpt_train.errors import UserError, first_line
 
-PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257 rounded up to a multiple of 64: faster matmuls
+VOCAB_MULTIPLE = 64  # GPT-2's 50,257 rounded up to 50,304, as nanoGPT does: faster matmuls
 
 # Peak dense bf16 FLOP/s for MFU. Anything unrecognised (CPU included) is measured against the
 # A100, as nanoGPT does, so numbers stay comparable with its logs.
@@ -51,6 +51,12 @@ COMPILED_PREFIX = "_orig_mod."  # torch.compile's wrapper puts it before every p
 CAUSAL_SDPA = "gpt_train_causal_sdpa"
 AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 AttentionMaskInterface.register(CAUSAL_SDPA, lambda *args, **kwargs: None)
+
+
+def scratch_vocab_size(meta_vocab_size, tokenizer):
+    """A new model's vocabulary: nanoGPT's meta.pkl size for char data, exactly (nanoGPT's char
+    models are 65 wide), else the tokenizer's rounded up to a multiple of VOCAB_MULTIPLE."""
+    return meta_vocab_size or -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def build_model(cfg, vocab_size, tokenizer):

@@ -61,6 +61,7 @@ class TrainerState:
     tokens_seen: int = 0
     tracker_run_id: str | None = None  # the wandb run a resume continues
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
+    val_bytes_per_token: float | None = None  # bits per byte = val loss / ln 2 / this
     config: dict = field(default_factory=dict)  # the run's resolved settings
     files: dict = field(default_factory=dict)  # every file of the checkpoint: size, sha256 of the model files
 

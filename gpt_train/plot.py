@@ -1,11 +1,12 @@
 """Loss curves: out_dir/loss.png during training, and a command to compare runs.
 
-    python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE]
+    python -m gpt_train.plot OUT_DIR [OUT_DIR ...] [--output=FILE] [--bits_per_byte]
 
 Everything is read from each run's metrics.jsonl (and training_config.json for the tokens
 per iteration), so it works on a finished run, a running one, or a copied folder. The chart
-shows train and val loss against iteration, tokens on the top axis, and the learning rate
-below. matplotlib is imported only when a chart is drawn, with the file-only Agg backend:
+shows train and val loss against iteration, tokens on the top axis, val bits per byte on the
+right axis, and the learning rate below; `--bits_per_byte` plots val bits per byte instead,
+which compares runs with different tokenizers. matplotlib is imported only when a chart is drawn, with the file-only Agg backend:
 training startup pays nothing and no display is needed.
 
 Not here: writing metrics (gpt_train.metrics), reading the file (gpt_train.out_dir).
@@ -34,6 +35,7 @@ class RunCurves:
     step: list = field(default_factory=list)  # (iter, train step loss)
     evals: list = field(default_factory=list)  # (iter, train loss, val loss)
     lr: list = field(default_factory=list)  # (iter, learning rate)
+    bpb: list = field(default_factory=list)  # (iter, val bits per byte)
 
     @property
     def best(self):
@@ -46,7 +48,7 @@ class CurvesReader:
     def __init__(self, out_dir):
         self.out_dir, self.metrics = out_dir, MetricsReader(out_dir)
         self.seen = 0
-        self.step, self.evals, self.lr = {}, {}, {}
+        self.step, self.evals, self.lr, self.bpb = {}, {}, {}, {}
 
     def curves(self, name=None):
         records = self.metrics.read()
@@ -57,15 +59,18 @@ class CurvesReader:
                 self.step[it] = record["train/step_loss"]
             elif record.get("event") == "eval" and "val/loss" in record:
                 self.evals[it] = (record["train/loss"], record["val/loss"])
+                if "val/bpb" in record:
+                    self.bpb[it] = record["val/bpb"]
             if "lr" in record:
                 self.lr[it] = record["lr"]
         self.seen = len(records)
         return RunCurves(name or os.path.basename(os.path.normpath(self.out_dir)) or self.out_dir,
                          tokens_per_iter(self.out_dir), sorted(self.step.items()),
-                         [(i, *self.evals[i]) for i in sorted(self.evals)], sorted(self.lr.items()))
+                         [(i, *self.evals[i]) for i in sorted(self.evals)], sorted(self.lr.items()),
+                         sorted(self.bpb.items()))
 
 
-def draw(runs, output):
+def draw(runs, output, bits_per_byte=False):
     """Draw `runs` on one chart and write it to `output` atomically (a viewer never sees half a PNG)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -82,11 +87,13 @@ def draw(runs, output):
         if run.tokens_per_iter and not same_tokens:
             label += f" ({run.tokens_per_iter:,} tok/iter)"
         prefix = f"{label.strip()}: " if label.strip() else ""
-        if run.step:
+        if bits_per_byte:
+            ax_loss.plot(*zip(*run.bpb), "-o", color=color, markersize=4, linewidth=2, label=f"{prefix}val")
+        elif run.step:
             stride = -(-len(run.step) // MAX_STEP_POINTS)
             ax_loss.plot(*zip(*run.step[::stride]), color=color, alpha=0.3, linewidth=0.8,
                          label=f"{prefix}train (step)")
-        if run.evals:
+        if run.evals and not bits_per_byte:
             iters, train, val = zip(*run.evals)
             ax_loss.plot(iters, train, "--o", color=color, markersize=3, label=f"{prefix}train (eval)")
             ax_loss.plot(iters, val, "-o", color=color, markersize=4, linewidth=2, label=f"{prefix}val")
@@ -97,7 +104,12 @@ def draw(runs, output):
                              arrowprops={"arrowstyle": "->", "color": color})
         if run.lr:
             ax_lr.plot(*zip(*run.lr), color=color, label=label or None)
-    ax_loss.set_ylabel("loss")
+    ax_loss.set_ylabel("val bits per byte" if bits_per_byte else "loss")
+    ratios = {round(b / dict((i, v) for i, _, v in r.evals)[i], 9) for r in runs for i, b in r.bpb}
+    if len(ratios) == 1 and not bits_per_byte:  # one tokenizer's val text: loss and bits per byte are one scale
+        ratio = ratios.pop()
+        ax_loss.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda b: b / ratio)).set_ylabel(
+            "val bits per byte")
     ax_loss.grid(alpha=0.3)
     ax_loss.legend(fontsize=8, loc="upper right")
     ax_loss.set_title(runs[0].name if len(runs) == 1 else f"{len(runs)} runs")
@@ -136,6 +148,8 @@ class LivePlot:
 def main(argv=None):
     parser = command_parser("python -m gpt_train.plot", "Draws the runs' metrics.jsonl on one chart.")
     parser.add_argument("out_dirs", nargs="+", metavar="OUT_DIR", help="the out_dir of a run, finished or running")
+    parser.add_argument("--bits_per_byte", action="store_true",
+                        help="plot val bits per byte: runs with different tokenizers on the same text compare")
     parser.add_argument("--output", help=f"the PNG to write; default OUT_DIR/{LOSS_CHART} for one run, "
                                          f"{COMPARISON_FILE} for several")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -148,7 +162,11 @@ def main(argv=None):
     runs = [CurvesReader(d).curves(name) for d, name in zip(dirs, names)]
     if not any(r.step or r.evals for r in runs):
         raise UserError("no losses logged yet in " + ", ".join(dirs))
-    draw(runs, output)
+    without = [d for d, r in zip(dirs, runs) if args.bits_per_byte and not r.bpb]
+    if without:
+        raise UserError(f"{without[0]} has no val/bpb in its metrics.jsonl (a run from before gpt-train "
+                        "logged bits per byte): plot it without --bits_per_byte")
+    draw(runs, output, args.bits_per_byte)
     print(f"wrote {output}")
 
 

@@ -6,7 +6,7 @@ char-level data nanoGPT's `meta.pkl`. The whole folder is staged and moved into 
 complete, so a failed run never leaves a half-written dataset behind.
 
 Every dataset (Shakespeare in characters or GPT-2 BPE, OpenWebText, the user's own files or Hub
-datasets) goes through one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
+datasets, in any of those or a BPE trained on its train split) goes through one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
 batches of documents and write them straight to chunk files, and the chunks are joined into
 the bins. Memory stays bounded by one batch per worker, whatever the corpus size.
 
@@ -58,7 +58,8 @@ DOCS_PER_BATCH = 1000  # documents per worker task: bounds worker memory whateve
 COPY_BUFFER = 16 * 1024 * 1024
 LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_MODES = ("auto", "documents", "tail")
-TOKENIZERS = ("gpt2", "char")
+TOKENIZERS = ("gpt2", "char", "bpe")
+BPE_MIN_VOCAB = 257  # the 256 bytes and end-of-text: below that some text has no token
 # Files a dataset folder may hold from an earlier preparation; stale ones are removed so a
 # folder never mixes two tokenizers.
 DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "tokenizer.json", "tokenizer_config.json",
@@ -72,13 +73,16 @@ class CorpusConfig:
     name: str = setting("", "dataset name, written to data/<name>; empty means the source's name")
     out_dir: str = setting("", "output folder; empty means data/<name>")
     text_column: str = setting("text", "column holding the text (json, parquet, Hub datasets)")
-    tokenizer: str = setting("gpt2", "'gpt2' (BPE, the id space of OpenAI's GPT-2) or 'char' (one token per character)")
+    tokenizer: str = setting("gpt2", "'gpt2' (BPE, the id space of OpenAI's GPT-2), 'char' (one token per "
+                                     "character) or 'bpe' (a byte-level BPE trained on the train split)")
+    vocab_size: int = setting(8192, "tokenizer='bpe': tokens in the trained vocabulary, end-of-text included "
+                                    "(257 to 65,536: ids must fit the uint16 bins)")
     val_fraction: float = setting(0.1, "share held out for validation")
     split_by: str = setting("auto", "'documents': a seeded random share of the documents (nanoGPT's "
                                     "openwebtext); 'tail': the end of each document (nanoGPT's shakespeare); "
                                     "'auto': tail for .txt files, documents otherwise")
     seed: int = setting(OWT_SPLIT_SEED, "seed of the document split")
-    append_eot: bool = setting(True, "end each document with <|endoftext|> (gpt2 only)")
+    append_eot: bool = setting(True, "end each document with <|endoftext|> (gpt2 and bpe)")
     num_proc: int = setting(max(1, (os.cpu_count() or 2) // 2), "worker processes for tokenizing")
 
     def validate(self):
@@ -89,7 +93,11 @@ class CorpusConfig:
         if self.split_by not in SPLIT_MODES:
             raise UserError(f"split_by must be one of {', '.join(SPLIT_MODES)}, got {self.split_by!r}")
         if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"tokenizer must be 'gpt2' or 'char', got {self.tokenizer!r}")
+            raise UserError(f"tokenizer must be 'gpt2', 'char' or 'bpe', got {self.tokenizer!r}")
+        limit = np.iinfo(TOKEN_DTYPE).max + 1
+        if self.tokenizer == "bpe" and not BPE_MIN_VOCAB <= self.vocab_size <= limit:
+            raise UserError(f"vocab_size must be between {BPE_MIN_VOCAB} (the 256 bytes and end-of-text) and "
+                            f"{limit:,} (ids must fit the uint16 bins nanoGPT's format uses), got {self.vocab_size:,}")
         if self.num_proc < 1:
             raise UserError(f"num_proc must be at least 1, got {self.num_proc}")
         return self
@@ -192,10 +200,19 @@ def _split(corpus, cfg, split_by):
 
 
 def _codec(cfg, splits):
-    from gpt_train.tokenizer import CharCodec, Gpt2Codec  # deferred: it imports transformers (~2 s)
+    from gpt_train.tokenizer import BpeCodec, CharCodec, Gpt2Codec  # deferred: it imports transformers (~2 s)
 
     if cfg.tokenizer == "gpt2":
         return Gpt2Codec()
+    if cfg.tokenizer == "bpe":  # learnt from train alone: val stays text the tokenizer has never seen
+        train = splits["train"]
+        batches = (batch[cfg.text_column] for batch in train.iter(batch_size=DOCS_PER_BATCH))
+        codec = BpeCodec(cfg.vocab_size).train(batches, length=len(train))
+        # encoding: `tokenizers` threads in one process, or one thread per forked worker (said
+        # before the fork, so the workers do not each warn that they turned threads off)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if cfg.num_proc > 1 else "true")
+        print(f"vocab size: {codec.eot + 1:,} (trained on the train split)")
+        return codec
     chars = set()
     for part in splits.values():
         found = part.map(_distinct_chars, batched=True, batch_size=DOCS_PER_BATCH, input_columns=[cfg.text_column],

@@ -1,4 +1,5 @@
-"""Tokenizers as Hugging Face objects: GPT-2 BPE from the bundled files, and char-level.
+"""Tokenizers as Hugging Face objects: GPT-2 BPE from the bundled files, char-level, and a
+byte-level BPE trained on the user's own corpus.
 
 Every model folder gpt-train writes carries its tokenizer, so `AutoTokenizer` and
 `pipeline()` load it with no gpt-train installed. GPT-2 BPE comes from the `encoder.json`
@@ -7,8 +8,9 @@ nothing is downloaded. A char-level vocabulary (nanoGPT's meta.pkl `stoi`) becom
 `tokenizers` WordLevel model that splits text into single characters.
 
 Encoding whole corpora (data_prep) goes through the codecs at the end of this module:
-tiktoken's GPT-2 encoding built from the same bundled files (never downloaded), and a
-char codec; both turn a batch of documents into one uint16-ready numpy array.
+tiktoken's GPT-2 encoding built from the same bundled files (never downloaded), a char codec,
+and a BPE codec that `tokenizers` trains; each turns a batch of documents into one uint16-ready
+numpy array.
 
 Not here: datasets, splitting and writing bins (gpt_train.prepare).
 """
@@ -19,7 +21,7 @@ import os
 import numpy as np
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
-from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from gpt_train.data import read_meta
@@ -97,6 +99,23 @@ def model_tokenizer(folder):
     if any(os.path.isfile(os.path.join(folder, n)) for n in names):
         return AutoTokenizer.from_pretrained(folder)
     return gpt2_tokenizer()
+
+
+def is_gpt2_bpe(tokenizer):
+    return len(tokenizer) == GPT2_VOCAB and tokenizer.get_vocab() == gpt2_tokenizer().get_vocab()
+
+
+def token_byte_lengths(tokenizer, size):
+    """How many bytes of text each id 0..size-1 stands for: 0 for special tokens (end-of-text is
+    not text) and for ids past the vocabulary (a padded embedding). Byte-level BPE stores one
+    character per byte; other vocabularies (characters) store the text itself."""
+    byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    lengths = np.zeros(size, dtype=np.int64)
+    for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(size, len(tokenizer)))))):
+        if i not in special and token is not None:
+            lengths[i] = len(token) if byte_level else len(token.encode("utf-8"))
+    return lengths
 
 
 def first_disagreement(data_tokenizer, model_tokenizer, n_ids):
@@ -179,3 +198,55 @@ class CharCodec:
 
     def nanogpt_meta(self):
         return {"vocab_size": self.vocab_size, "itos": dict(enumerate(self.chars)), "stoi": self.stoi}
+
+
+class BpeCodec:
+    """A byte-level BPE trained on the corpus with `tokenizers`: GPT-2's pre-tokenisation (its
+    regex, then bytes), so any text encodes, and an end-of-text token after the merges.
+
+    Workers encode with the merges alone, so a literal "<|endoftext|>" in the text stays text,
+    as with GPT-2 BPE; the saved tokenizer adds the token as GPT-2's bos/eos.
+    """
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+        self.json = None  # the trained merges: what worker processes receive
+
+    def train(self, batches, length=None):
+        """Learn the merges from an iterator of lists of texts (deterministic: the same texts give
+        the same merges; `tokenizers` counts in parallel on every core)."""
+        model = Tokenizer(models.BPE())
+        model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        model.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=self.vocab_size - 1, show_progress=False,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        model.train_from_iterator(batches, trainer, length=length)
+        self.json = model.to_str()
+        self.eot = model.get_vocab_size()  # the id after the merges
+        return self
+
+    def encode_batch(self, texts, append_eot):
+        parts = []
+        for encoding in _bpe_model(self.json).encode_batch_fast(texts, add_special_tokens=False):
+            parts.append(np.array(encoding.ids, dtype=np.uint32))
+            if append_eot:
+                parts.append(np.array([self.eot], dtype=np.uint32))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+    def tokenizer(self):
+        model = Tokenizer.from_str(self.json)
+        tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, clean_up_tokenization_spaces=False,
+                                            model_input_names=list(MODEL_INPUT_NAMES))
+        tokenizer.add_special_tokens({"eos_token": GPT2_EOT, "bos_token": GPT2_EOT, "unk_token": GPT2_EOT})
+        return tokenizer
+
+    def save_tokenizer(self, folder):
+        save_tokenizer(self.tokenizer(), folder)
+
+    def nanogpt_meta(self):
+        return None
+
+
+@functools.lru_cache(maxsize=1)
+def _bpe_model(json_text):
+    return Tokenizer.from_str(json_text)  # once per worker process, not per batch

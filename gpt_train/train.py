@@ -21,23 +21,23 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint
 from gpt_train.config import with_saved_settings, with_values
-from gpt_train.data import SPLITS, BlockSampler, check_token_ids, open_dataset
+from gpt_train.data import SPLITS, BlockSampler, bytes_per_token, check_token_ids, open_dataset
 from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure, process_group_kwargs
 from gpt_train.errors import UserError
 from gpt_train.evaluate import NotInstalled, check_tasks, during_training, task_names
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
-from gpt_train.model import (PADDED_GPT2_VOCAB, build_model, count_parameters, crop_block_size,
+from gpt_train.model import (build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
-                             pretrained_folder, read_model_config, ready_for_training, set_hyperparameters, set_schedule,
-                             settings_for_checkpoint, use_causal_sdpa)
+                             pretrained_folder, read_model_config, ready_for_training, scratch_vocab_size,
+                             set_hyperparameters, set_schedule, settings_for_checkpoint, use_causal_sdpa)
 from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, STATE_DIR, TRAINER_STATE, TrainerState, has_checkpoint,
                                previous_run, read_run_config)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
-from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer
+from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer, token_byte_lengths
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
 MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
@@ -62,6 +62,7 @@ class Run:
     best_val_loss: float
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
+    bytes_per_token: float  # of the val text: turns val loss into bits per byte
     tracker_run_id: str | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
@@ -121,7 +122,8 @@ def setup(cfg):
     run = Run(cfg, accelerator, model, optimizers, schedulers,
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device), tokenizer,
               iter_num=0, best_val_loss=math.inf, micro_steps=micro_steps,
-              tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size)
+              tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size,
+              bytes_per_token=bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size)))
     if saved is not None:
         checkpoint.load_training_state(accelerator, cfg.out_dir)
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
@@ -235,7 +237,7 @@ def _init_model(cfg, state):
     bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
     data_tokenizer = dataset_tokenizer(data_dir)
     if not folder:
-        model = build_model(cfg, bins.vocab_size or PADDED_GPT2_VOCAB, data_tokenizer)
+        model = build_model(cfg, scratch_vocab_size(bins.vocab_size, data_tokenizer), data_tokenizer)
         return cfg, bins, model, data_tokenizer, None, None
     tokenizer = model_tokenizer(folder)
     data_vocab = bins.vocab_size or len(data_tokenizer)
@@ -301,7 +303,8 @@ def train_batches(run):
 def save(run):
     state = TrainerState(iter_num=run.iter_num, best_val_loss=run.best_val_loss,
                          tokens_seen=run.iter_num * run.tokens_per_iter, tracker_run_id=run.tracker_run_id,
-                         skipped_steps=run.skipped_steps, config=dataclasses.asdict(run.cfg))
+                         skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
+                         config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
     judge(run, keep=True)  # before the push, so the Hub gets the scores with the weights
@@ -401,18 +404,27 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
     cfg, acc = run.cfg, run.accelerator
     losses = evaluate(run)
     perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
-    acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+    bpb = bits_per_byte(losses["val"], run.bytes_per_token)
+    acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
+              f"({bpb:.4f} bits per byte)")
     if cfg.eval_only:
         acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
         judge(run, keep=False)  # an evaluation writes nothing
     log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
                                     "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
+                                    "val/bpb": bpb,
                                     "lr": lr, **_mfu_record(running_mfu)})
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
     if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if run.iter_num > 0 and not cfg.eval_only:
             save(run)
+
+
+def bits_per_byte(loss, bytes_per_token):
+    """nats per token -> bits per byte of text: what a char, a GPT-2 BPE and an 8K BPE model of
+    the same text can be compared by."""
+    return loss / math.log(2) / bytes_per_token if bytes_per_token else math.nan
 
 
 def _percent(mfu):

@@ -10,7 +10,7 @@ import time
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import ROOT, TINY_MODEL, sha256
+from conftest import ROOT, TINY_MODEL, read_metrics, sha256
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
 from gpt_train.evaluate import main as evaluate_main
@@ -161,17 +161,12 @@ def judged_training(data_dir, out_dir, *settings):
           *settings])
 
 
-def records(out_dir, event):
-    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if r["event"] == event]
-
-
 def test_lm_eval_tasks_judge_every_checkpoint_and_leave_the_training_as_it_was(char_data, tasks, tmp_path, capsys):
     judged, plain = str(tmp_path / "judged"), str(tmp_path / "plain")
     judged_training(char_data, judged, "--lm_eval_tasks=shakespeare_ppl,shakespeare_mc")
     out = capsys.readouterr().out
     assert len([line for line in out.splitlines() if line.startswith("|shakespeare_mc")]) == 2  # lm-eval's table
-    scores = records(judged, "lm_eval")
+    scores = read_metrics(judged, "lm_eval")
     assert [r["iter"] for r in scores] == [3, 6]
     assert all(0 < r["lm_eval/shakespeare_ppl/bits_per_byte"] < 10 and 0 <= r["lm_eval/shakespeare_mc/acc"] <= 1
                for r in scores)
@@ -185,12 +180,12 @@ def test_lm_eval_tasks_judge_every_checkpoint_and_leave_the_training_as_it_was(c
     # lm-eval seeds every generator; with dropout on, the run's weights must not notice
     judged_training(char_data, plain)
     assert sha256(os.path.join(judged, "model.safetensors")) == sha256(os.path.join(plain, "model.safetensors"))
-    assert [r["val/loss"] for r in records(judged, "eval")] == [r["val/loss"] for r in records(plain, "eval")]
+    assert [r["val/loss"] for r in read_metrics(judged, "eval")] == [r["val/loss"] for r in read_metrics(plain, "eval")]
     assert not os.path.exists(os.path.join(plain, "eval_results.json"))
 
     main(["--init_from=resume", f"--out_dir={judged}", "--max_iters=9", "--lr_decay_iters=9"])  # the card changed
     # it still resumes (card and manifest agree); as in nanoGPT, a resume saves its first iteration again
-    assert [r["iter"] for r in records(judged, "lm_eval")] == [3, 6, 6, 9]
+    assert [r["iter"] for r in read_metrics(judged, "lm_eval")] == [3, 6, 6, 9]
 
 
 def test_a_failing_lm_eval_task_is_a_warning_and_an_unknown_one_is_refused_before_training(char_data, tasks,
@@ -201,7 +196,7 @@ def test_a_failing_lm_eval_task_is_a_warning_and_an_unknown_one_is_refused_befor
     assert len(warnings) == 2 and warnings[0].startswith(f"warning: lm-eval on {out_dir} failed (shakespeare_gen is "
                                                          "a generation task, and ")
     assert warnings[0].endswith("); the run goes on")
-    assert checkpoint.read_trainer_state(out_dir).iter_num == 6 and not records(out_dir, "lm_eval")
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 6 and not read_metrics(out_dir, "lm_eval")
 
     with pytest.raises(SystemExit) as exited:
         judged_training(char_data, str(tmp_path / "typo"), "--lm_eval_tasks=shakespeare_pl")
