@@ -23,7 +23,8 @@ from transformers.masking_utils import AttentionMaskInterface
 from gpt_train.config import with_values
 from gpt_train.errors import UserError, first_line
 
-VOCAB_MULTIPLE = 64  # GPT-2's 50,257 rounded up to 50,304, as nanoGPT does: faster matmuls
+VOCAB_MULTIPLE = 64  # vocabularies rounded up to a multiple of it, as nanoGPT does for GPT-2: faster matmuls
+PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257, so rounded
 
 # Peak dense bf16 FLOP/s for MFU. Anything unrecognised (CPU included) is measured against the
 # A100, as nanoGPT does, so numbers stay comparable with its logs.

@@ -1,6 +1,7 @@
 """Model folders in the Hugging Face ecosystem, and sample.py on char-level and GPT-2 BPE models."""
 import io
 import json
+import math
 import os
 import time
 
@@ -85,7 +86,9 @@ def test_model_card_names_dataset_progress_and_settings(char_model):
     assert "| dataset | `shakespeare_char` |" in card.text  # the --data_dir folder the bins came from
     assert state["iter_num"] == 20 and f"| iteration | {state['iter_num']:,} |" in card.text
     assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text and state["tokens_seen"] == 20 * 4 * BLOCK  # 20 iterations of 1 x 4 x 32
-    assert f"| best val loss | {state['best_val_loss']:.4f} |" in card.text
+    bits = state["best_val_loss"] / math.log(2) / state["val_bytes_per_token"]  # ASCII characters: 1 byte each
+    assert state["val_bytes_per_token"] == 1.0
+    assert f"| best val loss | {state['best_val_loss']:.4f} ({bits:.4f} bits per byte of val text) |" in card.text
     settings = json.loads(card.text.split("```json")[1].split("```")[0])
     assert settings == state["config"] and settings["n_embd"] == 32
 
