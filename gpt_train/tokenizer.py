@@ -109,7 +109,8 @@ def token_byte_lengths(tokenizer, size):
     """How many bytes of text each id 0..size-1 stands for: 0 for special tokens (end-of-text is
     not text) and for ids past the vocabulary (a padded embedding). Byte-level BPE stores one
     character per byte; other vocabularies (characters) store the text itself."""
-    byte_level = isinstance(tokenizer.backend_tokenizer.decoder, decoders.ByteLevel)
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a Python-only tokenizer has none
+    byte_level = backend is not None and isinstance(backend.decoder, decoders.ByteLevel)
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     lengths = np.zeros(size, dtype=np.int64)
     for i, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(min(size, len(tokenizer)))))):
