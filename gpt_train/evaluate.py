@@ -10,6 +10,7 @@ the run still resumes; the next checkpoint's card drops the scores, which descri
 A char vocabulary has no BOS/EOS: its scoring tasks start from its newline (lm-eval's
 prefix_token_id); its generation tasks are refused, as there is no end-of-text token to stop at.
 
+A training run with `lm_eval_tasks` does the same on each checkpoint it saves (`during_training`).
 Needs `pip install -r requirements-eval.txt` (or `pip install -e .[eval]`).
 Not here: training-time losses (gpt_train.train); the model card's other sections (gpt_train.model_card).
 """
@@ -20,10 +21,9 @@ import os
 import random
 import sys
 
+import datasets.config
 import numpy
 import torch
-
-import datasets.config
 from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import get_session
