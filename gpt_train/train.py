@@ -99,6 +99,7 @@ def setup(cfg):
     set_seed(cfg.seed)  # identical initial weights on every process
     cfg, bins, model, tokenizer, saved, folder = _init_model(cfg, state)
     check_token_ids(bins, model.config.vocab_size)
+    val_bytes_per_token = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))
 
     accelerator = Accelerator(
         mixed_precision=mixed,
@@ -123,7 +124,7 @@ def setup(cfg):
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device), tokenizer,
               iter_num=0, best_val_loss=math.inf, micro_steps=micro_steps,
               tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size,
-              bytes_per_token=bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size)))
+              bytes_per_token=val_bytes_per_token)
     if saved is not None:
         checkpoint.load_training_state(accelerator, cfg.out_dir)
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
