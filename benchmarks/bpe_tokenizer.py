@@ -17,11 +17,9 @@ val.bin; peak memory is the largest resident set of the run's processes.
     python benchmarks/bpe_tokenizer.py [--mb=50] [--vocab_size=8192] [--num_proc=2] [--rounds=1]
 """
 import argparse
-import hashlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +30,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prepare_throughput import generate_corpus  # noqa: E402
+from prepare_throughput import generate_corpus, run_method  # noqa: E402
 
 VAL_FRACTION, SEED = 0.01, 2357
 
@@ -66,26 +64,6 @@ def ours(corpus, out_dir, vocab_size, num_proc):
 def merges(out_dir):
     with open(os.path.join(out_dir, "tokenizer.json"), encoding="utf-8") as f:
         return json.load(f)["model"]["merges"]
-
-
-def run_method(method, corpus, out_dir, vocab_size, num_proc):
-    """(seconds, peak RSS MB of its largest process, tokens, bins digest) of one run in a fresh process."""
-    cmd = [sys.executable, __file__, f"--child={method}", f"--corpus={corpus}", f"--out={out_dir}",
-           f"--vocab_size={vocab_size}", f"--num_proc={num_proc}"]
-    with tempfile.TemporaryFile("w+") as errors:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        if status:
-            errors.seek(0)
-            raise SystemExit(f"{method} failed:\n{errors.read()[-3000:]}")
-    digest, n_tokens = hashlib.sha256(), 0
-    for split in ("train", "val"):
-        with open(os.path.join(out_dir, f"{split}.bin"), "rb") as f:
-            data = f.read()
-        digest.update(data)
-        n_tokens += len(data) // 2
-    return float(out.strip().splitlines()[-1]), usage.ru_maxrss / 1024, n_tokens, digest.hexdigest()
 
 
 def child(method, corpus, out_dir, vocab_size, num_proc):
@@ -123,7 +101,8 @@ def main():
             digests = set()
             for method in times:
                 out_dir = os.path.join(tmp, method)
-                seconds, rss, n_tokens, digest = run_method(method, corpus, out_dir, a.vocab_size, a.num_proc)
+                seconds, rss, n_tokens, digest = run_method(method, corpus, out_dir, a.num_proc, script=__file__,
+                                                            extra=[f"--vocab_size={a.vocab_size}"])
                 times[method].append(seconds)
                 peak[method] = max(peak.get(method, 0), rss)
                 digests.add(digest)

@@ -87,10 +87,11 @@ def ours(corpus, out_dir, num_proc):
     prepare_corpus([f"--source={corpus}", f"--out_dir={out_dir}", f"--num_proc={num_proc}"], OpenWebTextConfig)
 
 
-def run_method(method, corpus, out_dir, num_proc):
-    """Run one method in a fresh process; (seconds, peak RSS MB of its largest process, tokens, digest)."""
-    cmd = [sys.executable, __file__, f"--child={method}", f"--corpus={corpus}", f"--out={out_dir}",
-           f"--num_proc={num_proc}"]
+def run_method(method, corpus, out_dir, num_proc, script=__file__, extra=()):
+    """Run one method of `script` in a fresh process; (seconds, peak RSS MB of its largest process,
+    tokens, bins digest)."""
+    cmd = [sys.executable, script, f"--child={method}", f"--corpus={corpus}", f"--out={out_dir}",
+           f"--num_proc={num_proc}", *extra]
     with tempfile.TemporaryFile("w+") as errors:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errors, text=True)
         out = proc.stdout.read()
