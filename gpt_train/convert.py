@@ -28,12 +28,12 @@ import zipfile
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer, GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
 
+from gpt_train.checkpoint import refresh_manifest
 from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
-from gpt_train.checkpoint import refresh_manifest
 from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, is_model_folder, missing_model_files, read_run_config
 from gpt_train.prepare import write_meta
 from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer, save_tokenizer
@@ -184,7 +184,9 @@ def to_nanogpt(out_dir, ckpt_path):
     if not is_model_folder(out_dir):
         raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
     tokenizer = model_tokenizer(out_dir)
-    if not (is_gpt2_bpe(tokenizer) or all(len(t) == 1 for t in tokenizer.get_vocab())):
+    stoi = tokenizer.get_vocab()
+    chars = all(len(t) == 1 for t in stoi)  # nanoGPT's meta.pkl vocabulary
+    if not (chars or is_gpt2_bpe(tokenizer)):
         raise UserError(f"{out_dir} has its own BPE tokenizer ({len(tokenizer):,} tokens), and nanoGPT reads only "
                         "GPT-2 BPE or a meta.pkl of characters: sample it with gpt-train's sample.py or "
                         "transformers instead")
@@ -213,20 +215,11 @@ def to_nanogpt(out_dir, ckpt_path):
     }
     with atomic_path(ckpt_path) as tmp:
         torch.save(ckpt, tmp)
-    _write_char_meta(out_dir, os.path.dirname(os.path.abspath(ckpt_path)), c.vocab_size)
-    return ckpt
-
-
-def _write_char_meta(model_dir, ckpt_dir, vocab_size):
-    """A char-level model's vocabulary as nanoGPT's meta.pkl, for nanoGPT's sample.py to decode with."""
-    if vocab_size >= GPT2_BPE_VOCAB or not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
-        return
-
-
-    stoi = AutoTokenizer.from_pretrained(model_dir).get_vocab()
-    if all(len(ch) == 1 for ch in stoi):
+    if chars:  # nanoGPT's sample.py decodes with the meta.pkl beside its data
+        ckpt_dir = os.path.dirname(os.path.abspath(ckpt_path))
         write_meta(ckpt_dir, {"vocab_size": len(stoi), "itos": {i: ch for ch, i in stoi.items()}, "stoi": stoi})
         print(f"wrote {os.path.join(ckpt_dir, 'meta.pkl')}: copy it to nanoGPT's data/<dataset>/ to sample")
+    return ckpt
 
 
 def upgrade(folder):
