@@ -37,9 +37,9 @@ from gpt_train.errors import UserError, first_line
 from gpt_train.files import atomic_path, give_default_mode
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
-from gpt_train.tokenizer import save_tokenizer
 from gpt_train.out_dir import (COMMITTED_DIR, MODEL_FILES, RUN_CONFIG, RUN_FILES, STAGING_DIR, STATE_DIR, TRAINER_STATE,
                                TrainerState, missing_model_files)
+from gpt_train.tokenizer import save_tokenizer
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
@@ -265,8 +265,10 @@ def refresh_manifest(out_dir, names):
 def _manifest(folder, names=None):
     """{relative path: {"size", and "sha256" for the model files}} of every file under folder (or
     of the top-level files `names`)."""
-    paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found] if names is None \
-        else [os.path.join(folder, n) for n in names]
+    if names is None:
+        paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found]
+    else:
+        paths = [os.path.join(folder, n) for n in names]
     files = {}
     for path in paths:
         rel = os.path.relpath(path, folder).replace(os.sep, "/")

@@ -130,8 +130,8 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("lm_eval_limit", "learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
-                     "muon_learning_rate", "muon_momentum", "cooldown_iters"):
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
+                     "muon_learning_rate", "muon_momentum", "cooldown_iters", "lm_eval_limit"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         for f in fields(self):

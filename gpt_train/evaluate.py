@@ -147,15 +147,8 @@ def _offline_unless_the_hub_answers():
     """Without network, datasets retries each Hub dataset for minutes; with the Hub unreachable,
     look only in the cache, so a cached task runs and an uncached one fails at once. Afterwards
     the Hub counts as online again: a training run still pushes when the network is back."""
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        yield
-        return
-    try:
-        get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
-        reachable = True
-    except Exception:  # any failure to reach it means: offline
-        reachable = False
-    if reachable:
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    if offline or _hub_answers():
         yield
         return
     # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
@@ -170,6 +163,14 @@ def _offline_unless_the_hub_answers():
         else:
             os.environ["HF_HUB_OFFLINE"] = saved[0]
         hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[1:]
+
+
+def _hub_answers():
+    try:
+        get_session().head(hub_constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT_S)
+    except Exception:  # any failure to reach it means: offline
+        return False
+    return True
 
 
 @contextlib.contextmanager

@@ -105,8 +105,8 @@ def draw(runs, output, bits_per_byte=False):
         if run.lr:
             ax_lr.plot(*zip(*run.lr), color=color, label=label or None)
     ax_loss.set_ylabel("val bits per byte" if bits_per_byte else "loss")
-    ratios = {round(b / dict((i, v) for i, _, v in r.evals)[i], 9) for r in runs for i, b in r.bpb}
-    if len(ratios) == 1 and not bits_per_byte:  # one tokenizer's val text: loss and bits per byte are one scale
+    ratios = {_bits_per_byte_per_nat(r) for r in runs}
+    if len(ratios) == 1 and None not in ratios and not bits_per_byte:  # one val text and tokenizer: one scale
         ratio = ratios.pop()
         ax_loss.secondary_yaxis("right", functions=(lambda x: x * ratio, lambda b: b / ratio)).set_ylabel(
             "val bits per byte")
@@ -124,6 +124,15 @@ def draw(runs, output, bits_per_byte=False):
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     with atomic_path(output) as tmp:
         fig.savefig(tmp, format="png")
+
+
+def _bits_per_byte_per_nat(run):
+    """val bits per byte / val loss: fixed by the run's val text and tokenizer; None if not logged."""
+    if not run.bpb:
+        return None
+    iteration, bpb = run.bpb[-1]
+    val = next(v for i, _, v in reversed(run.evals) if i == iteration)
+    return round(bpb / val, 9)  # equal runs give equal ratios despite float noise
 
 
 class LivePlot:

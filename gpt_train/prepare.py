@@ -211,7 +211,7 @@ def _codec(cfg, splits):
         # encoding: `tokenizers` threads in one process, or one thread per forked worker (said
         # before the fork, so the workers do not each warn that they turned threads off)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if cfg.num_proc > 1 else "true")
-        print(f"vocab size: {codec.eot + 1:,} (trained on the train split)")
+        print(f"vocab size: {codec.vocab_size:,} (trained on the train split)")
         return codec
     chars = set()
     for part in splits.values():

@@ -210,8 +210,9 @@ class BpeCodec:
     """
 
     def __init__(self, vocab_size):
-        self.vocab_size = vocab_size
+        self.vocab_size = vocab_size  # asked for; after `train`, what the corpus gave (a small one gives fewer)
         self.json = None  # the trained merges: what worker processes receive
+        self.eot = None  # the id after the merges, once trained
 
     def train(self, batches, length=None):
         """Learn the merges from an iterator of lists of texts (deterministic: the same texts give
@@ -223,7 +224,8 @@ class BpeCodec:
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         model.train_from_iterator(batches, trainer, length=length)
         self.json = model.to_str()
-        self.eot = model.get_vocab_size()  # the id after the merges
+        self.eot = model.get_vocab_size()
+        self.vocab_size = self.eot + 1
         return self
 
     def encode_batch(self, texts, append_eot):
