@@ -8,6 +8,7 @@ re-sharded run reads exactly the data the uninterrupted one would have.
 
 Not here: writing bins (gpt_train.prepare) or tokenizers (gpt_train.tokenizer).
 """
+import math
 import os
 import pickle
 from dataclasses import dataclass
@@ -89,6 +90,12 @@ def bytes_per_token(bins, split, byte_lengths):
         counts = np.bincount(data[start:start + TOKEN_SCAN_CHUNK], minlength=len(byte_lengths))
         total += int(counts[:len(byte_lengths)] @ byte_lengths)
     return total / len(data)
+
+
+def bits_per_byte(loss, bytes_per_token):
+    """nats per token -> bits per byte of text: what a char, a GPT-2 BPE and an 8K BPE model of
+    the same text can be compared by."""
+    return loss / math.log(2) / bytes_per_token if bytes_per_token else math.nan
 
 
 def check_token_ids(bins, vocab_size):

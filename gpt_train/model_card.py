@@ -12,6 +12,7 @@ import os
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from gpt_train.data import bits_per_byte
 from gpt_train.out_dir import MODEL_CARD
 
 
@@ -28,7 +29,7 @@ def render(trainer_state):
     best = trainer_state.best_val_loss
     best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
     if math.isfinite(best) and trainer_state.val_bytes_per_token:
-        best_text += f" ({best / math.log(2) / trainer_state.val_bytes_per_token:.4f} bits per byte of val text)"
+        best_text += f" ({bits_per_byte(best, trainer_state.val_bytes_per_token):.4f} bits per byte of val text)"
     shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
     source = {"scratch": "trained from scratch", "resume": "trained (a resumed run)"}.get(
         cfg["init_from"], f"fine-tuned from {cfg['init_from']}")

@@ -21,7 +21,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint
 from gpt_train.config import with_saved_settings, with_values
-from gpt_train.data import SPLITS, BlockSampler, bytes_per_token, check_token_ids, open_dataset
+from gpt_train.data import SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids, open_dataset
 from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure, process_group_kwargs
 from gpt_train.errors import UserError
 from gpt_train.evaluate import NotInstalled, check_tasks, during_training, task_names
@@ -420,12 +420,6 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
         run.best_val_loss = min(run.best_val_loss, losses["val"])
         if run.iter_num > 0 and not cfg.eval_only:
             save(run)
-
-
-def bits_per_byte(loss, bytes_per_token):
-    """nats per token -> bits per byte of text: what a char, a GPT-2 BPE and an 8K BPE model of
-    the same text can be compared by."""
-    return loss / math.log(2) / bytes_per_token if bytes_per_token else math.nan
 
 
 def _percent(mfu):
