@@ -2,8 +2,9 @@
 
 out_dir's layout (gpt_train.out_dir) is a Hugging Face model folder plus training_state/:
 accelerator.save_state (optimizer, scheduler, scaler, RNGs; under FSDP also each process's shard
-of the model) and trainer_state.json (the loop's state and the checkpoint's manifest). The model part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/
-is what `init_from='resume'` needs on top. Without FSDP the weights are stored once, in the
+of the model) and trainer_state.json (the loop's state and the checkpoint's manifest). The model
+part is what `from_pretrained`, `pipeline()` and the Hub take; training_state/ is what
+`init_from='resume'` needs on top. Without FSDP the weights are stored once, in the
 model folder, which resume loads (a second copy in training_state/ would double the
 checkpoint's weight I/O: 6 GB more per gpt2-xl save). The loop's own state lives in JSON, not in
 pickles: Accelerate reloads registered objects with `weights_only=False`.
@@ -21,7 +22,6 @@ Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 import errno
 import functools
 import hashlib
-import json
 import logging
 import os
 import pickle
@@ -34,11 +34,11 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.files import atomic_path, give_default_mode
+from gpt_train.files import give_default_mode, write_json
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.model_card import write_model_card
 from gpt_train.out_dir import (COMMITTED_DIR, MODEL_FILES, RUN_CONFIG, RUN_FILES, STAGING_DIR, STATE_DIR, TRAINER_STATE,
-                               TrainerState, missing_model_files)
+                               TrainerState, check_model_folder)
 from gpt_train.tokenizer import save_tokenizer
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
@@ -94,7 +94,7 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     write_model_card(staging, trainer_state)
     give_default_mode(staging)  # safetensors writes model.safetensors 0600
     trainer_state.files = _manifest(staging)
-    _write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state.to_dict())
+    write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state.to_dict())
     _flush_tree(staging)
 
 
@@ -181,10 +181,7 @@ def read_trainer_state(out_dir):
         recover(out_dir)  # the process that writes checkpoints is the one that repairs them
     processes.wait_for_everyone()
     state = TrainerState.read(out_dir)
-    missing = missing_model_files(out_dir)
-    if missing:
-        raise UserError(f"the checkpoint in {out_dir} is incomplete ({', '.join(missing)} missing): "
-                        "it cannot be resumed")
+    check_model_folder(out_dir, ": its checkpoint is incomplete and cannot be resumed")
     for name, expected in state.files.items():
         problem = _file_problem(os.path.join(out_dir, name), expected)
         if problem:
@@ -222,7 +219,7 @@ def _check_sharding_matches(accelerator, out_dir):
                         "--out_dir=NEW_DIR")
 
 
-def start_run_folder(out_dir, settings_json, replace):
+def start_run_folder(out_dir, settings, replace):
     """On the main process: out_dir created (another run's files removed first if `replace`), and
     the run's settings written to it."""
     if not PartialState().is_main_process:
@@ -230,7 +227,7 @@ def start_run_folder(out_dir, settings_json, replace):
     if replace:
         remove_previous_run(out_dir)
     os.makedirs(out_dir, exist_ok=True)
-    _write_json(os.path.join(out_dir, RUN_CONFIG), json.loads(settings_json))
+    write_json(os.path.join(out_dir, RUN_CONFIG), settings)
 
 
 def remove_previous_run(out_dir):
@@ -259,7 +256,7 @@ def refresh_manifest(out_dir, names):
     except UserError:
         return  # a model folder without a checkpoint: nothing to keep in step
     state.files.update(_manifest(out_dir, names))
-    _write_json(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), state.to_dict())
+    write_json(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), state.to_dict())
 
 
 def _manifest(folder, names=None):
@@ -312,9 +309,3 @@ def _fsync_dir(path):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_json(path, obj):
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")

@@ -13,7 +13,6 @@ import ast
 import dataclasses
 import difflib
 import functools
-import json
 import math
 import os
 import sys
@@ -173,9 +172,6 @@ class TrainConfig:
     @property
     def resolved_data_dir(self):
         return self.data_dir or os.path.join("data", self.dataset)
-
-    def to_json(self):
-        return json.dumps(dataclasses.asdict(self), indent=2)
 
 
 # TrainingArguments names that mean exactly one of our settings.

@@ -28,24 +28,23 @@ import zipfile
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel
+from transformers import GenerationConfig, GPT2LMHeadModel
 
 from gpt_train.checkpoint import refresh_manifest
 from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
-from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, is_model_folder, missing_model_files, read_run_config
+from gpt_train.model import COMPILED_PREFIX, gpt2_config, read_model_config, set_generation_defaults
+from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, check_model_folder, read_run_config
 from gpt_train.prepare import write_meta
-from gpt_train.tokenizer import dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer, save_tokenizer
-from gpt_train.model import (COMPILED_PREFIX,  # nanoGPT strips it on resume, so do we
-                             read_model_config, set_generation_defaults)
+from gpt_train.tokenizer import (GPT2_VOCAB, dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer,
+                                 save_tokenizer)
 
 LINEAR_WEIGHTS = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 CAUSAL_MASK = ".attn.bias"  # nanoGPT's mask buffer, present when it ran without flash attention
 MODEL_ARGS = ("n_layer", "n_head", "n_embd", "block_size", "bias", "vocab_size")
 NANOGPT_LAYER_NORM_EPS = 1e-5
 NANOGPT_INITIAL_BEST_VAL_LOSS = 1e9  # what nanoGPT's train.py starts from
-GPT2_BPE_VOCAB = 50257
 # What a weights_only load may build besides tensors: numpy number scalars and their dtypes.
 NUMPY_SCALAR_GLOBALS = [np._core.multiarray.scalar, np.dtype, np.dtypes.Float64DType, np.dtypes.Float32DType,
                         np.dtypes.Float16DType, np.dtypes.Int64DType, np.dtypes.Int32DType, np.dtypes.BoolDType]
@@ -72,24 +71,11 @@ def load_nanogpt_checkpoint(path):
     return ckpt
 
 
-def gpt2_config(model_args, tokenizer):
-
-    dropout = float(model_args.get("dropout", 0.0))
-    special = tokenizer.eos_token_id  # None for char vocabularies, as in gpt_train.model.build_model
-    return GPT2Config(
-        vocab_size=int(model_args["vocab_size"]), n_positions=int(model_args["block_size"]),
-        n_embd=int(model_args["n_embd"]), n_layer=int(model_args["n_layer"]), n_head=int(model_args["n_head"]),
-        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
-        activation_function="gelu",  # nanoGPT's nn.GELU() is the exact one
-        layer_norm_epsilon=NANOGPT_LAYER_NORM_EPS, bos_token_id=special, eos_token_id=special,
-        bias=bool(model_args["bias"]))
-
-
 def nanogpt_to_hf_state_dict(state_dict, hf_keys, bias):
     """Rename, transpose and fill in biases; `hf_keys` are the GPT-2 model's state dict keys."""
     weights = {}
     for name, tensor in state_dict.items():
-        while name.startswith(COMPILED_PREFIX):
+        while name.startswith(COMPILED_PREFIX):  # nanoGPT strips it on resume, so do we
             name = name[len(COMPILED_PREFIX):]
         if name.endswith(CAUSAL_MASK):
             continue
@@ -116,11 +102,12 @@ def nanogpt_to_hf_state_dict(state_dict, hf_keys, bias):
 
 def from_nanogpt(ckpt_path, out_dir, meta=None):
     """Write a model folder (weights, config, tokenizer) for the nanoGPT checkpoint at ckpt_path."""
-
     ckpt = load_nanogpt_checkpoint(ckpt_path)
     model_args = ckpt["model_args"]
     tokenizer = _tokenizer_for(ckpt, meta, int(model_args["vocab_size"]))
-    config = gpt2_config(model_args, tokenizer)
+    shape = [int(model_args[k]) for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")]
+    config = gpt2_config(*shape, float(model_args.get("dropout", 0.0)), bool(model_args["bias"]),
+                         tokenizer.eos_token_id, layer_norm_epsilon=NANOGPT_LAYER_NORM_EPS)
     with torch.device("meta"):  # no time spent initialising weights that are overwritten next
         model = GPT2LMHeadModel(config)
     hf_keys = model.state_dict()
@@ -141,7 +128,6 @@ def from_nanogpt(ckpt_path, out_dir, meta=None):
 
 def _tokenizer_for(ckpt, meta, vocab_size):
     """meta.pkl's characters (given, or found the way nanoGPT's sample.py finds it), else GPT-2 BPE."""
-
     if meta is None:
         dataset = (ckpt.get("config") or {}).get("dataset")
         guess = os.path.join("data", str(dataset)) if dataset else None
@@ -157,7 +143,7 @@ def _tokenizer_for(ckpt, meta, vocab_size):
             raise UserError(f"the tokenizer in {folder} has {len(tokenizer)} tokens but the model only "
                             f"{vocab_size}: --meta names another dataset")
         return tokenizer
-    if vocab_size < GPT2_BPE_VOCAB:
+    if vocab_size < GPT2_VOCAB:
         raise UserError(f"the model has a {vocab_size}-token vocabulary, not GPT-2's: pass the dataset it was "
                         "trained on with --meta=data/<dataset> (the folder holding meta.pkl)")
     return gpt2_tokenizer()
@@ -180,9 +166,7 @@ def hf_to_nanogpt_state_dict(model):
 
 def to_nanogpt(out_dir, ckpt_path):
     """Write a nanoGPT ckpt.pt (and meta.pkl for char vocabularies) from the model folder out_dir."""
-
-    if not is_model_folder(out_dir):
-        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
+    check_model_folder(out_dir)
     tokenizer = model_tokenizer(out_dir)
     stoi = tokenizer.get_vocab()
     chars = all(len(t) == 1 for t in stoi)  # nanoGPT's meta.pkl vocabulary
@@ -229,8 +213,7 @@ def upgrade(folder):
     The weights are not touched. Each file is replaced atomically, and a checkpoint's manifest is
     updated to match, so the run still resumes. Returns the names of the files that changed.
     """
-    if not is_model_folder(folder):
-        raise UserError(f"{folder} is not a model folder ({', '.join(missing_model_files(folder))} missing)")
+    check_model_folder(folder)
     config = read_model_config(folder, folder)
     generation = GenerationConfig.from_model_config(config)
     if os.path.isfile(os.path.join(folder, GENERATION_CONFIG)):

@@ -19,6 +19,7 @@ import torch
 from gpt_train.errors import UserError
 
 TOKEN_DTYPE = np.uint16  # nanoGPT's format: GPT-2's 50,257 ids fit, and it halves the disk
+MAX_VOCAB = np.iinfo(TOKEN_DTYPE).max + 1  # 65,536 ids
 SPLITS = ("train", "val")
 TOKEN_SCAN_CHUNK = 1 << 25  # tokens per np.max when checking ids: 64 MB of memory at a time
 STREAMS = (("train", "step"), ("train", "eval"), ("val", "eval"))  # independent random streams

@@ -16,7 +16,6 @@ Not here: training-time losses (gpt_train.train); the model card's other section
 """
 import contextlib
 import functools
-import json
 import os
 import random
 import sys
@@ -32,8 +31,8 @@ from gpt_train.checkpoint import refresh_manifest
 from gpt_train.config import command_parser
 from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
-from gpt_train.files import atomic_path
-from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, is_model_folder, missing_model_files
+from gpt_train.files import atomic_path, write_json
+from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_folder
 from gpt_train.tokenizer import model_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 5
@@ -73,8 +72,7 @@ def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_pat
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    if not is_model_folder(out_dir):
-        raise UserError(f"{out_dir} is not a model folder ({', '.join(missing_model_files(out_dir))} missing)")
+    check_model_folder(out_dir)
     with _offline_unless_the_hub_answers():
         try:
             loaded = manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
@@ -127,8 +125,7 @@ def save_results(out_dir, results):
     except UserError:
         iteration = None  # a folder not trained by gpt-train
     record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
-    with atomic_path(os.path.join(out_dir, EVAL_RESULTS)) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(out_dir, EVAL_RESULTS), record)
     card_path = os.path.join(out_dir, MODEL_CARD)
     if os.path.isfile(card_path):
         card = ModelCard.load(card_path)

@@ -7,6 +7,7 @@ umask); tempfile's 0600 would make datasets and model folders private to their w
 
 Not here: whole folders committed at once (gpt_train.checkpoint, gpt_train.prepare stage them).
 """
+import json
 import os
 import tempfile
 
@@ -50,3 +51,10 @@ class atomic_path:
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
         return False
+
+
+def write_json(path, obj, **options):
+    """`obj` as indented JSON in `path`, through atomic_path."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, **options)
+        f.write("\n")

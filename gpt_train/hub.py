@@ -23,7 +23,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.out_dir import METRICS, is_model_folder, missing_model_files
+from gpt_train.out_dir import METRICS, is_model_folder
 
 HUB_STRATEGIES = ("end", "every_save")
 NOT_PUBLISHED = {METRICS}  # the run's log, not part of the model
@@ -41,15 +41,6 @@ def check_login():
     """Fail before training rather than after it: an upload without a token cannot work."""
     if get_token() is None:
         raise UserError("pushing to the Hub needs a Hugging Face token: run `hf auth login` or set HF_TOKEN")
-
-
-def check_model_folder(folder):
-    if not os.path.isdir(folder):
-        raise UserError(f"{folder} does not exist: give the out_dir of a training run")
-    missing = missing_model_files(folder)
-    if missing:
-        raise UserError(f"{folder} is not a model folder ({', '.join(missing)} missing): "
-                        "nothing to push; train until a checkpoint is saved")
 
 
 def published_files(folder):
@@ -71,16 +62,12 @@ def snapshot(folder):
     return copy
 
 
-def upload(folder, repo_id, private, commit_message):
-    """Create the repo if needed and commit `folder` to it; returns the commit's URL."""
-    api = HfApi()  # its token: HF_TOKEN or the stored login
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    return api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message=commit_message).commit_url
-
-
-def _upload_snapshot(copy, repo_id, private, commit_message):
+def upload_snapshot(copy, repo_id, private, commit_message):
+    """Create the repo if needed and commit the `snapshot` to it, then remove it; returns the commit's URL."""
     try:
-        return upload(copy, repo_id, private, commit_message)
+        api = HfApi()  # its token: HF_TOKEN or the stored login
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(repo_id=repo_id, folder_path=copy, commit_message=commit_message).commit_url
     finally:
         shutil.rmtree(copy, ignore_errors=True)
 
@@ -134,7 +121,7 @@ class HubPusher:
                             f"{self.cfg.hub_model_id}`")
 
     def _queue(self, out_dir, message):
-        future = self.executor.submit(_upload_snapshot, snapshot(out_dir), self.cfg.hub_model_id,
+        future = self.executor.submit(upload_snapshot, snapshot(out_dir), self.cfg.hub_model_id,
                                       self.cfg.hub_private_repo, message)
         future.add_done_callback(lambda f: self._warn_if_failed(message, f))
         self.pending.append((message, future))

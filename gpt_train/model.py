@@ -60,24 +60,19 @@ def scratch_vocab_size(meta_vocab_size, tokenizer):
     return meta_vocab_size or -(-len(tokenizer) // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
+def gpt2_config(vocab_size, block_size, n_layer, n_head, n_embd, dropout, bias, end_of_text_id, **extra):
+    """nanoGPT's GPT as a GPT2Config (also for converted nanoGPT checkpoints). end_of_text_id is
+    None for char vocabularies: generation then runs to its length."""
+    return GPT2Config(vocab_size=vocab_size, n_positions=block_size, n_layer=n_layer, n_head=n_head, n_embd=n_embd,
+                      resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                      activation_function="gelu",  # nanoGPT's exact GELU; one kernel, cheaper than gelu_new
+                      bos_token_id=end_of_text_id, eos_token_id=end_of_text_id, bias=bias, **extra)
+
+
 def build_model(cfg, vocab_size, tokenizer):
     """A freshly initialised GPT-2 shaped by the settings."""
-    special = tokenizer.eos_token_id  # None for char vocabularies: generation stops at max length
-    config = GPT2Config(
-        vocab_size=vocab_size,
-        n_positions=cfg.block_size,
-        n_embd=cfg.n_embd,
-        n_layer=cfg.n_layer,
-        n_head=cfg.n_head,
-        resid_pdrop=cfg.dropout,
-        embd_pdrop=cfg.dropout,
-        attn_pdrop=cfg.dropout,
-        activation_function="gelu",  # nanoGPT's exact GELU; one kernel, cheaper than gelu_new
-        bos_token_id=special,
-        eos_token_id=special,
-        bias=cfg.bias,
-        attn_implementation="sdpa",
-    )
+    config = gpt2_config(vocab_size, cfg.block_size, cfg.n_layer, cfg.n_head, cfg.n_embd, cfg.dropout, cfg.bias,
+                         tokenizer.eos_token_id, attn_implementation="sdpa")
     return ready_for_training(GPT2LMHeadModel(config), cfg.dropout)
 
 

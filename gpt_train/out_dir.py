@@ -48,8 +48,13 @@ def has_checkpoint(out_dir):
             or os.path.isdir(os.path.join(out_dir, COMMITTED_DIR)))
 
 
-def missing_model_files(folder):
-    return [name for name in (MODEL_CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(folder, name))]
+def check_model_folder(folder, advice=""):
+    """A UserError naming what is missing unless `folder` is a model folder; `advice` ends it."""
+    if not os.path.isdir(folder):
+        raise UserError(f"{folder} does not exist{advice}")
+    missing = [name for name in (MODEL_CONFIG, WEIGHTS) if not os.path.isfile(os.path.join(folder, name))]
+    if missing:
+        raise UserError(f"{folder} is not a model folder ({', '.join(missing)} missing){advice}")
 
 
 @dataclass

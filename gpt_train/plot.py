@@ -6,8 +6,8 @@ Everything is read from each run's metrics.jsonl (and training_config.json for t
 per iteration), so it works on a finished run, a running one, or a copied folder. The chart
 shows train and val loss against iteration, tokens on the top axis, val bits per byte on the
 right axis, and the learning rate below; `--bits_per_byte` plots val bits per byte instead,
-which compares runs with different tokenizers. matplotlib is imported only when a chart is drawn, with the file-only Agg backend:
-training startup pays nothing and no display is needed.
+which compares runs with different tokenizers. matplotlib is imported only to draw, with the
+file-only Agg backend: training startup pays nothing and no display is needed.
 
 Not here: writing metrics (gpt_train.metrics), reading the file (gpt_train.out_dir).
 """

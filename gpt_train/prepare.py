@@ -5,10 +5,11 @@ tokenizer that encoded them (so training and sampling decode with the same one),
 char-level data nanoGPT's `meta.pkl`. The whole folder is staged and moved into place only when
 complete, so a failed run never leaves a half-written dataset behind.
 
-Every dataset (Shakespeare in characters or GPT-2 BPE, OpenWebText, the user's own files or Hub
-datasets, in any of those or a BPE trained on its train split) goes through one pipeline, `prepare_corpus`: `datasets` loads and splits them, worker processes encode
-batches of documents and write them straight to chunk files, and the chunks are joined into
-the bins. Memory stays bounded by one batch per worker, whatever the corpus size.
+Every dataset (Shakespeare, OpenWebText, the user's files or Hub datasets; in characters, GPT-2
+BPE or a BPE trained on the train split) goes through one pipeline, `prepare_corpus`: `datasets`
+loads and splits them, worker processes encode batches of documents and write them straight to
+chunk files, and the chunks are joined into the bins. Memory stays bounded by one batch per
+worker, whatever the corpus size.
 
 Not here: reading datasets (gpt_train.data), tokenizers themselves (gpt_train.tokenizer).
 """
@@ -26,7 +27,7 @@ from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
 from gpt_train.config import load_config, setting
-from gpt_train.data import SPLITS, TOKEN_DTYPE
+from gpt_train.data import MAX_VOCAB, SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path
 
@@ -36,9 +37,9 @@ TINY_SHAKESPEARE = os.path.join(REPO_ROOT, "data_prep", "tinyshakespeare", "inpu
 
 def check_token_range(ids, what):
     top = int(np.max(ids)) if len(ids) else 0
-    if top > np.iinfo(TOKEN_DTYPE).max:
+    if top >= MAX_VOCAB:
         raise UserError(f"{what} holds token id {top}, which does not fit uint16 "
-                        f"(max {np.iinfo(TOKEN_DTYPE).max}): use a vocabulary of at most 65,536 tokens")
+                        f"(max {MAX_VOCAB - 1}): use a vocabulary of at most {MAX_VOCAB:,} tokens")
 
 
 def write_meta(out_dir, meta):
@@ -94,10 +95,10 @@ class CorpusConfig:
             raise UserError(f"split_by must be one of {', '.join(SPLIT_MODES)}, got {self.split_by!r}")
         if self.tokenizer not in TOKENIZERS:
             raise UserError(f"tokenizer must be 'gpt2', 'char' or 'bpe', got {self.tokenizer!r}")
-        limit = np.iinfo(TOKEN_DTYPE).max + 1
-        if self.tokenizer == "bpe" and not BPE_MIN_VOCAB <= self.vocab_size <= limit:
+        if self.tokenizer == "bpe" and not BPE_MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
             raise UserError(f"vocab_size must be between {BPE_MIN_VOCAB} (the 256 bytes and end-of-text) and "
-                            f"{limit:,} (ids must fit the uint16 bins nanoGPT's format uses), got {self.vocab_size:,}")
+                            f"{MAX_VOCAB:,} (ids must fit the uint16 bins nanoGPT's format uses), "
+                            f"got {self.vocab_size:,}")
         if self.num_proc < 1:
             raise UserError(f"num_proc must be at least 1, got {self.num_proc}")
         return self
@@ -222,10 +223,9 @@ def _codec(cfg, splits):
             chars.update(text)
     codec = CharCodec(chars)
     print(f"vocab size: {codec.vocab_size:,}")
-    limit = np.iinfo(TOKEN_DTYPE).max + 1
-    if codec.vocab_size > limit:
+    if codec.vocab_size > MAX_VOCAB:
         raise UserError(f"{cfg.source} has {codec.vocab_size:,} distinct characters, more token ids than uint16 "
-                        f"bins hold ({limit:,}): use --tokenizer=gpt2")
+                        f"bins hold ({MAX_VOCAB:,}): use --tokenizer=gpt2")
     return codec
 
 
@@ -262,6 +262,8 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
     Everything is staged in a hidden folder inside out_dir and moved into place at the end,
     so an interrupted or failed run leaves an existing dataset as it was.
     """
+    from gpt_train.tokenizer import save_tokenizer  # deferred with the codecs (see _codec)
+
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
         for split, part in splits.items():
@@ -282,9 +284,9 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
                 raise UserError(f"the {split} split holds no text ({tokens} token(s)): give a corpus with text in "
                                 "it, or a larger val_fraction if only val came out empty")
             print(f"{split} has {tokens:,} tokens")
-        if codec.nanogpt_meta() is not None:
+        if hasattr(codec, "nanogpt_meta"):
             write_meta(staging, codec.nanogpt_meta())
-        codec.save_tokenizer(staging)
+        save_tokenizer(codec.tokenizer(), staging)
         _commit(staging, out_dir)
     print(f"wrote {out_dir}")
 
@@ -327,12 +329,8 @@ class OpenWebTextConfig(CorpusConfig):
 
 
 # `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
-PREPARERS = {
-    "shakespeare_char": lambda name, argv: prepare_corpus(argv, ShakespeareCharConfig),
-    "shakespeare": lambda name, argv: prepare_corpus(argv, ShakespeareConfig),
-    "openwebtext": lambda name, argv: prepare_corpus(argv, OpenWebTextConfig),
-    "custom": lambda name, argv: prepare_corpus(argv),
-}
+PREPARERS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig,
+             "openwebtext": OpenWebTextConfig, "custom": CorpusConfig}
 
 
 @exit_on_user_error
@@ -348,4 +346,4 @@ def main(argv=None):
         near = difflib.get_close_matches(name, PREPARERS, n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
         raise UserError(f"unknown dataset {name!r}{hint} (known: {names})")
-    PREPARERS[name](name, rest)
+    prepare_corpus(rest, PREPARERS[name])

@@ -4,26 +4,22 @@ Uploads what a training run with push_to_hub would (gpt_train.hub: the model fil
 card, not training_state/ or metrics.jsonl), as one commit, and waits for it. The token comes
 from HF_TOKEN or `hf auth login`.
 """
-import shutil
-
 from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error, first_line
-from gpt_train.hub import check_login, check_model_folder, check_repo_id, snapshot, upload
+from gpt_train.hub import check_login, check_repo_id, snapshot, upload_snapshot
+from gpt_train.out_dir import check_model_folder
 
 COMMIT_MESSAGE = "Upload model trained with gpt-train"
 
 
 def push(out_dir, repo_id, private=False):
-    check_model_folder(out_dir)
+    check_model_folder(out_dir, ": give the out_dir of a training run that has saved a checkpoint")
     check_repo_id(repo_id)
     check_login()
-    copy = snapshot(out_dir)  # the same file selection as a training run's pushes
-    try:
-        return upload(copy, repo_id, private, COMMIT_MESSAGE)
+    try:  # the same file selection as a training run's pushes
+        return upload_snapshot(snapshot(out_dir), repo_id, private, COMMIT_MESSAGE)
     except Exception as e:  # network, permissions, quota: the user's to fix, the folder is untouched
         raise UserError(f"upload to {repo_id} failed: {first_line(e)}") from None
-    finally:
-        shutil.rmtree(copy, ignore_errors=True)
 
 
 @exit_on_user_error

@@ -24,7 +24,7 @@ from gpt_train.config import DTYPES, load_config, setting
 from gpt_train.device import resolve_device, torch_dtype
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
-from gpt_train.out_dir import is_model_folder, missing_model_files
+from gpt_train.out_dir import check_model_folder
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 FILE_PREFIX = "FILE:"
@@ -71,11 +71,6 @@ class SampleConfig:
 # Generation past the context
 
 
-def context_length(model):
-    """Positions the model has embeddings for (GPT-2's n_positions), or None if unbounded."""
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 class _ChunkStreamer(BaseStreamer):
     """Forwards one chunk's new tokens to the user's streamer; drops its prompt echo and its end."""
 
@@ -104,7 +99,7 @@ def generate_sliding(model, input_ids, max_new_tokens, attention_mask=None, stre
     end-of-text token), never for a model without one.
     """
     generate_kwargs["max_length"] = None  # max_new_tokens decides: the folder's max_length would only warn
-    window = context_length(model)
+    window = getattr(model.config, "max_position_embeddings", None)  # GPT-2's n_positions; None: unbounded
     if window is None or input_ids.shape[1] + max_new_tokens <= window:
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, streamer=streamer,
                               max_new_tokens=max_new_tokens, **generate_kwargs)
@@ -167,12 +162,8 @@ class SlidingTextGenerationPipeline(TextGenerationPipeline):
 def model_source(cfg):
     """What to load: out_dir for 'resume', openai-community/* for GPT-2 names, else init_from."""
     if cfg.init_from == "resume":
-        if not os.path.isdir(cfg.out_dir):
-            raise UserError(f"out_dir {cfg.out_dir} does not exist: train a model first "
-                            "(python train.py ...) or point --out_dir at one")
-        if not is_model_folder(cfg.out_dir):
-            raise UserError(f"{cfg.out_dir} is not a model folder ({', '.join(missing_model_files(cfg.out_dir))} "
-                            "missing): point --out_dir at a folder written by train.py or save_pretrained")
+        check_model_folder(cfg.out_dir, ": train a model first (python train.py ...) or point --out_dir at a "
+                                        "folder written by train.py or save_pretrained")
         return cfg.out_dir
     if os.path.isdir(cfg.init_from):
         return cfg.init_from

@@ -26,7 +26,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 
 from gpt_train.data import read_meta
 from gpt_train.errors import UserError
-from gpt_train.files import atomic_path
+from gpt_train.files import write_json
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
 GPT2_EOT = "<|endoftext|>"
@@ -75,8 +75,7 @@ def save_tokenizer(tokenizer, folder, context=None):
     config["model_input_names"] = list(MODEL_INPUT_NAMES)
     for key in ("is_local", "local_files_only"):  # how a re-saved tokenizer was loaded, not what it is
         config.pop(key, None)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False, sort_keys=True)
+    write_json(path, config, ensure_ascii=False, sort_keys=True)
 
 
 def dataset_tokenizer(data_dir):
@@ -169,11 +168,8 @@ class Gpt2Codec:
                 parts.append(eot)
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
-    def save_tokenizer(self, folder):
-        save_tokenizer(gpt2_tokenizer(), folder)
-
-    def nanogpt_meta(self):
-        return None  # nanoGPT's BPE datasets have no meta.pkl: no meta means GPT-2 BPE
+    def tokenizer(self):
+        return gpt2_tokenizer()
 
 
 class CharCodec:
@@ -194,10 +190,10 @@ class CharCodec:
     def stoi(self):
         return {ch: i for i, ch in enumerate(self.chars)}
 
-    def save_tokenizer(self, folder):
-        save_tokenizer(char_tokenizer(self.stoi), folder)
+    def tokenizer(self):
+        return char_tokenizer(self.stoi)
 
-    def nanogpt_meta(self):
+    def nanogpt_meta(self):  # only char data have one: nanoGPT reads a folder without it as GPT-2 BPE
         return {"vocab_size": self.vocab_size, "itos": dict(enumerate(self.chars)), "stoi": self.stoi}
 
 
@@ -242,12 +238,6 @@ class BpeCodec:
                                             model_input_names=list(MODEL_INPUT_NAMES))
         tokenizer.add_special_tokens({"eos_token": GPT2_EOT, "bos_token": GPT2_EOT, "unk_token": GPT2_EOT})
         return tokenizer
-
-    def save_tokenizer(self, folder):
-        save_tokenizer(self.tokenizer(), folder)
-
-    def nanogpt_meta(self):
-        return None
 
 
 @functools.lru_cache(maxsize=1)

@@ -259,7 +259,7 @@ def _start_logging(run):
     run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id)
     if not cfg.eval_only:  # an evaluation leaves the run it reads as it was
         replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
-        checkpoint.start_run_folder(cfg.out_dir, cfg.to_json(), replace=replace)
+        checkpoint.start_run_folder(cfg.out_dir, dataclasses.asdict(cfg), replace=replace)
     acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "

@@ -161,7 +161,7 @@ def test_sample_py_mistake_is_a_one_line_error(char_model):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--out_dir=/nonexistent/out"], "out_dir /nonexistent/out does not exist"),
+    (["--out_dir=/nonexistent/out"], "/nonexistent/out does not exist: train a model first"),
     (["--out_dir=configs"], "configs is not a model folder (config.json, model.safetensors missing)"),
     (["--init_from=/nonexistent/model"], "cannot load a model from '/nonexistent/model'"),
     (["--top_p=1.5"], "top_p must be in (0, 1], got 1.5"),
