@@ -68,7 +68,9 @@ def benchmark(cfg):
         "peak_memory_gb": _peak_memory_gb(device),
     }
     if cfg.compile:
-        result["compiled_graphs"], result["graph_breaks"] = _compile_stats()
+        # graphs dynamo compiled, and why it broke any: a break splits the step in two (slower)
+        result["compiled_graphs"], result["graph_breaks"] = counters["stats"]["unique_graphs"], dict(
+            counters["graph_break"])
         print(f"torch.compile: {result['compiled_graphs']} graph(s) (training, evaluation), "
               f"{sum(result['graph_breaks'].values())} graph break(s)"
               + "".join(f"\n  break x{n}: {reason}" for reason, n in result["graph_breaks"].items()))
@@ -103,11 +105,6 @@ def _profiled_fit(run, cfg):
     if run.accelerator.is_main_process:
         sort = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=sort, row_limit=20))
-
-
-def _compile_stats():
-    """Graphs dynamo compiled and why it broke any: a break splits the step in two (slower)."""
-    return counters["stats"]["unique_graphs"], dict(counters["graph_break"])
 
 
 def _peak_memory_gb(device):

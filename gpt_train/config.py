@@ -143,10 +143,9 @@ class TrainConfig:
         for name in ("beta1", "beta2", "muon_momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        if self.decay_lr:
-            if self.min_lr > self.learning_rate:
-                raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): "
-                                "lower min_lr or set decay_lr=False")
+        if self.decay_lr and self.min_lr > self.learning_rate:
+            raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): "
+                            "lower min_lr or set decay_lr=False")
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:

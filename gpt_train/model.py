@@ -299,15 +299,12 @@ def set_schedule(optimizer, scheduler, cfg):
     """Put the settings' learning rate under a restored LambdaLR, as set_hyperparameters does for
     the rest: its state holds the peak learning rate it was saved with. The multiplier itself is
     rebuilt from the settings (LambdaLR saves no plain functions), so the rate is recomputed."""
-    scheduler.base_lrs = [peak_learning_rate(group, cfg) for group in optimizer.param_groups]
+    scheduler.base_lrs = [cfg.muon_learning_rate if _kind(group) == "muon" else cfg.learning_rate
+                          for group in optimizer.param_groups]
     for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
                                        strict=True):
         group["initial_lr"] = base
         group["lr"] = base * multiplier(scheduler.last_epoch)
-
-
-def peak_learning_rate(group, cfg):
-    return cfg.muon_learning_rate if _kind(group) == "muon" else cfg.learning_rate
 
 
 def _kind(group):
