@@ -17,7 +17,7 @@ from gpt_train.errors import UserError
 from gpt_train.launch import agent_store, launch_mixed_precision, launched_processes, restart_attempt
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MIXED_PRECISION = {"float32": "no", "bfloat16": "bf16", "float16": "fp16"}  # Accelerate's names
+MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}  # Accelerate's names
 
 
 def resolve_device(name):
@@ -115,7 +115,7 @@ def mixed_precision(name, device):
     """Accelerate's mixed_precision for a training run; None leaves it to the launch YAML."""
     if name == "auto" and launch_mixed_precision():
         return None
-    return MIXED_PRECISION[{v: k for k, v in TORCH_DTYPES.items()}[torch_dtype(name, device)]]
+    return MIXED_PRECISION[torch_dtype(name, device)]
 
 
 def fsdp_compute_dtype(mixed):

@@ -302,22 +302,18 @@ def _commit(staging, out_dir):
 
 
 @dataclass
-class ShakespeareCharConfig(CorpusConfig):
-    source: str = setting(TINY_SHAKESPEARE, "the text to encode")
-    name: str = setting("shakespeare_char", "dataset name, written to data/<name>")
-    tokenizer: str = setting("char", "one token per character, ids in the order of the sorted characters")
-    split_by: str = setting("tail", "the last val_fraction of the text is val, as in nanoGPT")
-    append_eot: bool = setting(False, "characters have no end-of-text token")
-    num_proc: int = setting(1, "one document: one worker")
-
-
-@dataclass
 class ShakespeareConfig(CorpusConfig):
     source: str = setting(TINY_SHAKESPEARE, "the text to encode")
     name: str = setting("shakespeare", "dataset name, written to data/<name>")
     split_by: str = setting("tail", "the last val_fraction of the text is val, as in nanoGPT")
     append_eot: bool = setting(False, "nanoGPT's Shakespeare has no end-of-text token")
     num_proc: int = setting(1, "one document: one worker")
+
+
+@dataclass
+class ShakespeareCharConfig(ShakespeareConfig):
+    name: str = setting("shakespeare_char", "dataset name, written to data/<name>")
+    tokenizer: str = setting("char", "one token per character, ids in the order of the sorted characters")
 
 
 @dataclass
