@@ -27,9 +27,16 @@ OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
 
 
-def setting(default, help, group="settings"):
-    """A dataclass field whose one-line help (and group) feeds `--help`."""
-    return field(default=default, metadata={"help": help, "group": group})
+def setting(default, help, group="settings", choices=()):
+    """A dataclass field whose one-line help (and group) feeds `--help`; `choices`: its only values."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+def check_choices(cfg):
+    """The first setting whose value is not one of its choices, as a UserError."""
+    for f in fields(cfg):
+        if f.metadata.get("choices") and getattr(cfg, f.name) not in f.metadata["choices"]:
+            raise UserError(f"{f.name} must be one of {', '.join(f.metadata['choices'])}, got {getattr(cfg, f.name)!r}")
 
 
 def section(group):
@@ -73,7 +80,7 @@ class TrainConfig:
     gradient_checkpointing: bool = model_shape(False, "recompute activations in backward to save memory")
 
     optimizer: str = training("adamw", "'adamw' (nanoGPT's) or 'muon': Muon for the blocks' matrices, AdamW for "
-                              "embeddings, LayerNorms and biases")
+                              "embeddings, LayerNorms and biases", choices=OPTIMIZERS)
     learning_rate: float = training(6e-4, "peak learning rate (of AdamW)")
     max_iters: int = training(600000, "optimizer steps in the run")
     weight_decay: float = training(1e-1, "AdamW weight decay, applied to 2-D weights only")
@@ -88,7 +95,7 @@ class TrainConfig:
 
     decay_lr: bool = schedule(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
     lr_schedule: str = schedule("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
-                                "cooldown to min_lr over cooldown_iters ending at lr_decay_iters")
+                                "cooldown to min_lr over cooldown_iters ending at lr_decay_iters", choices=LR_SCHEDULES)
     cooldown_iters: int = schedule(0, "lr_schedule='wsd': iterations of the linear cooldown")
     warmup_iters: int = schedule(2000, "warmup steps")
     lr_decay_iters: int = schedule(600000, "step at which the cosine reaches min_lr; ~max_iters per Chinchilla")
@@ -103,7 +110,7 @@ class TrainConfig:
     backend: str = system("nccl", "torch.distributed backend on GPUs; CPU runs always use gloo")
     device: str = system("auto", "'auto' picks cuda, then mps, then cpu; or name one")
     dtype: str = system("auto", "'auto' is bfloat16 on GPUs that support it, float16 on others, float32 on CPU "
-                                "and MPS; or float32/bfloat16/float16")
+                                "and MPS; or float32/bfloat16/float16", choices=DTYPES)
     compile: bool = system(True, "torch.compile the model")
     ddp_timeout: int = system(1800, "seconds a process waits for the others at a collective before it gives up "
                                     "(NCCL notices a dead peer only then; gloo at once)")
@@ -116,7 +123,8 @@ class TrainConfig:
     push_to_hub: bool = hub(False, "upload the model folder to the Hugging Face Hub")
     hub_model_id: str = hub("", "the Hub repository, 'user/name'; required with push_to_hub")
     hub_private_repo: bool = hub(False, "create the repository as private")
-    hub_strategy: str = hub("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end")
+    hub_strategy: str = hub("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end",
+                            choices=HUB_STRATEGIES)
 
     # Names given a value by a preset or the command line (load_config fills it in). Not a
     # field: a loaded model's shape overrides only the settings nobody chose.
@@ -124,6 +132,7 @@ class TrainConfig:
 
     def validate(self):
         """Reject settings that cannot make a sensible run, before anything is touched."""
+        check_choices(self)
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
                     "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout")
         for name in positive:
@@ -146,22 +155,14 @@ class TrainConfig:
         if self.decay_lr and self.min_lr > self.learning_rate:
             raise UserError(f"min_lr ({self.min_lr}) is above learning_rate ({self.learning_rate}): "
                             "lower min_lr or set decay_lr=False")
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise UserError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         if self.lr_schedule == "wsd" and self.cooldown_iters > self.lr_decay_iters - self.warmup_iters:
             raise UserError(f"cooldown_iters ({self.cooldown_iters}) does not fit between warmup_iters "
                             f"({self.warmup_iters}) and lr_decay_iters ({self.lr_decay_iters})")
         if self.optimizer == "muon" and self.dtype == "float16":
             raise UserError("optimizer='muon' with float16 loss scaling is not supported: use dtype bfloat16 or "
                             "float32")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.out_dir:
             raise UserError("out_dir must not be empty")
-        if self.hub_strategy not in HUB_STRATEGIES:
-            raise UserError(f"hub_strategy must be one of {', '.join(HUB_STRATEGIES)}, got {self.hub_strategy!r}")
         if self.push_to_hub:
             if not self.hub_model_id:
                 raise UserError("push_to_hub=True needs hub_model_id: say where to push, --hub_model_id=user/name")

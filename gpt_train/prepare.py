@@ -26,7 +26,7 @@ import numpy as np
 from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
-from gpt_train.config import load_config, setting
+from gpt_train.config import check_choices, load_config, setting
 from gpt_train.data import MAX_VOCAB, SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path
@@ -75,26 +75,24 @@ class CorpusConfig:
     out_dir: str = setting("", "output folder; empty means data/<name>")
     text_column: str = setting("text", "column holding the text (json, parquet, Hub datasets)")
     tokenizer: str = setting("gpt2", "'gpt2' (BPE, the id space of OpenAI's GPT-2), 'char' (one token per "
-                                     "character) or 'bpe' (a byte-level BPE trained on the train split)")
+                                     "character) or 'bpe' (a byte-level BPE trained on the train split)",
+                             choices=TOKENIZERS)
     vocab_size: int = setting(8192, "tokenizer='bpe': tokens in the trained vocabulary, end-of-text included "
                                     "(257 to 65,536: ids must fit the uint16 bins)")
     val_fraction: float = setting(0.1, "share held out for validation")
     split_by: str = setting("auto", "'documents': a seeded random share of the documents (nanoGPT's "
                                     "openwebtext); 'tail': the end of each document (nanoGPT's shakespeare); "
-                                    "'auto': tail for .txt files, documents otherwise")
+                                    "'auto': tail for .txt files, documents otherwise", choices=SPLIT_MODES)
     seed: int = setting(OWT_SPLIT_SEED, "seed of the document split")
     append_eot: bool = setting(True, "end each document with <|endoftext|> (gpt2 and bpe)")
     num_proc: int = setting(max(1, (os.cpu_count() or 2) // 2), "worker processes for tokenizing")
 
     def validate(self):
+        check_choices(self)
         if not self.source:
             raise UserError("no source given: pass --source=FILES or --source=HUB_DATASET_NAME")
         if not 0.0 < self.val_fraction < 1.0:
             raise UserError(f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        if self.split_by not in SPLIT_MODES:
-            raise UserError(f"split_by must be one of {', '.join(SPLIT_MODES)}, got {self.split_by!r}")
-        if self.tokenizer not in TOKENIZERS:
-            raise UserError(f"tokenizer must be 'gpt2', 'char' or 'bpe', got {self.tokenizer!r}")
         if self.tokenizer == "bpe" and not BPE_MIN_VOCAB <= self.vocab_size <= MAX_VOCAB:
             raise UserError(f"vocab_size must be between {BPE_MIN_VOCAB} (the 256 bytes and end-of-text) and "
                             f"{MAX_VOCAB:,} (ids must fit the uint16 bins nanoGPT's format uses), "

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextGenerationPipe
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from gpt_train.config import DTYPES, load_config, setting
+from gpt_train.config import DTYPES, check_choices, load_config, setting
 from gpt_train.device import resolve_device, torch_dtype
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
@@ -46,11 +46,13 @@ class SampleConfig:
     top_p: float = setting(1.0, "sample from the smallest set of tokens with this much probability; 1.0 = all")
     seed: int = setting(1337, "seed for sampling: the same seed gives the same samples")
     device: str = setting("auto", "'auto' picks cuda, then mps, then cpu; or cpu, cuda, cuda:N, mps")
-    dtype: str = setting("auto", "'auto' is bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU")
+    dtype: str = setting("auto", "'auto' is bfloat16 on GPUs that support it, float16 on other GPUs, float32 on CPU",
+                         choices=DTYPES)
     compile: bool = setting(False, "torch.compile the model's forward")
     stream: bool = setting(True, "print tokens as they are generated")
 
     def validate(self):
+        check_choices(self)
         for name in ("num_samples", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -60,8 +62,6 @@ class SampleConfig:
             raise UserError(f"top_k must not be negative (0 turns it off), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise UserError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.dtype not in DTYPES:
-            raise UserError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if not self.init_from:
             raise UserError("init_from must not be empty: 'resume', a gpt2 name, a Hub id or a folder")
         return self
