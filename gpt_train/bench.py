@@ -69,8 +69,8 @@ def benchmark(cfg):
     }
     if cfg.compile:
         # graphs dynamo compiled, and why it broke any: a break splits the step in two (slower)
-        result["compiled_graphs"], result["graph_breaks"] = counters["stats"]["unique_graphs"], dict(
-            counters["graph_break"])
+        result["compiled_graphs"] = counters["stats"]["unique_graphs"]
+        result["graph_breaks"] = dict(counters["graph_break"])
         print(f"torch.compile: {result['compiled_graphs']} graph(s) (training, evaluation), "
               f"{sum(result['graph_breaks'].values())} graph break(s)"
               + "".join(f"\n  break x{n}: {reason}" for reason, n in result["graph_breaks"].items()))

@@ -20,7 +20,6 @@ import os
 import random
 import sys
 
-import datasets.config
 import numpy
 import torch
 from huggingface_hub import EvalResult, ModelCard
@@ -148,6 +147,7 @@ def _offline_unless_the_hub_answers():
     if offline or _hub_answers():
         yield
         return
+    import datasets.config  # deferred: importing datasets costs every training run ~0.7 s at start
     # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
     saved = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
     os.environ["HF_HUB_OFFLINE"] = "1"
@@ -175,10 +175,12 @@ def _random_state_kept():
     """lm-eval seeds Python's, numpy's and torch's generators (for reproducible few-shot
     examples); a training run's dropout and sampling must go on as if it had not run."""
     states = random.getstate(), numpy.random.get_state()
-    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
-        yield
-    random.setstate(states[0])
-    numpy.random.set_state(states[1])
+    try:
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
+            yield
+    finally:  # also when a task fails: the run goes on after a failed evaluation
+        random.setstate(states[0])
+        numpy.random.set_state(states[1])
 
 
 @exit_on_user_error
