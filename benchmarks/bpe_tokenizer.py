@@ -16,7 +16,6 @@ val.bin; peak memory is the largest resident set of the run's processes.
 
     python benchmarks/bpe_tokenizer.py [--mb=50] [--vocab_size=8192] [--num_proc=2] [--rounds=1]
 """
-import argparse
 import json
 import os
 import statistics
@@ -30,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from prepare_throughput import generate_corpus, run_method  # noqa: E402
+from prepare_throughput import generate_corpus, parse_arguments, run_method  # noqa: E402
 
 VAL_FRACTION, SEED = 0.01, 2357
 
@@ -80,15 +79,7 @@ def child(method, corpus, out_dir, vocab_size, num_proc):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mb", type=int, default=50)
-    ap.add_argument("--vocab_size", type=int, default=8192)
-    ap.add_argument("--num_proc", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--child")
-    ap.add_argument("--corpus")
-    ap.add_argument("--out")
-    a = ap.parse_args()
+    a = parse_arguments(__doc__.split("\n")[0], vocab_size=8192)
     if a.child:
         return child(a.child, a.corpus, a.out, a.vocab_size, a.num_proc)
     with tempfile.TemporaryDirectory() as tmp:

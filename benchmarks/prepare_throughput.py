@@ -124,15 +124,19 @@ def child(method, corpus, out_dir, num_proc):
     print(time.perf_counter() - start)
 
 
+def parse_arguments(description, **int_options):
+    """The options of the prepare benchmarks (and of `int_options`, name=default); --child, --corpus
+    and --out are how run_method starts one method in a fresh process."""
+    ap = argparse.ArgumentParser(description=description)
+    for name, default in {"mb": 50, "num_proc": 2, "rounds": 1, **int_options}.items():
+        ap.add_argument(f"--{name}", type=int, default=default)
+    for name in ("child", "corpus", "out"):
+        ap.add_argument(f"--{name}")
+    return ap.parse_args()
+
+
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mb", type=int, default=50)
-    ap.add_argument("--num_proc", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=1)
-    ap.add_argument("--child")
-    ap.add_argument("--corpus")
-    ap.add_argument("--out")
-    a = ap.parse_args()
+    a = parse_arguments(__doc__.split("\n")[0])
     if a.child:
         return child(a.child, a.corpus, a.out, a.num_proc)
     with tempfile.TemporaryDirectory() as tmp:
