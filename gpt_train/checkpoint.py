@@ -16,16 +16,18 @@ commit leaves the previous checkpoint untouched (the staging folder is discarded
 crash after it is rolled forward by `recover`, which resume runs first. trainer_state.json
 lists every file of its checkpoint with its size (and a sha256 of the model files), so
 resume refuses a checkpoint that is partial, corrupt or mixed with another.
+Every listed file has a sha256, the training state's too: Accelerate skips an unreadable RNG file
+with a note at INFO level, so only the digest stops a damaged one from resuming inexactly.
 
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
-import errno
 import functools
 import hashlib
 import logging
 import os
 import pickle
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 
 from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
@@ -34,19 +36,20 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.files import give_default_mode, write_json
+from gpt_train.files import WRITE_FAILURES, describe_write_failure, give_default_mode, write_json
 from gpt_train.model import COMPILED_PREFIX
+from gpt_train.metrics import drop_torn_last_line
 from gpt_train.model_card import write_model_card
-from gpt_train.out_dir import (COMMITTED_DIR, MODEL_FILES, RUN_CONFIG, RUN_FILES, STAGING_DIR, STATE_DIR, TRAINER_STATE,
-                               TrainerState, check_model_folder)
+from gpt_train.out_dir import (COMMITTED_DIR, METRICS, OLD_STATE_DIR, RUN_CONFIG, STAGING_DIR, STATE_DIR,
+                               TRAINER_STATE, TrainerState, check_model_folder, last_checkpoint_note,
+                               written_by_gpt_train)
 from gpt_train.tokenizer import save_tokenizer
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
-OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once the new one is in
-HASHED_FILES = MODEL_FILES  # replaced one by one in out_dir, so a mix must be detectable
 HASH_CHUNK = 16 << 20
+HASH_THREADS = 8
 DAMAGED_STATE = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError,
                  CheckpointException)
 FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
@@ -106,32 +109,28 @@ def _write_on_every_process(accelerator, out_dir, write):
     collective (or crashing there with a transport error); here they all learn of the failure,
     the staged files are dropped and every process stops with the same one-line error.
     """
+    failure = None
     try:
         if write is not None:
             write()
-        failure = None
-    except OSError as e:
-        failure = _describe_write_failure(e)
     except CheckpointException as e:  # torch.distributed.checkpoint (FSDP) fails on every rank at once
-        failure = _describe_write_failure(_first_os_error(e))
+        failure = describe_write_failure(_first_write_failure(e), out_dir)
+    except WRITE_FAILURES as e:
+        failure = describe_write_failure(e, out_dir)
+        if failure is None:
+            raise
     failures = [f for f in gather_object([failure]) if f]  # also waits for every process to finish writing
     if failures:
         if accelerator.is_main_process:
             shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
-        raise UserError(f"could not write a checkpoint to {out_dir}: {failures[0]}. The previous checkpoint "
-                        "there is intact: make room and continue with --init_from=resume")
+        raise UserError(f"could not write a checkpoint to {out_dir}: {failures[0]}. {last_checkpoint_note(out_dir)}")
 
 
-def _describe_write_failure(error):
-    reason = "the disk is full" if error.errno in (errno.ENOSPC, errno.EDQUOT) else error.strerror or str(error)
-    return f"{reason} ({error})"
-
-
-def _first_os_error(checkpoint_exception):
-    """The OSError behind a distributed checkpoint failure; anything else is a bug: re-raise."""
+def _first_write_failure(checkpoint_exception):
+    """The refused write behind a distributed checkpoint failure; anything else is a bug: re-raise."""
     for failure in checkpoint_exception.failures.values():
         error = failure[0]  # (exception, traceback)
-        if isinstance(error, OSError):
+        if isinstance(error, WRITE_FAILURES):
             return error
     raise checkpoint_exception
 
@@ -174,10 +173,13 @@ def _move_into_place(committed, out_dir):
     _fsync_dir(out_dir)
 
 
-def read_trainer_state(out_dir):
-    """The TrainerState of out_dir's checkpoint, after checking the checkpoint is whole."""
+def read_trainer_state(out_dir, repair=True):
+    """The TrainerState of out_dir's checkpoint, after checking the checkpoint is whole.
+
+    `repair`: first finish or drop a save that was cut short, which only the run holding
+    out_dir's lock may do (an evaluation only reads)."""
     processes = PartialState()
-    if processes.is_main_process and os.path.isdir(out_dir):
+    if repair and processes.is_main_process and os.path.isdir(out_dir):
         recover(out_dir)  # the process that writes checkpoints is the one that repairs them
     processes.wait_for_everyone()
     state = TrainerState.read(out_dir)
@@ -185,7 +187,7 @@ def read_trainer_state(out_dir):
     for name, expected in state.files.items():
         problem = _file_problem(os.path.join(out_dir, name), expected)
         if problem:
-            raise UserError(f"the checkpoint in {out_dir} is partial or corrupt: {name} {problem}. "
+            raise UserError(f"the checkpoint in {out_dir} is damaged: {name} {problem}. "
                             "It cannot be resumed; start again or restore a copy of out_dir")
     return state
 
@@ -225,27 +227,35 @@ def start_run_folder(out_dir, settings, replace):
     if not PartialState().is_main_process:
         return
     if replace:
-        remove_previous_run(out_dir)
+        removed = remove_previous_run(out_dir)
+        if removed:
+            print(f"overwrite_output_dir: removed {', '.join(removed)} from {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
+    torn = drop_torn_last_line(out_dir)
+    if torn:
+        print(f"warning: {METRICS}'s last line was cut short ({torn} bytes, a write that never finished): "
+              "dropped it")
     write_json(os.path.join(out_dir, RUN_CONFIG), settings)
 
 
 def remove_previous_run(out_dir):
-    """Delete what a previous run wrote to out_dir: its checkpoint's files, log, chart and settings."""
+    """Delete what a previous run wrote to out_dir and return the names removed.
+
+    Only top-level names gpt-train itself writes go (out_dir.written_by_gpt_train), whatever a
+    file in the folder lists; a symlink among them is unlinked, never followed: nothing outside
+    out_dir is ever deleted.
+    """
     if not os.path.isdir(out_dir):
-        return
+        return []
     recover(out_dir)
-    names = set(os.listdir(out_dir)) & set(RUN_FILES)
-    try:
-        names |= {name.split("/")[0] for name in TrainerState.read(out_dir).files}
-    except UserError:
-        pass  # no checkpoint, or a damaged one: the known names still go
-    for name in names:
+    removed = sorted(name for name in os.listdir(out_dir) if written_by_gpt_train(name))
+    for name in removed:
         path = os.path.join(out_dir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        elif os.path.exists(path):
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)  # removes links inside, without following them
+        else:
             os.remove(path)
+    return removed
 
 
 def refresh_manifest(out_dir, names):
@@ -260,19 +270,16 @@ def refresh_manifest(out_dir, names):
 
 
 def _manifest(folder, names=None):
-    """{relative path: {"size", and "sha256" for the model files}} of every file under folder (or
-    of the top-level files `names`)."""
+    """{relative path: {"size", "sha256"}} of every file under folder (or of the top-level files
+    `names`). Files are hashed in parallel: hashlib lets go of the GIL on large buffers."""
     if names is None:
         paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found]
     else:
         paths = [os.path.join(folder, n) for n in names]
-    files = {}
-    for path in paths:
-        rel = os.path.relpath(path, folder).replace(os.sep, "/")
-        files[rel] = {"size": os.path.getsize(path)}
-        if rel in HASHED_FILES:
-            files[rel]["sha256"] = _sha256(path)
-    return files
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(paths) or 1)) as pool:
+        digests = list(pool.map(_sha256, paths))
+    return {os.path.relpath(path, folder).replace(os.sep, "/"): {"size": os.path.getsize(path), "sha256": digest}
+            for path, digest in zip(paths, digests, strict=True)}
 
 
 def _file_problem(path, expected):
@@ -281,6 +288,7 @@ def _file_problem(path, expected):
     size = os.path.getsize(path)
     if size != expected["size"]:
         return f"has {size} bytes, the checkpoint wrote {expected['size']}"
+    # checkpoints written before every file had a digest are checked by size where they have none
     if "sha256" in expected and _sha256(path) != expected["sha256"]:
         return "does not match the file the checkpoint wrote (sha256 differs)"
     return None

@@ -7,13 +7,15 @@ transformers and Accelerate takes.
 import sys
 
 from gpt_train.config import load_config
-from gpt_train.errors import ClosedPipeTolerantStdout, exit_on_user_error
+from gpt_train.errors import ClosedPipeTolerant, exit_on_user_error
+from gpt_train.launch import stop_with_launcher
 
 
 @exit_on_user_error
 def train(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv)
-    sys.stdout = ClosedPipeTolerantStdout(sys.stdout)
+    stop_with_launcher()
+    sys.stdout, sys.stderr = ClosedPipeTolerant(sys.stdout), ClosedPipeTolerant(sys.stderr)
     from gpt_train.train import train as run_training  # deferred: see the module docstring
 
     run = run_training(cfg)

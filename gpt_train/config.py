@@ -163,6 +163,10 @@ class TrainConfig:
                             "float32")
         if not self.out_dir:
             raise UserError("out_dir must not be empty")
+        if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
+            raise UserError(f"out_dir {self.out_dir} is a file, not a folder: choose another --out_dir")
+        if not 0 <= self.seed < 2 ** 32:
+            raise UserError(f"seed must be between 0 and {2 ** 32 - 1} (numpy's range), got {self.seed}")
         if self.push_to_hub:
             if not self.hub_model_id:
                 raise UserError("push_to_hub=True needs hub_model_id: say where to push, --hub_model_id=user/name")
@@ -260,15 +264,19 @@ TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size"
               "muon_momentum", "lr_schedule", "cooldown_iters")
 
 
-def with_saved_settings(cfg, saved):
-    """Resume's settings: the saved run's, except what presets or the command line set.
+def with_saved_settings(cfg, saved, source):
+    """Resume's settings: the saved run's (read from the file `source`), except what presets or
+    the command line set. A saved value of the wrong type or out of range is a one-line error.
 
     Returns (settings, [one line per setting the command line changes]).
     """
-    names = {f.name for f in fields(cfg)}
-    inherited = {k: v for k, v in saved.items()
-                 if k in names and k not in cfg.explicit and k not in NOT_RESUMED}
-    new = with_values(cfg, **inherited).validate()
+    types = {f.name: f.type for f in fields(cfg)}
+    saved = {k: _check_type(k, v, types[k], source) for k, v in saved.items() if k in types}
+    inherited = {k: v for k, v in saved.items() if k not in cfg.explicit and k not in NOT_RESUMED}
+    try:
+        new = with_values(cfg, **inherited).validate()
+    except UserError as e:
+        raise UserError(f"{e} (from {source})") from None
     if "optimizer" in saved and saved["optimizer"] != new.optimizer:
         raise UserError(f"the run in {cfg.out_dir} trains with optimizer={saved['optimizer']!r}; a resume cannot "
                         f"switch it: start a new run from its weights with --init_from={cfg.out_dir} --out_dir=NEW_DIR")

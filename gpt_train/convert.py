@@ -35,7 +35,7 @@ from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
 from gpt_train.model import COMPILED_PREFIX, gpt2_config, read_model_config, set_generation_defaults
-from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, check_model_folder, read_run_config
+from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, check_model_files, check_model_folder, read_run_config
 from gpt_train.prepare import write_meta
 from gpt_train.tokenizer import (GPT2_VOCAB, dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer,
                                  save_tokenizer)
@@ -167,6 +167,7 @@ def hf_to_nanogpt_state_dict(model):
 def to_nanogpt(out_dir, ckpt_path):
     """Write a nanoGPT ckpt.pt (and meta.pkl for char vocabularies) from the model folder out_dir."""
     check_model_folder(out_dir)
+    check_model_files(out_dir)
     tokenizer = model_tokenizer(out_dir)
     stoi = tokenizer.get_vocab()
     chars = all(len(t) == 1 for t in stoi)  # nanoGPT's meta.pkl vocabulary
@@ -214,6 +215,7 @@ def upgrade(folder):
     updated to match, so the run still resumes. Returns the names of the files that changed.
     """
     check_model_folder(folder)
+    check_model_files(folder)
     config = read_model_config(folder, folder)
     generation = GenerationConfig.from_model_config(config)
     if os.path.isfile(os.path.join(folder, GENERATION_CONFIG)):

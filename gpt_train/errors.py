@@ -47,9 +47,10 @@ def first_line(error, limit=200):
     return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
 
 
-class ClosedPipeTolerantStdout:
-    """stdout that, once its reader has gone (`train.py ... | head`), sends the rest to /dev/null
-    instead of raising: a training run's files are what matter, so it trains on quietly."""
+class ClosedPipeTolerant:
+    """stdout or stderr that, once its reader has gone (`train.py ... | head`, or `| tee` ended by
+    the same Ctrl-C), sends the rest to /dev/null instead of raising: a training run's files are
+    what matter, so it trains on, or saves its checkpoint, quietly."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -58,24 +59,28 @@ class ClosedPipeTolerantStdout:
         try:
             return self._stream.write(text)
         except BrokenPipeError:
-            stdout_to_devnull()
+            to_devnull(self._stream)
             return len(text)
 
     def flush(self):
         try:
             self._stream.flush()
         except BrokenPipeError:
-            stdout_to_devnull()
+            to_devnull(self._stream)
 
     def __getattr__(self, name):
         return getattr(self._stream, name)
 
 
 def stdout_to_devnull():
-    """Send the rest of stdout to /dev/null once its reader has gone, so no later write or the
+    to_devnull(sys.stdout)
+
+
+def to_devnull(stream):
+    """Send the rest of `stream` to /dev/null once its reader has gone, so no later write or the
     flush at exit fails again."""
     devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
+    os.dup2(devnull, stream.fileno())
     os.close(devnull)
 
 

@@ -31,7 +31,7 @@ from gpt_train.config import command_parser
 from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
-from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_folder
+from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files, check_model_folder
 from gpt_train.tokenizer import model_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 5
@@ -67,11 +67,12 @@ def check_tasks(tasks, include_path=None):
 
 def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
     """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+    check_model_folder(out_dir)  # before indexing lm-eval's tasks (~20 s): a broken folder fails at once
+    check_model_files(out_dir)
     manager = check_tasks(tasks, include_path)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    check_model_folder(out_dir)
     with _offline_unless_the_hub_answers():
         try:
             loaded = manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline

@@ -7,9 +7,24 @@ umask); tempfile's 0600 would make datasets and model folders private to their w
 
 Not here: whole folders committed at once (gpt_train.checkpoint, gpt_train.prepare stage them).
 """
+import errno
 import json
 import os
+import resource
 import tempfile
+
+from safetensors import SafetensorError
+
+from gpt_train.errors import first_line
+
+# What a write that the machine refused looks like, errno by errno; anything else is not ours to explain.
+WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EFBIG: "a file reached the size limit (ulimit -f)", errno.EROFS: "the file system is read-only",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EIO: "an I/O error"}
+# torch.save reports a refused write without an errno, in words like these (or basic_ios::clear).
+TORCH_WRITE_MESSAGES = ("inline_container.cc", "PytorchStreamWriter", "basic_ios::clear", "file write failed")
+WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
+FULL_BELOW_BYTES = 64 << 10  # free space under this when a write fails: the disk filled up
 
 
 def default_mode():
@@ -51,6 +66,30 @@ class atomic_path:
         elif os.path.exists(self.tmp):
             os.remove(self.tmp)
         return False
+
+
+def describe_write_failure(error, folder):
+    """Why writing into `folder` failed, in a few words, or None if `error` is no refused write
+    (a bug, to be raised as it is). Look before removing what the failed write left: that frees
+    the space whose lack caused it."""
+    if isinstance(error, OSError):
+        return WRITE_ERRNOS.get(error.errno) and f"{WRITE_ERRNOS[error.errno]} ({first_line(error)})"
+    if _free_bytes(folder) < FULL_BELOW_BYTES:
+        return f"the disk is full ({first_line(error)})"
+    size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if size_limit != resource.RLIM_INFINITY:  # the likely cause where one is set
+        return f"{WRITE_ERRNOS[errno.EFBIG]}, {size_limit:,} bytes ({first_line(error)})"
+    if isinstance(error, SafetensorError) or any(m in str(error) for m in TORCH_WRITE_MESSAGES):
+        return f"a write failed ({first_line(error)})"
+    return None
+
+
+def _free_bytes(folder):
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return float("inf")
+    return stats.f_bavail * stats.f_frsize
 
 
 def write_json(path, obj, **options):

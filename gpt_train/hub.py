@@ -1,9 +1,10 @@
 """Publishing model folders to the Hugging Face Hub: from a training run, in the background, or once.
 
-What goes up is the model part of a checkpoint folder: its top-level files (config.json,
-model.safetensors, generation_config.json, tokenizer files, the README.md model card,
-training_config.json, loss.png), never training_state/ (optimizer state is large and only resuming
-needs it), metrics.jsonl or half-written files. Each push uploads a snapshot taken when it is
+What goes up is the model part of a checkpoint folder: the top-level files its manifest lists
+(config.json, model.safetensors, generation_config.json, tokenizer files, the README.md model
+card) and training_config.json, loss.png and eval_results.json; never training_state/ (optimizer
+state is large and only resuming needs it), metrics.jsonl, a user's own files, a symbolic link
+(whose target could be a token file) or half-written files. Each push uploads a snapshot taken when it is
 queued (hard links, or copies where linking fails): checkpoints replace their files with new
 ones (gpt_train.checkpoint moves them into place), so a later save cannot change what an
 upload in flight reads.
@@ -23,11 +24,11 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.out_dir import METRICS, is_model_folder
+from gpt_train.out_dir import (EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES, RUN_CONFIG,
+                               SHARDED_WEIGHTS, TrainerState, is_model_folder)
 
 HUB_STRATEGIES = ("end", "every_save")
-NOT_PUBLISHED = {METRICS}  # the run's log, not part of the model
-SNAPSHOT_PREFIX = ".hub-upload-"  # inside out_dir, so hard links stay on one file system
+RUN_EXTRAS = (RUN_CONFIG, LOSS_CHART, EVAL_RESULTS)  # published beside the model: how it was made
 
 
 def check_repo_id(repo_id):
@@ -44,22 +45,33 @@ def check_login():
 
 
 def published_files(folder):
-    """The files of `folder` that make the published model: top-level, finished, not the log."""
-    return sorted(name for name in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, name)) and not name.startswith(".")
-                  and name not in NOT_PUBLISHED and not name.endswith(".tmp"))
+    """The files of `folder` that make the published model: the model folder's own (those its
+    checkpoint's manifest lists, or the names transformers writes when it has none), the run's
+    settings, chart and scores. Never the log, never a symbolic link (its target may be anything)."""
+    try:
+        names = {name for name in TrainerState.read(folder).files if "/" not in name}
+    except UserError:  # a model folder saved without gpt-train's checkpoint
+        names = {name for name in os.listdir(folder) if name in MODEL_FOLDER_FILES or SHARDED_WEIGHTS.fullmatch(name)}
+    names |= set(RUN_EXTRAS)
+    return sorted(name for name in names if os.path.isfile(os.path.join(folder, name))
+                  and not os.path.islink(os.path.join(folder, name)))
 
 
 def snapshot(folder):
-    """A private copy of the published files that later saves into `folder` cannot touch."""
-    copy = tempfile.mkdtemp(prefix=SNAPSHOT_PREFIX, dir=folder)
-    for name in published_files(folder):
+    """A private copy of the published files that later saves into `folder` cannot touch, and
+    their names."""
+    copy = tempfile.mkdtemp(prefix=HUB_SNAPSHOT_PREFIX, dir=folder)  # hard links need one file system
+    names = published_files(folder)
+    for name in names:
         src, dst = os.path.join(folder, name), os.path.join(copy, name)
         try:
-            os.link(src, dst)
+            os.link(src, dst, follow_symlinks=False)
         except OSError:
-            shutil.copy2(src, dst)
-    return copy
+            shutil.copy2(src, dst, follow_symlinks=False)
+        if os.path.islink(dst):  # replaced by a link since it was listed: not ours to send
+            os.remove(dst)
+            names.remove(name)
+    return copy, names
 
 
 def upload_snapshot(copy, repo_id, private, commit_message):
@@ -107,10 +119,10 @@ class HubPusher:
         if self.pending:
             self.report(f"waiting for {len(self.pending)} upload(s) to {self.cfg.hub_model_id}")
         error = None
-        for message, future in self.pending:
+        for message, names, future in self.pending:
             error = future.exception()
             if error is None:
-                self.report(f"pushed '{message}' to the Hub: {future.result()}")
+                self.report(f"pushed '{message}' to the Hub ({', '.join(names)}): {future.result()}")
             else:
                 self.report(f"warning: upload '{message}' to {self.cfg.hub_model_id} failed: {first_line(error)}")
         self.pending = []
@@ -121,10 +133,11 @@ class HubPusher:
                             f"{self.cfg.hub_model_id}`")
 
     def _queue(self, out_dir, message):
-        future = self.executor.submit(upload_snapshot, snapshot(out_dir), self.cfg.hub_model_id,
-                                      self.cfg.hub_private_repo, message)
+        copy, names = snapshot(out_dir)
+        future = self.executor.submit(upload_snapshot, copy, self.cfg.hub_model_id, self.cfg.hub_private_repo,
+                                      message)
         future.add_done_callback(lambda f: self._warn_if_failed(message, f))
-        self.pending.append((message, future))
+        self.pending.append((message, names, future))
 
     def _warn_if_failed(self, message, future):
         if future.exception() is not None:  # said at once; training goes on regardless

@@ -15,6 +15,7 @@ from accelerate.tracking import GeneralTracker
 from gpt_train.errors import UserError, first_line
 from gpt_train.out_dir import METRICS
 
+TAIL_CHUNK = 1 << 16
 WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 WANDB_WAY_OUT = "or log locally with WANDB_MODE=offline and upload later with `wandb sync`"
 
@@ -41,6 +42,27 @@ class MetricsFile(GeneralTracker):
         record = {"event": event, "iter": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def drop_torn_last_line(out_dir):
+    """Cut a last line that a write left unfinished (a full disk, a kill mid-line) off out_dir's
+    metrics.jsonl, so the resumed run's records start on a line of their own; the bytes dropped."""
+    path = os.path.join(out_dir, METRICS)
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "r+b") as f:
+        end = keep = f.seek(0, os.SEEK_END)
+        while keep:  # back to just after the last newline, a chunk at a time
+            start = max(0, keep - TAIL_CHUNK)
+            f.seek(start)
+            newline = f.read(keep - start).rfind(b"\n")
+            if newline >= 0:
+                keep = start + newline + 1
+                break
+            keep = start
+        if keep < end:
+            f.truncate(keep)
+    return end - keep
 
 
 def trackers(cfg):

@@ -30,6 +30,14 @@ def render(trainer_state):
     best_text = f"{best:.4f}" if math.isfinite(best) else "not evaluated yet"
     if math.isfinite(best) and trainer_state.val_bytes_per_token:
         best_text += f" ({bits_per_byte(best, trainer_state.val_bytes_per_token):.4f} bits per byte of val text)"
+    if math.isfinite(best) and trainer_state.best_iter is not None:
+        best_text += f", at iteration {trainer_state.best_iter:,}"
+    if trainer_state.val_loss is not None:
+        these = f"{trainer_state.val_loss:.4f}"
+    elif trainer_state.stopped_by:
+        these = f"not evaluated: saved when the run was stopped ({trainer_state.stopped_by})"
+    else:
+        these = "not evaluated"
     shape = f"{cfg['n_layer']} layers, {cfg['n_head']} heads, {cfg['n_embd']} wide, context {cfg['block_size']}"
     source = {"scratch": "trained from scratch", "resume": "trained (a resumed run)"}.get(
         cfg["init_from"], f"fine-tuned from {cfg['init_from']}")
@@ -47,7 +55,8 @@ A GPT-2 ({shape}) {source} on the `{dataset}` dataset with gpt-train
 | dataset | `{dataset}` |
 | iteration | {trainer_state.iter_num:,} |
 | tokens seen | {trainer_state.tokens_seen:,} |
-| best val loss | {best_text} |
+| val loss of these weights | {these} |
+| best val loss of the run | {best_text} |
 
 ## Use
 

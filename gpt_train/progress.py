@@ -64,8 +64,9 @@ class Progress:
         speed = f"{rate:.2f} it/s" if rate >= 1 else f"{1 / rate:.2f} s/it"
         return f", {speed}, ETA {format_duration((self.max_iters - iter_num - 1) / rate)}"
 
-    def summary(self, iter_num):
-        """The closing lines: best val loss, tokens, time, throughput, where the model is."""
+    def summary(self, iter_num, stopped_by=None):
+        """The closing lines: best val loss, tokens, time, throughput, where the model is (and, after
+        a stop signal, that its weights are the last step's, not those of the best evaluation)."""
         wall = time.time() - self.started
         trained = iter_num - self.start_iter
         lines = [f"done: {trained:,} iterations in {format_duration(wall)} "
@@ -81,7 +82,8 @@ class Progress:
                          f"(evals included); median step {step * 1000:.1f} ms = "
                          f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {mfu * 100:.2f}%")
         if is_model_folder(self.out_dir):
-            lines.append(f"model folder: {os.path.abspath(self.out_dir)}")
+            held = f" (iteration {iter_num:,}, saved on {stopped_by} without an evaluation)" if stopped_by else ""
+            lines.append(f"model folder: {os.path.abspath(self.out_dir)}{held}")
             lines.append(f"sample from it: python sample.py --out_dir={shlex.quote(self.out_dir)}")
         else:
             lines.append(f"no checkpoint was written to {self.out_dir}")

@@ -1,7 +1,8 @@
 """Push an existing model folder to the Hub: `python -m gpt_train.push OUT_DIR REPO_ID [--private]`.
 
-Uploads what a training run with push_to_hub would (gpt_train.hub: the model files and model
-card, not training_state/ or metrics.jsonl), as one commit, and waits for it. The token comes
+Uploads what a training run with push_to_hub would (gpt_train.hub: the model folder's own files
+and model card, not training_state/, metrics.jsonl, other files or symbolic links), as one
+commit, waits for it and names the files that went up. The token comes
 from HF_TOKEN or `hf auth login`.
 """
 from gpt_train.config import command_parser
@@ -16,8 +17,9 @@ def push(out_dir, repo_id, private=False):
     check_model_folder(out_dir, ": give the out_dir of a training run that has saved a checkpoint")
     check_repo_id(repo_id)
     check_login()
-    try:  # the same file selection as a training run's pushes
-        return upload_snapshot(snapshot(out_dir), repo_id, private, COMMIT_MESSAGE)
+    copy, names = snapshot(out_dir)  # the same file selection as a training run's pushes
+    try:
+        return upload_snapshot(copy, repo_id, private, COMMIT_MESSAGE), names
     except Exception as e:  # network, permissions, quota: the user's to fix, the folder is untouched
         raise UserError(f"upload to {repo_id} failed: {first_line(e)}") from None
 
@@ -29,7 +31,8 @@ def main(argv=None):
     parser.add_argument("repo_id", help="the Hub repository, 'user/name'; created if it does not exist")
     parser.add_argument("--private", action="store_true", help="create the repository as private")
     args = parser.parse_args(argv)
-    print(f"pushed {args.out_dir} to {push(args.out_dir, args.repo_id, args.private)}")
+    url, names = push(args.out_dir, args.repo_id, args.private)
+    print(f"pushed {args.out_dir} to {url}: {', '.join(names)}")
 
 
 if __name__ == "__main__":

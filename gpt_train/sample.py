@@ -24,7 +24,7 @@ from gpt_train.config import DTYPES, check_choices, load_config, setting
 from gpt_train.device import resolve_device, torch_dtype
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
-from gpt_train.out_dir import check_model_folder
+from gpt_train.out_dir import check_model_files, check_model_folder
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 FILE_PREFIX = "FILE:"
@@ -164,8 +164,10 @@ def model_source(cfg):
     if cfg.init_from == "resume":
         check_model_folder(cfg.out_dir, ": train a model first (python train.py ...) or point --out_dir at a "
                                         "folder written by train.py or save_pretrained")
+        check_model_files(cfg.out_dir)
         return cfg.out_dir
     if os.path.isdir(cfg.init_from):
+        check_model_files(cfg.init_from)
         return cfg.init_from
     return GPT2_HUB_IDS.get(cfg.init_from, cfg.init_from)
 

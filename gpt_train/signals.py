@@ -40,8 +40,11 @@ class StopSignals:
         self.received = signum
         if self.announce:  # an evaluation can take minutes: say now that the signal was seen
             # os.write, not print: the handler may run in the middle of a print to the same stream
-            os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received: saving a checkpoint at the "
-                     "next step boundary, then stopping (Ctrl-C again to stop at once)\n".encode())
+            try:
+                os.write(sys.stderr.fileno(), f"{signal.Signals(signum).name} received: saving a checkpoint at the "
+                         "next step boundary, then stopping (Ctrl-C again to stop at once)\n".encode())
+            except OSError:  # nobody reads stderr any more (`| tee` ended by the same Ctrl-C): save anyway
+                pass
 
     def agreed(self, at_sync_point):
         """Whether all processes stop now; False between sync points when several processes run

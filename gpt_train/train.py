@@ -9,6 +9,7 @@ tokens per iteration do not depend on how many processes run.
     accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py
 """
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -16,15 +17,17 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
+from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, broadcast_object_list, set_seed
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
-from gpt_train import checkpoint
+from gpt_train import checkpoint, run_lock
 from gpt_train.config import with_saved_settings, with_values
 from gpt_train.data import SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids, open_dataset
-from gpt_train.device import check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure, process_group_kwargs
+from gpt_train.device import (check_memory, check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure,
+                              process_group_kwargs)
 from gpt_train.errors import UserError
 from gpt_train.evaluate import NotInstalled, check_tasks, during_training, task_names
+from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
@@ -32,8 +35,8 @@ from gpt_train.model import (build_model, count_parameters, crop_block_size,
                              flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
                              pretrained_folder, read_model_config, ready_for_training, scratch_vocab_size,
                              set_hyperparameters, set_schedule, settings_for_checkpoint, use_causal_sdpa)
-from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, STATE_DIR, TRAINER_STATE, TrainerState, has_checkpoint,
-                               previous_run, read_run_config)
+from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE, TrainerState,
+                               check_model_files, has_checkpoint, last_checkpoint_note, previous_run, read_run_config)
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
@@ -60,6 +63,7 @@ class Run:
     tokenizer: object
     iter_num: int
     best_val_loss: float
+    best_iter: int | None  # where best_val_loss was measured
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
     bytes_per_token: float  # of the val text: turns val loss into bits per byte
@@ -68,6 +72,7 @@ class Run:
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
     lm_eval_folder: str | None = None  # the folder lm_eval_tasks judge, None when they do not run
+    lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
 
 
 def setup(cfg):
@@ -76,13 +81,48 @@ def setup(cfg):
     resume_changes = []
     cfg = _resume_choice(cfg)
     if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
-        cfg, resume_changes = with_saved_settings(cfg, read_run_config(cfg.out_dir))
-    elif not cfg.eval_only and not cfg.overwrite_output_dir:
-        _refuse_another_run(cfg)
+        cfg, resume_changes = with_saved_settings(cfg, read_run_config(cfg.out_dir),
+                                                  os.path.join(cfg.out_dir, RUN_CONFIG))
     if cfg.wandb_log:
         check_wandb_login()
     state = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(state)
+    lock = _hold_out_dir(cfg, state)
+    try:
+        return _build(cfg, state, lock, resume_changes)
+    except BaseException:
+        if lock:
+            lock.release()
+        raise
+
+
+def _hold_out_dir(cfg, state):
+    """The run's lock on out_dir (held by the main process for all), then the check that a new
+    run does not mix with another's files: under the lock, so two runs started together cannot
+    both pass it. An evaluation writes nothing and takes no lock."""
+    if cfg.eval_only:
+        return None
+    lock, refusal = None, None
+    if state.is_main_process:
+        try:
+            lock = run_lock.hold(cfg.out_dir)
+        except UserError as e:
+            refusal = str(e)
+    if state.num_processes > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal:
+        raise UserError(refusal)
+    if cfg.init_from != "resume" and not cfg.overwrite_output_dir:
+        try:
+            _refuse_another_run(cfg)
+        except UserError:
+            if lock:
+                lock.release()
+            raise
+    return lock
+
+
+def _build(cfg, state, lock, resume_changes):
     if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
         state.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): "
                     f"the learning rate rises until iteration {cfg.warmup_iters}, then drops to min_lr")
@@ -122,7 +162,7 @@ def setup(cfg):
 
     run = Run(cfg, accelerator, model, optimizers, schedulers,
               BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device), tokenizer,
-              iter_num=0, best_val_loss=math.inf, micro_steps=micro_steps,
+              iter_num=0, best_val_loss=math.inf, best_iter=None, micro_steps=micro_steps,
               tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size,
               bytes_per_token=val_bytes_per_token)
     if saved is not None:
@@ -130,11 +170,12 @@ def setup(cfg):
         for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
             set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
             set_schedule(optimizer, scheduler.scheduler, cfg)
-        run.iter_num, run.best_val_loss = saved.iter_num, saved.best_val_loss
+        run.iter_num, run.best_val_loss, run.best_iter = saved.iter_num, saved.best_val_loss, saved.best_iter
         run.tracker_run_id, run.skipped_steps = saved.tracker_run_id, saved.skipped_steps
         for line in resume_changes:
             state.print(line)
         state.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
+    run.lock = lock
     run.lm_eval_folder = _lm_eval_folder(cfg, folder, state)
     run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
     _start_logging(run)
@@ -226,10 +267,11 @@ def _init_model(cfg, state):
     """
     saved = folder = None
     if cfg.init_from == "resume":
-        saved, folder = checkpoint.read_trainer_state(cfg.out_dir), cfg.out_dir
+        saved, folder = checkpoint.read_trainer_state(cfg.out_dir, repair=not cfg.eval_only), cfg.out_dir
     elif cfg.init_from != "scratch":
         with state.main_process_first():  # one process downloads, the others find it cached
             folder = pretrained_folder(cfg.init_from)
+        check_model_files(folder)
     where = cfg.out_dir if saved else cfg.init_from
     if folder:
         config = read_model_config(folder, where)
@@ -237,9 +279,14 @@ def _init_model(cfg, state):
     data_dir = cfg.resolved_data_dir
     bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
     data_tokenizer = dataset_tokenizer(data_dir)
+    fits = functools.partial(check_memory, state.device, cfg.n_layer, cfg.n_embd, block_size=cfg.block_size,
+                             batch_size=cfg.batch_size, training=not cfg.eval_only,
+                             shards=state.num_processes if launched_with_fsdp() else 1)
     if not folder:
-        model = build_model(cfg, scratch_vocab_size(bins.vocab_size, data_tokenizer), data_tokenizer)
-        return cfg, bins, model, data_tokenizer, None, None
+        vocab_size = scratch_vocab_size(bins.vocab_size, data_tokenizer)
+        fits(vocab_size=vocab_size)
+        return cfg, bins, build_model(cfg, vocab_size, data_tokenizer), data_tokenizer, None, None
+    fits(vocab_size=config.vocab_size)
     tokenizer = model_tokenizer(folder)
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
@@ -301,8 +348,10 @@ def train_batches(run):
         iteration += 1
 
 
-def save(run):
-    state = TrainerState(iter_num=run.iter_num, best_val_loss=run.best_val_loss,
+def save(run, val_loss=None):
+    """A checkpoint of the weights now: `val_loss` is theirs, None when a stop signal saves them unevaluated."""
+    state = TrainerState(iter_num=run.iter_num, best_val_loss=run.best_val_loss, best_iter=run.best_iter,
+                         val_loss=val_loss, stopped_by=None if val_loss is not None else run.stop.name,
                          tokens_seen=run.iter_num * run.tokens_per_iter, tracker_run_id=run.tracker_run_id,
                          skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
                          config=dataclasses.asdict(run.cfg))
@@ -394,7 +443,7 @@ def fit(run):
                       "continue with --init_from=resume")
             break
     if not cfg.eval_only:
-        progress.summary(run.iter_num)
+        progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
     run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
     return run
@@ -417,9 +466,10 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
                                     "lr": lr, **_mfu_record(running_mfu)})
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
     if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
-        run.best_val_loss = min(run.best_val_loss, losses["val"])
+        if losses["val"] < run.best_val_loss:
+            run.best_val_loss, run.best_iter = losses["val"], run.iter_num
         if run.iter_num > 0 and not cfg.eval_only:
-            save(run)
+            save(run, val_loss=losses["val"])
 
 
 def _percent(mfu):
@@ -446,16 +496,18 @@ def train(cfg):
         except NonFiniteLoss:
             run.accelerator.end_training()  # close trackers and the process group before exiting
             raise
-        except RuntimeError as e:  # a collective whose peer is gone: say what is left, not gloo's traceback
+        except WRITE_FAILURES as e:  # the disk filled, a size limit, out_dir turned read-only: what is left
+            why = describe_write_failure(e, run.cfg.out_dir)
+            if why:
+                raise UserError(f"could not write to {run.cfg.out_dir}: {why}. "
+                                f"{last_checkpoint_note(run.cfg.out_dir)}") from None
+            # a collective whose peer is gone: say what is left, not gloo's traceback
             why = peer_failure(e, run.cfg.ddp_timeout) if run.accelerator.num_processes > 1 else None
             if why is None:
                 raise
-            raise UserError(f"{why}: {_last_checkpoint(run.cfg.out_dir)}") from None
+            raise UserError(f"{why}: {last_checkpoint_note(run.cfg.out_dir)}") from None
+        finally:
+            if run.lock:
+                run.lock.release()
 
 
-def _last_checkpoint(out_dir):
-    try:
-        iteration = TrainerState.read(out_dir).iter_num
-    except UserError:
-        return f"{out_dir} has no checkpoint yet; start the run again"
-    return f"the last checkpoint in {out_dir} is at iteration {iteration:,}; continue with --init_from=resume"

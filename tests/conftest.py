@@ -109,13 +109,13 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
-def assert_every_process_reports_the_full_disk(result, out_dir):
+def assert_every_process_reports_the_full_disk(result, out_dir, last_checkpoint):
     """Both processes stop on the same one-line error: none crashed or hung waiting for the other."""
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, result.stderr
     assert all(line.startswith(f"error: could not write a checkpoint to {out_dir}: the disk is full") and
-               line.endswith("The previous checkpoint there is intact: make room and continue with "
+               line.endswith(f"The last checkpoint in {out_dir}, at iteration {last_checkpoint}, is intact: continue with "
                              "--init_from=resume") for line in errors)
     assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no process's traceback
     from gpt_train.checkpoint import STAGING_DIR

@@ -81,7 +81,8 @@ def test_every_save_pushes_each_checkpoint_from_a_background_thread_and_never_th
         assert uploads[-1][3]["model.safetensors"] == f.read()
     assert b"| iteration | 3 |" in uploads[0][3]["README.md"] and b"| iteration | 6 |" in uploads[1][3]["README.md"]
     printed = capsys.readouterr().out
-    assert "pushed 'Training in progress, iteration 6' to the Hub: https://huggingface.co/someone/tiny-shakespeare" in printed
+    assert f"pushed 'Training in progress, iteration 6' to the Hub ({', '.join(sorted(PUBLISHED))}): " \
+           "https://huggingface.co/someone/tiny-shakespeare" in printed
     assert not [n for n in os.listdir(out_dir) if n.startswith(".")]  # snapshots cleaned up
     assert_token_absent(out_dir, printed, uploads)
 

@@ -4,6 +4,7 @@ Every kill here is a real signal to a real `python train.py`. Interpreter start-
 those runs, so the many guarded-input cases mostly go through `main()` in-process.
 """
 import errno
+import json
 import os
 import pickle
 import shutil
@@ -138,7 +139,7 @@ def test_full_disk_fails_the_save_clearly_and_keeps_the_previous_checkpoint(tiny
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(f))
 
     monkeypatch.setattr(accelerate.checkpointing, "save", fill_the_disk)
-    with pytest.raises(UserError, match="the disk is full .* previous checkpoint there is intact"):
+    with pytest.raises(UserError, match="the disk is full .* at iteration 5, is intact"):
         train(load_config([*common, "--max_iters=10", "--init_from=resume"]))
     after = tree_digest(os.path.join(out_dir, checkpoint.STATE_DIR))
     after[os.path.join(out_dir, "model.safetensors")] = sha256(os.path.join(out_dir, "model.safetensors"))
@@ -264,6 +265,27 @@ def swap_model_weights(out_dir):
         f.write(b"\x01\x02\x03\x04")
 
 
+def edit_state(whole=None, **values):
+    """Damage that rewrites training_state/trainer_state.json by hand: `values` set, or `whole` for all of it."""
+    def edit(out_dir):
+        path = os.path.join(out_dir, checkpoint.STATE_DIR, checkpoint.TRAINER_STATE)
+        with open(path) as f:
+            state = json.load(f)
+        with open(path, "w") as f:
+            json.dump(whole if whole is not None else {**state, **values}, f)
+    return edit
+
+
+def edit_settings(**values):
+    def edit(out_dir):
+        path = os.path.join(out_dir, "training_config.json")
+        with open(path) as f:
+            settings = json.load(f)
+        with open(path, "w") as f:
+            json.dump({**settings, **values}, f)
+    return edit
+
+
 GUARDED = {
     # name: (extra args, damage done to the copies of out_dir and data/ first, part of the message, via CLI)
     "unknown setting": (["--n_layr=2"], None, None, "unknown setting 'n_layr'", False),
@@ -281,8 +303,39 @@ GUARDED = {
     "malicious meta.pkl": ([], None, malicious_meta, "is not a plain nanoGPT meta.pkl", False),
     "resume, other shape": (["--init_from=resume", "--n_layer=3"], None, None,
                             "has n_layer=2 but the settings say n_layer=3", False),
-    "resume, partial": (["--init_from=resume"], truncate_model, None, "is partial or corrupt: model.safetensors", False),
-    "resume, corrupt state": (["--init_from=resume"], scramble_optimizer, None, "the training state in", True),
+    "resume, partial": (["--init_from=resume"], truncate_model, None, "is damaged: model.safetensors", False),
+    "resume, corrupt state": (["--init_from=resume"], scramble_optimizer, None,
+                              "is damaged: training_state/optimizer.bin does not match", True),
+    # hand-edited or damaged JSON: the wrong types, null, out of range (issue 23's tracebacks)
+    "trainer_state iter_num a string": (["--init_from=resume"], edit_state(iter_num="2"), None,
+                                        "iter_num must be a whole number >= 0, got '2'", False),
+    "trainer_state iter_num null": (["--init_from=resume"], edit_state(iter_num=None), None,
+                                    "iter_num must be a whole number >= 0, got None", False),
+    "trainer_state negative iteration": (["--init_from=resume"], edit_state(iter_num=-1), None,
+                                         "iter_num must be a whole number >= 0, got -1", False),
+    "trainer_state best_val_loss a list": (["--init_from=resume"], edit_state(best_val_loss=[1]), None,
+                                           "best_val_loss must be a number, got [1]", False),
+    "trainer_state files a list": (["--init_from=resume"], edit_state(files=["model.safetensors"]), None,
+                                   "files must be an object", False),
+    "trainer_state a file's size a string": (["--init_from=resume"],
+                                             edit_state(files={"model.safetensors": {"size": "big"}}), None,
+                                             "its entry for 'model.safetensors' is not {size, sha256}", False),
+    "trainer_state a list": (["--init_from=resume"], edit_state(whole=[1, 2]), None, "not a JSON object", False),
+    "training_config batch_size a string": (["--init_from=resume"], edit_settings(batch_size="4"), None,
+                                            "batch_size must be int, got str '4' (in ", False),
+    "training_config batch_size null": (["--init_from=resume"], edit_settings(batch_size=None), None,
+                                        "batch_size must be int, got NoneType None (in ", False),
+    "training_config eval_interval negative": (["--init_from=resume"], edit_settings(eval_interval=-5), None,
+                                               "eval_interval must be at least 1, got -5 (from ", False),
+    "training_config dropout a dict": (["--init_from=resume"], edit_settings(dropout={"p": 0}), None,
+                                       "dropout must be float, got dict", False),
+    "negative seed": (["--seed=-1"], None, None, "seed must be between 0 and 4294967295", False),
+    "out_dir is a file": (["--out_dir=README.md"], None, None, "out_dir README.md is a file, not a folder", False),
+    "a micro-batch beyond any memory": (["--batch_size=1000000000", "--overwrite_output_dir=False",
+                                         "--out_dir=never-written"], None, None,
+                                        "this run needs at least 4,160.0 GB of memory", False),
+    "a model beyond any memory": (["--n_layer=48", "--n_embd=32768", "--n_head=32", "--out_dir=never-written"],
+                                  None, None, "GB free: lower batch_size", False),
     "a new run over a run": (["--overwrite_output_dir=False"], None, None, "holds another training run (a "
                              "checkpoint at iteration 2): continue it with --init_from=resume", True),
 }

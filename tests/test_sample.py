@@ -88,7 +88,9 @@ def test_model_card_names_dataset_progress_and_settings(char_model):
     assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text and state["tokens_seen"] == 20 * 4 * BLOCK  # 20 iterations of 1 x 4 x 32
     bits = state["best_val_loss"] / math.log(2) / state["val_bytes_per_token"]  # ASCII characters: 1 byte each
     assert state["val_bytes_per_token"] == 1.0
-    assert f"| best val loss | {state['best_val_loss']:.4f} ({bits:.4f} bits per byte of val text) |" in card.text
+    assert f"| best val loss of the run | {state['best_val_loss']:.4f} ({bits:.4f} bits per byte of val text), at " \
+           f"iteration {state['best_iter']} |" in card.text
+    assert f"| val loss of these weights | {state['val_loss']:.4f} |" in card.text
     settings = json.loads(card.text.split("```json")[1].split("```")[0])
     assert settings == state["config"] and settings["n_embd"] == 32
 

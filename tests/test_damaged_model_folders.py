@@ -1,0 +1,147 @@
+"""A model folder with a damaged file (weights cut short or overwritten, a tokenizer or config
+file that is not what its name says) gets one line naming the file and what to do from every
+command that reads model folders: sample.py, convert's to-nanogpt and upgrade, and gpt-eval.
+Exit code 2, no traceback, no file changed.
+
+In-process through each module's main(); one case per command as a user runs it, in a fresh
+interpreter (start-up costs seconds there).
+"""
+import json
+import os
+import random
+import shutil
+
+import pytest
+
+from conftest import TINY_MODEL, run_script, tree_digest
+from gpt_train.config import load_config
+from gpt_train.convert import main as convert_main
+from gpt_train.evaluate import main as evaluate_main
+from gpt_train.sample import main as sample_main
+from gpt_train.train import train
+
+ADVICE = "restore the folder from a copy"
+
+
+@pytest.fixture(scope="module")
+def trained(char_data, tmp_path_factory):
+    """A finished tiny run's out_dir: a model folder with a char tokenizer, copied by each test."""
+    out_dir = str(tmp_path_factory.mktemp("trained") / "out")
+    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=2",
+                       "--eval_interval=2", "--eval_iters=1"]))
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    """A local lm-eval perplexity task: gpt-eval needs no network to get to the model folder."""
+    folder = tmp_path_factory.mktemp("tasks")
+    (folder / "docs.jsonl").write_text(json.dumps({"text": "ROMEO: what news, my lord?\n" * 3}) + "\n")
+    (folder / "ppl.yaml").write_text(
+        f"task: damaged_ppl\ndataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {folder / 'docs.jsonl'}\noutput_type: loglikelihood_rolling\ndoc_to_text: ''\n"
+        "doc_to_target: '{{text}}'\nmetric_list:\n  - metric: bits_per_byte\n")
+    return str(folder)
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def cut_to(size):
+    def cut(path):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+    return cut
+
+
+def cut_in_half(path):
+    cut_to(os.path.getsize(path) // 2)(path)
+
+
+def cut_off_the_end(path):
+    cut_to(os.path.getsize(path) - 100)(path)  # the header is whole, the last tensor is not
+
+
+def garbage(path):
+    """The same size, random bytes: as if another file's blocks had been written over it."""
+    size = os.path.getsize(path)
+    with open(path, "wb") as f:
+        f.write(random.Random(0).randbytes(size))
+
+
+def replace_with(text):
+    def replace(path):
+        with open(path, "w") as f:
+            f.write(text)
+    return replace
+
+
+def wrong_type(path):
+    with open(path) as f:
+        config = json.load(f)
+    config["n_layer"] = "two"
+    with open(path, "w") as f:
+        json.dump(config, f)
+
+
+DAMAGES = {  # name: (the file damaged, how)
+    "weights cut to 1000 bytes": ("model.safetensors", cut_to(1000)),
+    "weights overwritten": ("model.safetensors", garbage),
+    "weights missing their end": ("model.safetensors", cut_off_the_end),
+    "tokenizer.json cut in half": ("tokenizer.json", cut_in_half),
+    "tokenizer.json not a tokenizer": ("tokenizer.json", replace_with('{"version": "1.0", "vocab": [1, 2]}')),
+    "config.json overwritten": ("config.json", garbage),
+    "config.json with a wrong value": ("config.json", wrong_type),
+    "tokenizer_config.json overwritten": ("tokenizer_config.json", garbage),
+    "generation_config.json overwritten": ("generation_config.json", garbage),
+    "generation_config.json a list": ("generation_config.json", replace_with("[1, 2]")),
+}
+
+
+def command_argv(command, folder, tasks, ckpt):
+    """(the main to call in-process, its argv, the same as a command line)"""
+    if command == "sample":
+        argv = [f"--out_dir={folder}", "--num_samples=1", "--max_new_tokens=2", "--device=cpu"]
+        return sample_main, argv, ["sample.py", *argv]
+    if command == "to-nanogpt":
+        argv = ["to-nanogpt", folder, ckpt]
+        return convert_main, argv, ["-m", "gpt_train.convert", *argv]
+    if command == "upgrade":
+        argv = ["upgrade", folder]
+        return convert_main, argv, ["-m", "gpt_train.convert", *argv]
+    pytest.importorskip("lm_eval", reason="pip install -r requirements-eval.txt")
+    argv = [folder, "--tasks=damaged_ppl", f"--include_path={tasks}", "--limit=1", "--batch_size=1", "--device=cpu"]
+    return evaluate_main, argv, ["-m", "gpt_train.evaluate", *argv]
+
+
+COMMANDS = ("sample", "to-nanogpt", "upgrade", "evaluate")
+IN_A_FRESH_INTERPRETER = {("weights cut to 1000 bytes", "sample"), ("weights overwritten", "to-nanogpt"),
+                          ("tokenizer.json cut in half", "upgrade"), ("tokenizer.json not a tokenizer", "evaluate")}
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("damage", DAMAGES)
+def test_a_damaged_model_file_gets_one_line_naming_it_and_changes_no_file(damage, command, trained, tasks, tmp_path,
+                                                                         capsys):
+    name, damage_it = DAMAGES[damage]
+    folder, ckpt = str(tmp_path / "model"), str(tmp_path / "nanogpt" / "ckpt.pt")
+    shutil.copytree(trained, folder)
+    damage_it(os.path.join(folder, name))
+    before = tree_digest(folder)
+    main, argv, command_line = command_argv(command, folder, tasks, ckpt)
+    if (damage, command) in IN_A_FRESH_INTERPRETER:
+        result = run_script(*command_line, check=False, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+        code, stderr = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        code, stderr = exited.value.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
+    assert errors[0].startswith(f"error: {os.path.join(folder, name)} is damaged (") and ADVICE in errors[0], stderr
+    assert tree_digest(folder) == before
+    assert not os.path.exists(os.path.dirname(ckpt))
