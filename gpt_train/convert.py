@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from transformers import GenerationConfig, GPT2LMHeadModel
 
+from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
 from gpt_train.config import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
@@ -222,7 +223,7 @@ def upgrade(folder):
         generation = GenerationConfig.from_pretrained(folder)
     set_generation_defaults(config, generation)
     changed = []
-    with tempfile.TemporaryDirectory(dir=folder, prefix=".upgrade-") as staging:
+    with run_lock.hold(folder), tempfile.TemporaryDirectory(dir=folder, prefix=".upgrade-") as staging:
         config.save_pretrained(staging)
         generation.save_pretrained(staging)
         save_tokenizer(model_tokenizer(folder), staging, context=config.n_positions)
@@ -231,7 +232,7 @@ def upgrade(folder):
             if not os.path.isfile(old) or not filecmp.cmp(old, os.path.join(staging, name), shallow=False):
                 os.replace(os.path.join(staging, name), old)
                 changed.append(name)
-    refresh_manifest(folder, changed)
+        refresh_manifest(folder, changed)
     return changed
 
 

@@ -26,6 +26,7 @@ from huggingface_hub import EvalResult, ModelCard
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import get_session
 
+from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
 from gpt_train.config import command_parser
 from gpt_train.device import resolve_device
@@ -197,10 +198,12 @@ def main(argv=None):
     from lm_eval.utils import make_table
 
     device = str(resolve_device(args.device))
-    results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
-                       args.include_path)
-    print(make_table(results))
-    save_results(args.out_dir, results)
+    check_model_folder(args.out_dir)
+    with run_lock.hold(args.out_dir):  # it writes into the folder: never beside a training run
+        results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
+                           args.include_path)
+        print(make_table(results))
+        save_results(args.out_dir, results)
     print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)} and the model card's model-index")
 
 

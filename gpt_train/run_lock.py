@@ -4,8 +4,9 @@ The lock is `flock`, which the operating system releases when the holder dies, s
 never leaves a stale lock behind; the file itself only says who holds it (pid, host, start)
 for the refusal. Under `accelerate launch` the main process holds it for the run (the other
 processes learn the outcome from it), and a restart under --max_restarts takes it over once
-the dead attempt's processes are gone. Readers (sample.py, gpt-eval, push, convert to-nanogpt)
-never take it: a checkpoint is committed by renames, so they never see half of one.
+the dead attempt's processes are gone. gpt-eval and `convert upgrade`, which write into a model
+folder, take it too; readers (sample.py, push, convert to-nanogpt, an eval_only run) never do:
+a checkpoint is committed by renames, so they never see half of one.
 
 Not here: what the holder writes (gpt_train.checkpoint).
 """
@@ -82,8 +83,8 @@ def hold(out_dir):
             if time.monotonic() < deadline:
                 time.sleep(0.5)
                 continue
-            raise UserError(f"{out_dir} is in use by another training run ({holder}): wait for it to end or stop "
-                            "it, or train into another --out_dir") from None
+            raise UserError(f"{out_dir} is in use by another training run or gpt-train command ({holder}): wait "
+                            "for it to end or stop it, or use another folder") from None
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed this file as it let go: lock the one now there

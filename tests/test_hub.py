@@ -171,6 +171,24 @@ def test_push_command_uploads_a_trained_folder(tiny_run, hub, capsys):
     assert "pushed " + out_dir + " to https://huggingface.co/someone/pushed/commit/abc123" in capsys.readouterr().out
 
 
+def test_push_sends_the_model_folders_own_files_never_a_users_file_or_a_symlinks_target(tiny_run, hub, tmp_path,
+                                                                                           capsys):
+    out_dir, args = tiny_run
+    train(load_config([*args, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    (tmp_path / "out" / "my_notes.txt").write_text("not for the Hub")
+    os.symlink(token_file, os.path.join(out_dir, "secret.json"))
+    os.remove(os.path.join(out_dir, "loss.png"))
+    os.symlink(token_file, os.path.join(out_dir, "loss.png"))  # a published name, pointing at the token
+    push.main([out_dir, "someone/pushed"])
+    (upload,) = hub.uploads()
+    sent = sorted(PUBLISHED - {"loss.png"})
+    assert sorted(upload[3]) == sent
+    assert all(TOKEN.encode() not in content for content in upload[3].values())
+    assert capsys.readouterr().out.strip().endswith(f": {', '.join(sent)}")  # says which files went up
+
+
 def test_push_command_errors_are_one_line(tmp_path):
     result = run_script("-m", "gpt_train.push", str(tmp_path / "missing"), "someone/x", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

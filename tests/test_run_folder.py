@@ -20,6 +20,8 @@ from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
 from gpt_train.config import load_config
+from gpt_train.convert import upgrade
+from gpt_train.errors import UserError
 from gpt_train.out_dir import LOCK, METRICS, STATE_DIR, TRAINER_STATE, read_metrics
 from gpt_train.plot import main as plot_main
 from gpt_train.train import train
@@ -129,9 +131,13 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_kill_9_frees_the_fold
         wait_for(first, "saving checkpoint")
         for extra in ([], ["--init_from=resume"], ["--overwrite_output_dir=True"]):  # a new run, a resume, a replace
             error = one_error_line(*run_main([*args, *SHORT, "--max_iters=50", *extra], capsys))
-            assert error.startswith(f"error: {out_dir} is in use by another training run (pid {first.pid} on ")
-            assert error.endswith("wait for it to end or stop it, or train into another --out_dir")
+            assert error.startswith(f"error: {out_dir} is in use by another training run or gpt-train command (pid "
+                                    f"{first.pid} on ")
+            assert error.endswith("wait for it to end or stop it, or use another folder")
         wait_for(first, "saving checkpoint")  # the first run went on untouched
+        wait_for(first, "iter ")  # its second save done
+        with pytest.raises(UserError, match="is in use by another training run"):  # commands that write there too
+            upgrade(out_dir)
     finally:
         first.kill()
         first.wait()
