@@ -123,7 +123,7 @@ def _write_on_every_process(accelerator, out_dir, write):
     if failures:
         if accelerator.is_main_process:
             shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
-        raise UserError(f"could not write a checkpoint to {out_dir}: {failures[0]}. {last_checkpoint_note(out_dir)}")
+        raise UserError(f"could not write a checkpoint to {out_dir}: {failures[0]}; {last_checkpoint_note(out_dir)}")
 
 
 def _first_write_failure(checkpoint_exception):

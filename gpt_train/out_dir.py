@@ -246,7 +246,7 @@ def last_checkpoint_note(out_dir):
         iteration = TrainerState.read(out_dir).iter_num
     except UserError:
         return f"{out_dir} has no checkpoint yet; start the run again"
-    return f"The last checkpoint in {out_dir}, at iteration {iteration:,}, is intact: continue with --init_from=resume"
+    return f"the last checkpoint in {out_dir}, at iteration {iteration:,}, is intact; continue with --init_from=resume"
 
 
 def tokens_per_iter(out_dir):

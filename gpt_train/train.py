@@ -499,7 +499,7 @@ def train(cfg):
         except WRITE_FAILURES as e:  # the disk filled, a size limit, out_dir turned read-only: what is left
             why = describe_write_failure(e, run.cfg.out_dir)
             if why:
-                raise UserError(f"could not write to {run.cfg.out_dir}: {why}. "
+                raise UserError(f"could not write to {run.cfg.out_dir}: {why}; "
                                 f"{last_checkpoint_note(run.cfg.out_dir)}") from None
             # a collective whose peer is gone: say what is left, not gloo's traceback
             why = peer_failure(e, run.cfg.ddp_timeout) if run.accelerator.num_processes > 1 else None

@@ -115,8 +115,8 @@ def assert_every_process_reports_the_full_disk(result, out_dir, last_checkpoint)
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 2, result.stderr
     assert all(line.startswith(f"error: could not write a checkpoint to {out_dir}: the disk is full") and
-               line.endswith(f"The last checkpoint in {out_dir}, at iteration {last_checkpoint}, is intact: continue with "
-                             "--init_from=resume") for line in errors)
+               line.endswith(f"the last checkpoint in {out_dir}, at iteration {last_checkpoint}, is intact; "
+                             "continue with --init_from=resume") for line in errors)
     assert not any(line.startswith("[rank") for line in result.stderr.splitlines())  # no process's traceback
     from gpt_train.checkpoint import STAGING_DIR
     assert not os.path.exists(os.path.join(out_dir, STAGING_DIR))

@@ -113,7 +113,7 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
     assert output.count("failed (exitcode") == 1  # the first restart succeeded: no attempt was wasted
     if resumed_from:
         assert f"resuming from iteration {resumed_from} (best val" in after_restart
-        assert f"{LOST}the last checkpoint in {out_dir} is at iteration {resumed_from}" in output
+        assert f"{LOST}the last checkpoint in {out_dir}, at iteration {resumed_from}, is intact" in output
     else:  # nothing to resume: the restart starts the run again, in place of its first attempt
         assert "resuming" not in output
         assert [r["iter"] for r in read_metrics(out_dir, "train")] == list(range(30))
@@ -141,7 +141,8 @@ def test_a_lost_node_stops_the_other_in_seconds_with_one_line_and_both_resume_ex
     assert stopped_after < 10, f"node 0 took {stopped_after:.1f} s to stop"
     output = "".join(lines) + rest
     errors = [line for line in output.splitlines() if line.startswith("error:")]
-    assert errors == [f"{LOST}the last checkpoint in {out_dir} is at iteration 10; continue with --init_from=resume"]
+    assert errors == [f"{LOST}the last checkpoint in {out_dir}, at iteration 10, is intact; continue with "
+                      "--init_from=resume"]
     assert "[rank0]" not in output and "RuntimeError" not in output  # no worker traceback (the launcher has its own)
     assert checkpoint.read_trainer_state(out_dir).iter_num == 10
 
@@ -216,4 +217,5 @@ def test_a_silent_process_stops_the_others_at_ddp_timeout_with_one_line(char_dat
     finish(proc)
     assert 3 <= waited < 10, f"{waited:.1f} s"
     assert lines[-1] == ("error: no answer from the other processes within ddp_timeout=3s (one hangs or its node is "
-                         f"lost): the last checkpoint in {out_dir} is at iteration 10; continue with --init_from=resume\n")
+                         f"lost): the last checkpoint in {out_dir}, at iteration 10, is intact; continue with "
+                         "--init_from=resume\n")

@@ -232,7 +232,7 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_the_last_checkpoint(cha
         error = one_error_line(code, stderr)
         assert error.startswith(f"error: could not write a checkpoint to {out_dir}: the disk is full")
         saved = checkpoint.read_trainer_state(out_dir).iter_num
-        assert error.endswith(f"The last checkpoint in {out_dir}, at iteration {saved}, is intact: continue with "
+        assert error.endswith(f"the last checkpoint in {out_dir}, at iteration {saved}, is intact; continue with "
                               "--init_from=resume")
         assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
 
@@ -250,7 +250,8 @@ def test_a_file_size_limit_ends_in_one_line_and_leaves_no_staging(char_data, tmp
     assert proc.wait() == 2 and "Traceback" not in output, output
     last = output.strip().splitlines()[-1]
     assert last.startswith(f"error: could not write a checkpoint to {out_dir}: a file reached the size limit "
-                           "(ulimit -f)") and last.endswith(f"{out_dir} has no checkpoint yet; start the run again"), output
+                           "(ulimit -f)"), output
+    assert last.endswith(f"{out_dir} has no checkpoint yet; start the run again"), output
     assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
 
 
@@ -272,7 +273,7 @@ def test_an_out_dir_that_turns_read_only_mid_run_ends_in_one_line(char_data, tmp
         subprocess.run(["umount", "-l", out_dir], capture_output=True)
     last = rest.strip().splitlines()[-1]
     assert last.startswith("error: could not write ") and "the file system is read-only" in last, rest
-    assert last.endswith(f"The last checkpoint in {out_dir}, at iteration 5, is intact: continue with "
+    assert last.endswith(f"the last checkpoint in {out_dir}, at iteration 5, is intact; continue with "
                          "--init_from=resume") and "Traceback" not in rest
     assert checkpoint_files(out_dir) == before
     assert checkpoint.read_trainer_state(out_dir).iter_num == 5
@@ -299,8 +300,8 @@ def test_a_damaged_training_state_file_is_refused_by_name_before_anything_loads(
         f.write(os.urandom(size))  # garbage of the right size
     before = tree_digest(out_dir)
     error = one_error_line(*run_main([*args, "--init_from=resume", "--max_iters=6"], capsys))
-    assert error.startswith(f"error: the checkpoint in {out_dir} is damaged: {STATE_DIR}/{name} does not match the file "
-                            "the checkpoint wrote (sha256 differs)")
+    assert error.startswith(f"error: the checkpoint in {out_dir} is damaged: {STATE_DIR}/{name} does not match "
+                            "the file the checkpoint wrote (sha256 differs)")
     assert tree_digest(out_dir) == before
 
 
