@@ -261,9 +261,8 @@ def remove_previous_run(out_dir):
 def refresh_manifest(out_dir, names):
     """After files of out_dir's model folder were rewritten on purpose (convert upgrade): the
     checkpoint's manifest describes them as they are now, so resume still trusts it."""
-    try:
-        state = TrainerState.read(out_dir)
-    except UserError:
+    state = TrainerState.read_if_any(out_dir)
+    if state is None:
         return  # a model folder without a checkpoint: nothing to keep in step
     state.files.update(_manifest(out_dir, names))
     write_json(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), state.to_dict())

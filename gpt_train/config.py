@@ -1,28 +1,22 @@
-"""Settings: the `TrainConfig` dataclass and the preset loader shared by train, sample and bench.
+"""Settings: the `TrainConfig` dataclass, whose defaults and one-line helps are the reference,
+and the checks that reject a setting before anything is touched.
 
-Loading order is nanoGPT's: the dataclass defaults, then each preset file named on the
-command line (plain Python that assigns names; several may be chained, later wins), then
-`--key=value` overrides. Presets are executed into a private namespace, never into module
-globals, so a config file written for nanoGPT runs unchanged. Every setting also answers to
-its TrainingArguments name (`per_device_train_batch_size`, `max_steps`, ...).
-
-Not here: what the settings do. That is the job of the modules that read them.
+Not here: reading them from presets and the command line (gpt_train.cli), rewriting them for a
+resume or a loaded model (gpt_train.start), what they do (the modules that read them).
 """
-import argparse
-import ast
 import dataclasses
-import difflib
 import functools
 import math
 import os
-import sys
 from dataclasses import dataclass, field, fields
-from types import UnionType
+
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 
 from gpt_train.errors import UserError
-from gpt_train.hub import HUB_STRATEGIES, check_repo_id
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+HUB_STRATEGIES = ("end", "every_save")
 OPTIMIZERS = ("adamw", "muon")
 LR_SCHEDULES = ("cosine", "wsd")
 
@@ -178,73 +172,13 @@ class TrainConfig:
         return self.data_dir or os.path.join("data", self.dataset)
 
 
-# TrainingArguments names that mean exactly one of our settings.
-FIELD_ALIASES = {
-    "per_device_train_batch_size": "batch_size",
-    "max_steps": "max_iters",
-    "warmup_steps": "warmup_iters",
-    "adam_beta1": "beta1",
-    "adam_beta2": "beta2",
-    "max_grad_norm": "grad_clip",
-    "eval_steps": "eval_interval",
-    "logging_steps": "log_interval",
-    "output_dir": "out_dir",
-    "torch_compile": "compile",
-}
+TOKENS_PER_ITER = ("gradient_accumulation_steps", "batch_size", "block_size")  # their product
 
 
-def _report_to(value):
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"report_to must be 'wandb', 'none' or a list of those, got {value!r}")
-    unknown = [n for n in names if n not in ("wandb", "none", "")]
-    if unknown:
-        raise UserError(f"report_to={unknown[0]!r} is not supported: gpt-train reports to 'wandb' or 'none'")
-    return "wandb_log", "wandb" in names
-
-
-def _precision_flag(dtype):
-    def convert(value):
-        if not isinstance(value, bool):
-            raise UserError(f"bf16/fp16 take True or False, got {value!r}")
-        return "dtype", dtype if value else "float32"
-    return convert
-
-
-# TrainingArguments names whose values translate into one of our settings.
-VALUE_ALIASES = {
-    "report_to": _report_to,
-    "bf16": _precision_flag("bfloat16"),
-    "fp16": _precision_flag("float16"),
-}
-
-
-# How --help names the TrainingArguments spellings of VALUE_ALIASES.
-VALUE_ALIAS_HELP = {"wandb_log": "report_to='wandb'", "dtype": "bf16=True, fp16=True"}
-
-HELP_FLAGS = ("--help", "-h")
-PRINT_CONFIG_FLAG = "--print_config"
-
-
-def load_config(argv, cls=TrainConfig):
-    """Build a validated `cls` from argv: preset files and --key=value, in order.
-
-    `--help` prints every setting of `cls` and exits; `--print_config` prints the resolved
-    settings (as a preset file that reproduces them) and exits, before any data is touched.
-    """
-    if any(arg in HELP_FLAGS for arg in argv):
-        print(help_text(cls))
-        sys.exit(0)
-    if PRINT_CONFIG_FLAG in argv:
-        cfg = load_config([arg for arg in argv if arg != PRINT_CONFIG_FLAG], cls)
-        print(preset_text(cfg))
-        sys.exit(0)
-    values = {}
-    for source, assignments in _layers(argv):
-        values.update(_resolve_layer(cls, source, assignments))
-    cfg = cls(**values).validate()
-    cfg.explicit = frozenset(values)
-    return cfg
+def tokens_per_iter(settings):
+    """Tokens per optimizer step, all processes together, of a TrainConfig or a saved settings dict."""
+    get = settings.get if isinstance(settings, dict) else functools.partial(getattr, settings)
+    return math.prod(get(name) for name in TOKENS_PER_ITER)
 
 
 def with_values(cfg, **changes):
@@ -254,200 +188,8 @@ def with_values(cfg, **changes):
     return new
 
 
-# Settings a resumed run takes from the command line only: they say what to do with the run.
-NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir", "resume_from_checkpoint")
-TOKENS_PER_ITER = ("gradient_accumulation_steps", "batch_size", "block_size")
-# Settings whose change makes a resumed run differ from the uninterrupted one.
-TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
-              "learning_rate", "weight_decay", "beta1", "beta2", "grad_clip", "skip_nonfinite_steps", "decay_lr",
-              "warmup_iters", "lr_decay_iters", "min_lr", "seed", "dtype", "optimizer", "muon_learning_rate",
-              "muon_momentum", "lr_schedule", "cooldown_iters")
-
-
-def with_saved_settings(cfg, saved, source):
-    """Resume's settings: the saved run's (read from the file `source`), except what presets or
-    the command line set. A saved value of the wrong type or out of range is a one-line error.
-
-    Returns (settings, [one line per setting the command line changes]).
-    """
-    types = {f.name: f.type for f in fields(cfg)}
-    saved = {k: _check_type(k, v, types[k], source) for k, v in saved.items() if k in types}
-    inherited = {k: v for k, v in saved.items() if k not in cfg.explicit and k not in NOT_RESUMED}
+def check_repo_id(repo_id):
     try:
-        new = with_values(cfg, **inherited).validate()
-    except UserError as e:
-        raise UserError(f"{e} (from {source})") from None
-    if "optimizer" in saved and saved["optimizer"] != new.optimizer:
-        raise UserError(f"the run in {cfg.out_dir} trains with optimizer={saved['optimizer']!r}; a resume cannot "
-                        f"switch it: start a new run from its weights with --init_from={cfg.out_dir} --out_dir=NEW_DIR")
-    changes = []
-    for name in sorted(cfg.explicit & saved.keys() - set(NOT_RESUMED)):
-        if saved[name] == getattr(new, name):
-            continue
-        line = f"resume changes {name}: {saved[name]!r} -> {getattr(new, name)!r}"
-        if name in TRAJECTORY:
-            line += "; the run will not continue exactly as it would have"
-        changes.append(line)
-    tokens = {name: saved.get(name, getattr(new, name)) for name in TOKENS_PER_ITER}
-    before, after = math.prod(tokens.values()), math.prod(getattr(new, name) for name in TOKENS_PER_ITER)
-    if before != after:
-        changes.append(f"resume changes the tokens per iteration: {before:,} -> {after:,}")
-    return new, changes
-
-
-class _OneLineErrors(argparse.ArgumentParser):
-    def error(self, message):
-        raise UserError(f"{message}: usage: {self.format_usage().strip().removeprefix('usage: ')}")
-
-
-def command_parser(prog, description):
-    """The argv parser of commands that take paths (plot, convert, push): argparse, whose mistakes
-    are one UserError line like every other setting's (argparse alone prints usage and error)."""
-    return _OneLineErrors(prog=prog, description=description)
-
-
-def help_text(cls, prog=None):
-    """Every setting of `cls` with its default, type and meaning, in its groups."""
-    prog = prog or _program_name()
-    names = {f.name: f for f in fields(cls)}
-    aliases = {ours: hf for hf, ours in FIELD_ALIASES.items() if ours in names}
-    aliases.update({ours: hf for ours, hf in VALUE_ALIAS_HELP.items() if ours in names})
-    width = max(len(f"--{f.name}={f.default!r}") for f in fields(cls)) + 2
-    lines = [f"usage: {prog} [PRESET.py ...] [--key=value ...] [{PRINT_CONFIG_FLAG}] [--help]", "",
-             "Settings resolve in order: these defaults, then each preset file (plain Python assigning",
-             "names, later files win), then --key=value. A bare word is a string; True/False are booleans.",
-             f"{PRINT_CONFIG_FLAG} shows the resolved settings and exits."]
-    for group, members in groups(cls):
-        lines += ["", f"{group}:"]
-        for f in members:
-            flag = f"--{f.name}={f.default!r}"
-            alias = f" (also {aliases[f.name]})" if f.name in aliases else ""
-            lines.append(f"  {flag:<{width}}{_type_name(f.type):<6} {f.metadata.get('help', '')}{alias}")
-    return "\n".join(lines)
-
-
-def groups(cls):
-    """[(group title, [fields])] in the order the dataclass declares them (setting()'s group)."""
-    grouped = {}
-    for f in fields(cls):
-        grouped.setdefault(f.metadata.get("group", "settings"), []).append(f)
-    return list(grouped.items())
-
-
-def preset_text(cfg):
-    """The resolved settings as a preset file: save it and pass it back to get the same run."""
-    lines = [f"# resolved settings of {type(cfg).__name__}"]
-    lines += [f"{f.name} = {getattr(cfg, f.name)!r}" for f in fields(cfg)]
-    return "\n".join(lines)
-
-
-def _type_name(annotation):
-    return str(annotation) if isinstance(annotation, UnionType) else annotation.__name__
-
-
-def _program_name():
-    """How the user started us: `python train.py` for a script, `gpt-train` for an entry point."""
-    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "train.py"
-    return f"python {name}" if name.endswith(".py") else name
-
-
-def _layers(argv):
-    """Yield (source, {name: value}) for each preset file, then one layer for all --key=value."""
-    overrides = {}
-    for arg in argv:
-        if arg.startswith("--"):
-            key, eq, raw = arg[2:].partition("=")
-            overrides.pop(key, None)  # a repeated flag wins, as in nanoGPT's configurator
-            overrides[key] = _parse_cli_value(raw) if eq else BARE_FLAG
-        elif "=" in arg:
-            raise UserError(f"'{arg}' looks like a setting: write --{arg}")
-        else:
-            yield arg, _read_preset(arg)
-    yield "the command line", overrides
-
-
-BARE_FLAG = object()  # `--compile` with no value: True for a boolean setting, an error for others
-
-
-def _parse_cli_value(raw):
-    try:
-        return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
-        lowered = raw.lower()
-        if lowered in ("true", "false"):
-            return lowered == "true"
-        return raw  # a bare word is a string, as in nanoGPT's configurator
-
-
-def _read_preset(path):
-    if not os.path.isfile(path):
-        raise UserError(f"preset file {path} not found")
-    with open(path, encoding="utf-8") as f:
-        source = f.read()
-    try:
-        code = compile(source, path, "exec")
-    except SyntaxError as e:
-        raise UserError(f"syntax error in preset {path}, line {e.lineno}: {e.msg}") from None
-    namespace = {"__file__": os.path.abspath(path), "__name__": "__preset__"}
-    try:
-        exec(code, namespace)
-    except Exception as e:  # the preset is the user's code; report where it broke
-        raise UserError(f"preset {path} failed: {type(e).__name__}: {e}") from None
-    # nanoGPT presets import modules (`import time`) and may define helpers: only plain
-    # values are settings.
-    return {k: v for k, v in namespace.items()
-            if not k.startswith("_") and isinstance(v, (bool, int, float, str, list, tuple))}
-
-
-def _resolve_layer(cls, source, assignments):
-    """Map one layer's names onto fields, checking names, types and double spellings."""
-    types = {f.name: f.type for f in fields(cls)}
-    known = list(types) + [a for a in {**FIELD_ALIASES, **VALUE_ALIASES} if _alias_target(cls, a)]
-    resolved, spelled = {}, {}
-    for key, value in assignments.items():
-        if key in types:
-            name = key
-        elif _alias_target(cls, key):
-            name, value = _alias_target(cls, key)(value)
-        else:
-            near = difflib.get_close_matches(key.replace("-", "_"), [*known, PRINT_CONFIG_FLAG], n=1)
-            hint = f"; did you mean {near[0]}?" if near else ""
-            raise UserError(f"unknown setting '{key}' in {source}{hint}")
-        if value is BARE_FLAG:
-            if bool not in getattr(types[name], "__args__", (types[name],)):
-                raise UserError(f"'--{key}' has no value: write --{key}=VALUE")
-            value = True
-        if name in spelled:
-            raise UserError(f"{source} sets {name} twice, as '{spelled[name]}' and '{key}': keep one")
-        spelled[name] = key
-        resolved[name] = _check_type(key, value, types[name], source)
-    return resolved
-
-
-def _alias_target(cls, key):
-    """A function turning an alias's value into (field, value), or None if `key` is no alias of cls."""
-    names = {f.name for f in fields(cls)}
-    if key in FIELD_ALIASES and FIELD_ALIASES[key] in names:
-        return lambda value: (FIELD_ALIASES[key], value)
-    if key in VALUE_ALIASES and "dtype" in names and "wandb_log" in names:
-        return VALUE_ALIASES[key]
-    return None
-
-
-def _check_type(key, value, expected, source):
-    if isinstance(expected, UnionType):  # resume_from_checkpoint: True/False or a folder
-        if type(value) in expected.__args__:
-            return value
-        if str in expected.__args__ and source == "the command line":
-            return str(value)  # --resume_from_checkpoint=2024 is a folder's name
-        raise UserError(f"{key} must be {_type_name(expected).replace(' | ', ' or ')}, got "
-                        f"{type(value).__name__} {value!r} (in {source})")
-    expected = {"int": int, "float": float, "bool": bool, "str": str}.get(expected, expected)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is str and not isinstance(value, str) and source == "the command line":
-        return str(value)  # --wandb_run_name=2024 is a name, not a number
-    if type(value) is not expected:
-        raise UserError(f"{key} must be {expected.__name__}, got {type(value).__name__} {value!r} "
-                        f"(in {source})")
-    return value
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise UserError(f"{repo_id!r} is not a Hub repository id ({e}): write it as 'user/name'") from None

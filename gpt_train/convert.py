@@ -32,7 +32,7 @@ from transformers import GenerationConfig, GPT2LMHeadModel
 
 from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
-from gpt_train.config import command_parser
+from gpt_train.cli import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
 from gpt_train.model import COMPILED_PREFIX, gpt2_config, read_model_config, set_generation_defaults

@@ -28,7 +28,7 @@ from huggingface_hub.utils import get_session
 
 from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
-from gpt_train.config import command_parser
+from gpt_train.cli import command_parser
 from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
@@ -94,20 +94,48 @@ def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_pat
                                            log_samples=False, verbosity="ERROR")
 
 
+class Judge:
+    """lm_eval_tasks on a training run's checkpoints, or once on the model an eval_only run reads:
+    built once in setup and called after each save, as the Hub pusher is. Unknown tasks are refused
+    when it is built, before training; lm-eval missing is a warning, as the eval presets name tasks.
+    Inactive (a no-op) without lm_eval_tasks."""
+
+    def __init__(self, cfg, model_folder, report):
+        self.cfg, self.folder = cfg, None
+        if not cfg.lm_eval_tasks:
+            return
+        try:
+            check_tasks(task_names(cfg.lm_eval_tasks), cfg.lm_eval_include_path)
+        except NotInstalled as e:
+            report(f"warning: lm_eval_tasks skipped: {e}")
+            return
+        if cfg.eval_only and not model_folder:
+            report("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
+        self.folder = model_folder if cfg.eval_only else cfg.out_dir
+
+    def __call__(self, accelerator, keep):
+        """The folder judged on the main process (the others wait at their next collective, up to
+        ddp_timeout: keep lm_eval_limit small on long tasks); flat scores for the trackers, or None."""
+        if not self.folder:
+            return None
+        return accelerator.on_main_process(during_training)(self.cfg, self.folder, str(accelerator.device), keep)
+
+
 def during_training(cfg, folder, device, keep=True):
     """cfg.lm_eval_tasks on a model folder, from a training run: lm-eval's table on the console,
     the scores kept with the model when `keep`, and flat for the trackers ({"lm_eval/task/metric": v}).
-    A failing task is a warning and None: a benchmark never stops the training it watches."""
+    A failing task is a warning and None: a benchmark never stops the training it watches. Writing
+    the scores is ours, not lm-eval's: a failure there is the run's own (a full disk, say)."""
     from lm_eval.utils import make_table
 
     try:
         results = evaluate(folder, task_names(cfg.lm_eval_tasks), cfg.batch_size, device, cfg.lm_eval_limit or None,
                            cfg.lm_eval_include_path)
-        scores = save_results(folder, results) if keep else scores_of(results)
     except Exception as e:  # lm-eval's own errors are of every kind
         why = str(e) if isinstance(e, UserError) else first_line(e)
         print(f"warning: lm-eval on {folder} failed ({why}); the run goes on", file=sys.stderr)
         return None
+    scores = save_results(folder, results) if keep else scores_of(results)
     print(make_table(results))
     return {f"lm_eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
 
@@ -121,10 +149,8 @@ def scores_of(results):
 def save_results(out_dir, results):
     """OUT_DIR/eval_results.json and the model card's model-index, written atomically."""
     scores = scores_of(results)
-    try:
-        iteration = TrainerState.read(out_dir).iter_num
-    except UserError:
-        iteration = None  # a folder not trained by gpt-train
+    state = TrainerState.read_if_any(out_dir)  # None: a folder not trained by gpt-train
+    iteration = state.iter_num if state else None
     record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
     write_json(os.path.join(out_dir, EVAL_RESULTS), record)
     card_path = os.path.join(out_dir, MODEL_CARD)

@@ -20,22 +20,12 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
 from huggingface_hub import HfApi, get_token
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from gpt_train.errors import UserError, first_line
 from gpt_train.out_dir import (EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES, RUN_CONFIG,
                                SHARDED_WEIGHTS, TrainerState, is_model_folder)
 
-HUB_STRATEGIES = ("end", "every_save")
 RUN_EXTRAS = (RUN_CONFIG, LOSS_CHART, EVAL_RESULTS)  # published beside the model: how it was made
-
-
-def check_repo_id(repo_id):
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as e:
-        raise UserError(f"{repo_id!r} is not a Hub repository id ({e}): write it as 'user/name'") from None
 
 
 def check_login():
@@ -48,9 +38,10 @@ def published_files(folder):
     """The files of `folder` that make the published model: the model folder's own (those its
     checkpoint's manifest lists, or the names transformers writes when it has none), the run's
     settings, chart and scores. Never the log, never a symbolic link (its target may be anything)."""
-    try:
-        names = {name for name in TrainerState.read(folder).files if "/" not in name}
-    except UserError:  # a model folder saved without gpt-train's checkpoint
+    state = TrainerState.read_if_any(folder)
+    if state:
+        names = {name for name in state.files if "/" not in name}
+    else:  # a model folder saved without gpt-train's checkpoint
         names = {name for name in os.listdir(folder) if name in MODEL_FOLDER_FILES or SHARDED_WEIGHTS.fullmatch(name)}
     names |= set(RUN_EXTRAS)
     return sorted(name for name in names if os.path.isfile(os.path.join(folder, name))

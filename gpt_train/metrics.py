@@ -65,9 +65,9 @@ def drop_torn_last_line(out_dir):
     return end - keep
 
 
-def trackers(cfg):
-    """What a run logs to: metrics.jsonl unless it only evaluates, and wandb if asked."""
-    return ([] if cfg.eval_only else [MetricsFile(cfg.out_dir)]) + (["wandb"] if cfg.wandb_log else [])
+def trackers(cfg, writes):
+    """What a run logs to: metrics.jsonl if it writes out_dir (an evaluation does not), and wandb if asked."""
+    return ([MetricsFile(cfg.out_dir)] if writes else []) + (["wandb"] if cfg.wandb_log else [])
 
 
 def log(accelerator, event, iteration, values):

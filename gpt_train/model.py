@@ -1,4 +1,4 @@
-"""The model: GPT2LMHeadModel built from settings or loaded, its optimizer, LR schedule and FLOPs.
+"""The model: GPT2LMHeadModel built from settings or loaded, its generation defaults and FLOPs.
 
 nanoGPT's GPT and transformers' GPT-2 are the same network. Their initialisations match
 too (normal(0, 0.02), residual projections scaled by 1/sqrt(2 * n_layer)), so a scratch
@@ -7,10 +7,10 @@ nanoGPT trains with exact GELU (GPT-2 checkpoints keep their tanh GELU), and nan
 `bias=False` has no biases at all, which GPT-2 cannot express; zero biases that never train
 compute the same function and keep the folder a plain GPT-2.
 
-Not here: the training loop, saving and resuming (gpt_train.checkpoint).
+Not here: optimizers and the learning-rate schedule (gpt_train.optim), the training loop, saving
+and resuming (gpt_train.checkpoint).
 """
 import json
-import math
 import os
 
 import torch
@@ -20,7 +20,6 @@ from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
 
-from gpt_train.config import with_values
 from gpt_train.errors import UserError, first_line
 
 VOCAB_MULTIPLE = 64  # vocabularies rounded up to a multiple of it, as nanoGPT does for GPT-2: faster matmuls
@@ -30,8 +29,6 @@ PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257, so rounded
 # A100, as nanoGPT does, so numbers stay comparable with its logs.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 DEFAULT_PEAK_FLOPS = PEAK_FLOPS["A100"]
-
-FUSED_ADAMW_DEVICES = ("cuda", "cpu")
 
 # OpenAI's checkpoints under the short names nanoGPT uses for them.
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -178,29 +175,6 @@ def read_model_config(folder, where):
     return GPT2Config.from_pretrained(folder)
 
 
-def settings_for_checkpoint(cfg, config, where, can_crop):
-    """The settings with the checkpoint's shape: it decides, and explicit settings may not contradict it.
-
-    block_size may be lowered below the checkpoint's context (the model is cropped, as in
-    nanoGPT) but not raised; left unset it is the checkpoint's.
-    """
-    shape = {"n_layer": config.n_layer, "n_head": config.n_head, "n_embd": config.n_embd,
-             "bias": getattr(config, "bias", True)}  # OpenAI's checkpoints have biases
-    for name, theirs in shape.items():
-        if name in cfg.explicit and getattr(cfg, name) != theirs:
-            raise UserError(f"{where} has {name}={theirs} but the settings say {name}={getattr(cfg, name)}: "
-                            f"drop the {name} setting (the model's shape comes from {where})")
-    context = config.n_positions
-    block_size = cfg.block_size if "block_size" in cfg.explicit else context
-    if block_size > context:
-        raise UserError(f"block_size={block_size} is larger than the {context}-token context of {where}: "
-                        f"use block_size <= {context}")
-    if block_size < context and not can_crop:
-        raise UserError(f"{where} was trained with block_size={context}; resuming cannot change it to "
-                        f"{block_size}: drop the block_size setting")
-    return with_values(cfg, block_size=block_size, **shape)
-
-
 def crop_block_size(model, block_size):
     """Cut the context to block_size, as nanoGPT's crop_block_size: keep the first position embeddings."""
     wpe = model.transformer.wpe
@@ -218,128 +192,6 @@ def count_parameters(model, non_embedding=True):
     if non_embedding:
         n -= model.transformer.wpe.weight.numel()
     return n
-
-
-def make_optimizers(model, cfg, device_type):
-    """nanoGPT's AdamW, weight decay on matrices and embeddings only; with optimizer='muon', torch's
-    Muon takes the blocks' matrices (attention and MLP weights) and AdamW keeps the rest: the
-    embeddings (the head is tied to them), LayerNorms and biases.
-
-    Muon's learning rate is adjusted per matrix by torch's "match_rms_adamw" rule,
-    0.2 * sqrt(max(rows, cols)): it treats a matrix and its transpose alike, so GPT-2's Conv1D
-    layout (weights stored as in x out, not nn.Linear's out x in) changes nothing. Newton-Schulz
-    orthogonalisation is transpose-symmetric too.
-    """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon = [p for name, p in named if cfg.optimizer == "muon" and p.dim() == 2 and name.startswith(BLOCKS)]
-    rest = [p for _, p in named if not any(p is q for q in muon)]
-    # One fused kernel for all tensors: on CPU too, where it took the optimizer step from 2.7 to
-    # 1.0 ms of a 37 ms CPU-recipe step.
-    optimizers = [torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "kind": "decay"},
-                                     {"params": [p for p in rest if p.dim() < 2], "kind": "no_decay"}],
-                                    lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)]
-    if muon:
-        muon_class = Float32Muon if device_type == "cpu" else torch.optim.Muon
-        optimizers.append(muon_class([{"params": muon, "kind": "muon"}], lr=cfg.muon_learning_rate,
-                                     adjust_lr_fn="match_rms_adamw"))
-    for optimizer in optimizers:
-        set_hyperparameters(optimizer, cfg)
-    return optimizers
-
-
-class Float32Muon(torch.optim.Muon):
-    """torch's Muon with its Newton-Schulz orthogonalisation in float32 instead of bfloat16, for CPUs.
-
-    torch casts each update to bfloat16 for Newton-Schulz, which is fast on GPUs but not on CPUs
-    without bfloat16 matrix units (AVX2, as on the machines gpt-train is measured on): there a
-    128x512 @ 512x128 product took 14.0 ms in bfloat16 and 1.4 ms in float32, and a CPU-recipe step
-    with torch's Muon 920 ms instead of 149 ms. Everything else is torch's Muon; the iteration is
-    torch's too (same quintic, coefficients and normalisation), only the dtype differs.
-    """
-
-    def step(self, closure=None):
-        original = torch.optim._muon._zeropower_via_newtonschulz
-        torch.optim._muon._zeropower_via_newtonschulz = _newton_schulz_float32
-        try:
-            return super().step(closure)
-        finally:
-            torch.optim._muon._zeropower_via_newtonschulz = original
-
-
-def _newton_schulz_float32(grad, ns_coefficients, ns_steps, eps):
-    """torch.optim._muon._zeropower_via_newtonschulz, computed in float32."""
-    a, b, c = ns_coefficients
-    x = grad.float()
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
-    for _ in range(ns_steps):
-        gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
-    return x.T if tall else x
-
-
-def set_hyperparameters(optimizer, cfg):
-    """The settings' betas, momentum and weight decay on every parameter group.
-
-    Also after a resume: loading the optimizer's state brings back the hyperparameters it was
-    saved with, and a resumed run whose settings change them must train with the new ones.
-    """
-    for group in optimizer.param_groups:
-        kind = _kind(group)
-        if kind == "muon":
-            group["momentum"] = cfg.muon_momentum
-        else:
-            group["betas"] = (cfg.beta1, cfg.beta2)
-        group["weight_decay"] = 0.0 if kind == "no_decay" else cfg.weight_decay
-
-
-def set_schedule(optimizer, scheduler, cfg):
-    """Put the settings' learning rate under a restored LambdaLR, as set_hyperparameters does for
-    the rest: its state holds the peak learning rate it was saved with. The multiplier itself is
-    rebuilt from the settings (LambdaLR saves no plain functions), so the rate is recomputed."""
-    scheduler.base_lrs = [cfg.muon_learning_rate if _kind(group) == "muon" else cfg.learning_rate
-                          for group in optimizer.param_groups]
-    for group, base, multiplier in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas,
-                                       strict=True):
-        group["initial_lr"] = base
-        group["lr"] = base * multiplier(scheduler.last_epoch)
-
-
-def _kind(group):
-    # checkpoints from before parameter groups were named: the decaying group is the one with decay
-    return group.get("kind", "decay" if group["weight_decay"] > 0 else "no_decay")
-
-
-def lr_multiplier(cfg):
-    """The schedule as a LambdaLR factor of the peak learning rate (every optimizer's).
-
-    'cosine' is nanoGPT's: linear warmup, cosine to min_lr at lr_decay_iters, then flat.
-    transformers' get_cosine_with_min_lr_schedule_with_warmup warms up from 0 at step 0,
-    nanoGPT from lr/(warmup+1); keeping nanoGPT's curve keeps its published runs reproducible.
-    'wsd' (warmup-stable-decay) holds the peak after the warmup and decays linearly to min_lr
-    over the last cooldown_iters before lr_decay_iters. Defined at every iteration, also when
-    the warmup outlasts the decay (the rate then warms up until warmup_iters).
-    """
-    peak, floor, warmup, decay_end = cfg.learning_rate, cfg.min_lr, cfg.warmup_iters, cfg.lr_decay_iters
-    cooldown_start = decay_end - cfg.cooldown_iters
-
-    def multiplier(it):
-        if not cfg.decay_lr or peak == 0:
-            return 1.0
-        if it < warmup:
-            return (it + 1) / (warmup + 1)
-        if it >= decay_end:
-            return floor / peak
-        if cfg.lr_schedule == "wsd":
-            if it < cooldown_start:
-                return 1.0
-            return (floor + (decay_end - it) / (decay_end - cooldown_start) * (peak - floor)) / peak
-        ratio = (it - warmup) / (decay_end - warmup)
-        return (floor + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (peak - floor)) / peak
-
-    return multiplier
 
 
 def flops_per_token(model):

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import asdict, dataclass, field, fields
 
+from gpt_train.config import tokens_per_iter
 from gpt_train.errors import UserError, first_line
 
 MODEL_CONFIG = "config.json"
@@ -165,6 +166,15 @@ class TrainerState:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
 
+    @classmethod
+    def read_if_any(cls, out_dir):
+        """The state of out_dir's checkpoint, or None where there is none that can be read (a new
+        folder, a model saved without gpt-train, a damaged state): for those that only report it."""
+        try:
+            return cls.read(out_dir)
+        except UserError:
+            return None
+
     def to_dict(self):
         return asdict(self)
 
@@ -242,19 +252,17 @@ def _read_json_object(path, missing, broken):
 
 def last_checkpoint_note(out_dir):
     """What a run that stops early leaves to continue from, in one sentence for its error line."""
-    try:
-        iteration = TrainerState.read(out_dir).iter_num
-    except UserError:
+    state = TrainerState.read_if_any(out_dir)
+    if state is None:
         return f"{out_dir} has no checkpoint yet; start the run again"
-    return f"the last checkpoint in {out_dir}, at iteration {iteration:,}, is intact; continue with --init_from=resume"
+    return f"the last checkpoint in {out_dir}, at iteration {state.iter_num:,}, is intact; continue with --init_from=resume"
 
 
-def tokens_per_iter(out_dir):
+def run_tokens_per_iter(out_dir):
     """Tokens per iteration of the run in out_dir, from its settings; None if they cannot be read."""
     try:
-        cfg = read_run_config(out_dir)
-        return cfg["gradient_accumulation_steps"] * cfg["batch_size"] * cfg["block_size"]
-    except (UserError, KeyError, TypeError):
+        return tokens_per_iter(read_run_config(out_dir))
+    except (UserError, TypeError):
         return None
 
 
@@ -264,10 +272,8 @@ def previous_run(out_dir, allow=()):
     found = sorted(n for n in os.listdir(out_dir) if written_by_gpt_train(n)) if os.path.isdir(out_dir) else []
     if set(found) <= set(allow):
         return ""
-    try:
-        return f"a checkpoint at iteration {TrainerState.read(out_dir).iter_num:,}"
-    except UserError:
-        return ", ".join(found)
+    state = TrainerState.read_if_any(out_dir)
+    return f"a checkpoint at iteration {state.iter_num:,}" if state else ", ".join(found)
 
 
 class MetricsReader:

@@ -15,10 +15,10 @@ import os
 import sys
 from dataclasses import dataclass, field
 
-from gpt_train.config import command_parser
+from gpt_train.cli import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
-from gpt_train.out_dir import LOSS_CHART, MetricsReader, tokens_per_iter
+from gpt_train.out_dir import LOSS_CHART, MetricsReader, run_tokens_per_iter
 
 COMPARISON_FILE = "loss_comparison.png"  # several runs have no single out_dir to write into
 MAX_STEP_POINTS = 4000  # more step losses than pixels only cost drawing time: thin them out
@@ -65,7 +65,7 @@ class CurvesReader:
                 self.lr[it] = record["lr"]
         self.seen = len(records)
         return RunCurves(name or os.path.basename(os.path.normpath(self.out_dir)) or self.out_dir,
-                         tokens_per_iter(self.out_dir), sorted(self.step.items()),
+                         run_tokens_per_iter(self.out_dir), sorted(self.step.items()),
                          [(i, *self.evals[i]) for i in sorted(self.evals)], sorted(self.lr.items()),
                          sorted(self.bpb.items()))
 

@@ -26,7 +26,8 @@ import numpy as np
 from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
-from gpt_train.config import check_choices, load_config, setting
+from gpt_train.cli import load_config
+from gpt_train.config import check_choices, setting
 from gpt_train.data import MAX_VOCAB, SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path

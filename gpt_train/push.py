@@ -5,9 +5,10 @@ and model card, not training_state/, metrics.jsonl, other files or symbolic link
 commit, waits for it and names the files that went up. The token comes
 from HF_TOKEN or `hf auth login`.
 """
-from gpt_train.config import command_parser
+from gpt_train.cli import command_parser
 from gpt_train.errors import UserError, exit_on_user_error, first_line
-from gpt_train.hub import check_login, check_repo_id, snapshot, upload_snapshot
+from gpt_train.config import check_repo_id
+from gpt_train.hub import check_login, snapshot, upload_snapshot
 from gpt_train.out_dir import check_model_folder
 
 COMMIT_MESSAGE = "Upload model trained with gpt-train"

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TextGenerationPipe
 from transformers.generation.streamers import BaseStreamer
 from transformers.utils import logging as hf_logging
 
-from gpt_train.config import DTYPES, check_choices, load_config, setting
+from gpt_train.cli import load_config
+from gpt_train.config import DTYPES, check_choices, setting
 from gpt_train.device import resolve_device, torch_dtype
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder

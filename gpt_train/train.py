@@ -16,27 +16,25 @@ import time
 from dataclasses import dataclass
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, broadcast_object_list, set_seed
+from accelerate import Accelerator
+from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint, run_lock
-from gpt_train.config import with_saved_settings, with_values
 from gpt_train.data import SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids, open_dataset
-from gpt_train.device import (check_memory, check_one_run, fsdp_compute_dtype, mixed_precision, peer_failure,
-                              process_group_kwargs)
+from gpt_train.device import check_memory, fsdp_compute_dtype, mixed_precision, peer_failure
 from gpt_train.errors import UserError
-from gpt_train.evaluate import NotInstalled, check_tasks, during_training, task_names
+from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
-from gpt_train.model import (build_model, count_parameters, crop_block_size,
-                             flops_per_token, load_pretrained, lr_multiplier, make_optimizers, peak_flops,
-                             pretrained_folder, read_model_config, ready_for_training, scratch_vocab_size,
-                             set_hyperparameters, set_schedule, settings_for_checkpoint, use_causal_sdpa)
-from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE, TrainerState,
-                               check_model_files, has_checkpoint, last_checkpoint_note, previous_run, read_run_config)
+from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
+                             peak_flops, ready_for_training, scratch_vocab_size, use_causal_sdpa)
+from gpt_train.optim import lr_multiplier, make_optimizers, set_hyperparameters, set_schedule
+from gpt_train.config import tokens_per_iter
+from gpt_train.out_dir import TrainerState, last_checkpoint_note
+from gpt_train.start import plan
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
@@ -61,167 +59,96 @@ class Run:
     schedulers: list  # one LambdaLR per optimizer, the same multiplier
     sampler: BlockSampler
     tokenizer: object
-    iter_num: int
-    best_val_loss: float
-    best_iter: int | None  # where best_val_loss was measured
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
     bytes_per_token: float  # of the val text: turns val loss into bits per byte
+    writes: bool  # False for an evaluation, which leaves out_dir as it was
+    iter_num: int = 0
+    best_val_loss: float = math.inf
+    best_iter: int | None = None  # where best_val_loss was measured
     tracker_run_id: str | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
-    lm_eval_folder: str | None = None  # the folder lm_eval_tasks judge, None when they do not run
+    judge: Judge | None = None  # lm_eval_tasks after each save
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
 
 
 def setup(cfg):
-    """Settings, then processes and precision, then the model (and the data it trains on), then
-    Accelerate's objects, then the saved state on top: each decided once, in that order."""
-    resume_changes = []
-    cfg = _resume_choice(cfg)
-    if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
-        cfg, resume_changes = with_saved_settings(cfg, read_run_config(cfg.out_dir),
-                                                  os.path.join(cfg.out_dir, RUN_CONFIG))
-    if cfg.wandb_log:
-        check_wandb_login()
-    state = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
-    check_one_run(state)
-    lock = _hold_out_dir(cfg, state)
-    try:
-        return _build(cfg, state, lock, resume_changes)
-    except BaseException:
-        if lock:
-            lock.release()
-        raise
+    """The start (gpt_train.start: settings, processes, out_dir's lock, saved state, where the
+    weights come from), then precision, data and model, Accelerate's objects, and the saved
+    state on top: each decided once, in that order."""
+    start = plan(cfg)
+    with start.released_on_error():
+        cfg, processes = start.cfg, start.processes
+        if cfg.wandb_log:
+            check_wandb_login()
+        if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
+            processes.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters "
+                            f"({cfg.lr_decay_iters}): the learning rate rises until iteration {cfg.warmup_iters}, "
+                            "then drops to min_lr")
+        mixed, fsdp_plugin = _precision(cfg, processes.device)
+        micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
+        set_seed(cfg.seed)  # identical initial weights on every process
+        bins, model, tokenizer = _init_model(start)
+        accelerator = Accelerator(
+            mixed_precision=mixed,
+            gradient_accumulation_steps=micro_steps,
+            step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+            log_with=trackers(cfg, start.writes) or None,
+            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+            fsdp_plugin=fsdp_plugin,
+        )
+        set_seed(cfg.seed, device_specific=True)  # but each process its own dropout masks
+        optimizers = make_optimizers(_ready_to_train(model, cfg), cfg, processes.device.type)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
+        model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+        optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
+        checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
+        run = Run(cfg, accelerator, model, optimizers, schedulers,
+                  BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device), tokenizer,
+                  micro_steps=micro_steps, tokens_per_iter=tokens_per_iter(cfg), writes=start.writes,
+                  bytes_per_token=bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size)))
+        if start.saved:
+            _restore(run, start)
+        run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
+        run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
+        _start_logging(run, start.replace)
+        return run
 
 
-def _hold_out_dir(cfg, state):
-    """The run's lock on out_dir (held by the main process for all), then the check that a new
-    run does not mix with another's files: under the lock, so two runs started together cannot
-    both pass it. An evaluation writes nothing and takes no lock."""
-    if cfg.eval_only:
-        return None
-    lock, refusal = None, None
-    if state.is_main_process:
-        try:
-            lock = run_lock.hold(cfg.out_dir)
-        except UserError as e:
-            refusal = str(e)
-    if state.num_processes > 1:
-        refusal = broadcast_object_list([refusal])[0]
-    if refusal:
-        raise UserError(refusal)
-    if cfg.init_from != "resume" and not cfg.overwrite_output_dir:
-        try:
-            _refuse_another_run(cfg)
-        except UserError:
-            if lock:
-                lock.release()
-            raise
-    return lock
-
-
-def _build(cfg, state, lock, resume_changes):
-    if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
-        state.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): "
-                    f"the learning rate rises until iteration {cfg.warmup_iters}, then drops to min_lr")
-    device = state.device
+def _precision(cfg, device):
+    """Accelerate's mixed precision and FSDP plugin; a dtype the device lacks fails before any loading."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
-    mixed = mixed_precision(cfg.dtype, device)  # a dtype the device lacks fails before any loading
+    mixed = mixed_precision(cfg.dtype, device)
     fsdp_plugin = _fsdp_plugin(mixed)
     if fsdp_plugin and cfg.optimizer == "muon":
         raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
                         "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
-    micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, state.num_processes)
+    return mixed, fsdp_plugin
 
-    set_seed(cfg.seed)  # identical initial weights on every process
-    cfg, bins, model, tokenizer, saved, folder = _init_model(cfg, state)
-    check_token_ids(bins, model.config.vocab_size)
-    val_bytes_per_token = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))
 
-    accelerator = Accelerator(
-        mixed_precision=mixed,
-        gradient_accumulation_steps=micro_steps,
-        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-        log_with=trackers(cfg) or None,
-        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
-        fsdp_plugin=fsdp_plugin,
-    )
-    set_seed(cfg.seed, device_specific=True)  # but each process its own dropout masks
+def _ready_to_train(model, cfg):
     model.train()  # from_pretrained returns eval mode: dropout would be off until the first evaluation
     use_causal_sdpa(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
-    optimizers = make_optimizers(model, cfg, device.type)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
-    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
-    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
-    checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
-
-    run = Run(cfg, accelerator, model, optimizers, schedulers,
-              BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, device), tokenizer,
-              iter_num=0, best_val_loss=math.inf, best_iter=None, micro_steps=micro_steps,
-              tokens_per_iter=cfg.gradient_accumulation_steps * cfg.batch_size * cfg.block_size,
-              bytes_per_token=val_bytes_per_token)
-    if saved is not None:
-        checkpoint.load_training_state(accelerator, cfg.out_dir)
-        for optimizer, scheduler in zip(optimizers, schedulers, strict=True):
-            set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
-            set_schedule(optimizer, scheduler.scheduler, cfg)
-        run.iter_num, run.best_val_loss, run.best_iter = saved.iter_num, saved.best_val_loss, saved.best_iter
-        run.tracker_run_id, run.skipped_steps = saved.tracker_run_id, saved.skipped_steps
-        for line in resume_changes:
-            state.print(line)
-        state.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
-    run.lock = lock
-    run.lm_eval_folder = _lm_eval_folder(cfg, folder, state)
-    run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
-    _start_logging(run)
-    return run
+    return model
 
 
-def _resume_choice(cfg):
-    """resume_from_checkpoint as init_from: 'resume' where there is a checkpoint to continue.
-
-    Every process decides alone, from the files, before any of them can change out_dir: a
-    restarted worker group (torchrun --max_restarts) thus continues as one run.
-    """
-    target = cfg.resume_from_checkpoint
-    if isinstance(target, str) and target:
-        if not has_checkpoint(target):
-            raise UserError(f"resume_from_checkpoint={target!r}: no checkpoint there to continue (no "
-                            f"{STATE_DIR}/{TRAINER_STATE}); give the out_dir of a run, or True to start when "
-                            "there is none")
-        return with_values(cfg, out_dir=target, init_from="resume")
-    if target is True and has_checkpoint(cfg.out_dir):
-        return with_values(cfg, init_from="resume")
-    return cfg
-
-
-def _refuse_another_run(cfg):
-    # a worker restarted before the first checkpoint replaces what its own first attempt left
-    restarting = cfg.resume_from_checkpoint is True
-    found = previous_run(cfg.out_dir, allow=BEFORE_FIRST_CHECKPOINT if restarting else ())
-    if found:
-        raise UserError(f"{cfg.out_dir} holds another training run ({found}): continue it with --init_from=resume, "
-                        "train into another --out_dir, or replace it with --overwrite_output_dir=True")
-
-
-def _lm_eval_folder(cfg, model_folder, state):
-    """What lm_eval_tasks judge: out_dir's checkpoints, or the model an eval_only run reads.
-    Unknown tasks are refused now; lm-eval missing is a warning, as the eval presets name tasks."""
-    if not cfg.lm_eval_tasks:
-        return None
-    try:
-        check_tasks(task_names(cfg.lm_eval_tasks), cfg.lm_eval_include_path)
-    except NotInstalled as e:
-        state.print(f"warning: lm_eval_tasks skipped: {e}")
-        return None
-    if cfg.eval_only and not model_folder:
-        state.print("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
-    return model_folder if cfg.eval_only else cfg.out_dir
+def _restore(run, start):
+    """The saved state on top of what setup built: optimizer, scheduler and RNGs, then the loop's own."""
+    cfg, saved = run.cfg, start.saved
+    checkpoint.load_training_state(run.accelerator, cfg.out_dir)
+    for optimizer, scheduler in zip(run.optimizers, run.schedulers, strict=True):
+        set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
+        set_schedule(optimizer, scheduler.scheduler, cfg)
+    run.iter_num, run.best_val_loss, run.best_iter = saved.iter_num, saved.best_val_loss, saved.best_iter
+    run.tracker_run_id, run.skipped_steps = saved.tracker_run_id, saved.skipped_steps
+    for line in start.changes:
+        start.processes.print(line)
+    start.processes.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
 
 
 def micro_steps_per_process(gradient_accumulation_steps, num_processes):
@@ -256,38 +183,25 @@ def _prepare_hint(cfg):
     return hint
 
 
-def _init_model(cfg, state):
-    """(settings with the model's shape, dataset, model, tokenizer, saved TrainerState or None, the
-    folder the model was loaded from or None).
-
-    First where the model comes from (scratch, out_dir's checkpoint, a pretrained folder or Hub
-    id) and so its shape, then the data and its tokenizer, once, then the model itself: a scratch
+def _init_model(start):
+    """(dataset, model, tokenizer): the data and its tokenizer first, once, then the model: a scratch
     model takes its vocabulary from the data, a loaded one keeps its own and must read the data
-    as the data were written.
-    """
-    saved = folder = None
-    if cfg.init_from == "resume":
-        saved, folder = checkpoint.read_trainer_state(cfg.out_dir, repair=not cfg.eval_only), cfg.out_dir
-    elif cfg.init_from != "scratch":
-        with state.main_process_first():  # one process downloads, the others find it cached
-            folder = pretrained_folder(cfg.init_from)
-        check_model_files(folder)
-    where = cfg.out_dir if saved else cfg.init_from
-    if folder:
-        config = read_model_config(folder, where)
-        cfg = settings_for_checkpoint(cfg, config, where, can_crop=saved is None)
+    as the data were written."""
+    cfg, config, where = start.cfg, start.model_config, start.where
     data_dir = cfg.resolved_data_dir
     bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
     data_tokenizer = dataset_tokenizer(data_dir)
-    fits = functools.partial(check_memory, state.device, cfg.n_layer, cfg.n_embd, block_size=cfg.block_size,
-                             batch_size=cfg.batch_size, training=not cfg.eval_only,
-                             shards=state.num_processes if launched_with_fsdp() else 1)
-    if not folder:
+    fits = functools.partial(check_memory, start.processes.device, cfg.n_layer, cfg.n_embd,
+                             block_size=cfg.block_size, batch_size=cfg.batch_size, training=start.writes,
+                             shards=start.processes.num_processes if launched_with_fsdp() else 1)
+    if not start.folder:
         vocab_size = scratch_vocab_size(bins.vocab_size, data_tokenizer)
         fits(vocab_size=vocab_size)
-        return cfg, bins, build_model(cfg, vocab_size, data_tokenizer), data_tokenizer, None, None
+        model = build_model(cfg, vocab_size, data_tokenizer)
+        check_token_ids(bins, model.config.vocab_size)
+        return bins, model, data_tokenizer
     fits(vocab_size=config.vocab_size)
-    tokenizer = model_tokenizer(folder)
+    tokenizer = model_tokenizer(start.folder)
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
@@ -297,15 +211,15 @@ def _init_model(cfg, state):
         i, theirs, ours = disagreement
         raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
                         f"data, {ours!r} in the model): prepare the data with the model's tokenizer")
-    model = crop_block_size(load_pretrained(folder, config), cfg.block_size)
-    return cfg, bins, ready_for_training(model, cfg.dropout), tokenizer, saved, folder
+    check_token_ids(bins, config.vocab_size)
+    model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
+    return bins, ready_for_training(model, cfg.dropout), tokenizer
 
 
-def _start_logging(run):
+def _start_logging(run, replace):
     cfg, acc = run.cfg, run.accelerator
     run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id)
-    if not cfg.eval_only:  # an evaluation leaves the run it reads as it was
-        replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
+    if run.writes:  # an evaluation leaves the run it reads as it was
         checkpoint.start_run_folder(cfg.out_dir, dataclasses.asdict(cfg), replace=replace)
     acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
@@ -315,7 +229,7 @@ def _start_logging(run):
 
 
 @torch.no_grad()
-def evaluate(run):
+def estimate_loss(run):
     """Mean loss over eval_iters batches per split, the batches shared out over processes."""
     acc, cfg, model = run.accelerator, run.cfg, run.model
     model.eval()
@@ -362,14 +276,10 @@ def save(run, val_loss=None):
 
 
 def judge(run, keep):
-    """lm_eval_tasks on the main process, from the saved folder; the others wait at their next
-    collective (up to ddp_timeout: keep lm_eval_limit small enough on long tasks)."""
-    if not run.lm_eval_folder:
-        return
-    acc = run.accelerator
-    scores = acc.on_main_process(during_training)(run.cfg, run.lm_eval_folder, str(acc.device), keep)
+    """The saved folder judged (gpt_train.evaluate.Judge), its scores logged like the losses."""
+    scores = run.judge(run.accelerator, keep)
     if scores:
-        log(acc, "lm_eval", run.iter_num, scores)
+        log(run.accelerator, "lm_eval", run.iter_num, scores)
 
 
 def fit(run):
@@ -380,17 +290,17 @@ def fit(run):
     x, y = next(batches)
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
                         flops_per_iter, peak)  # ETA on the log line, summary at the end
-    plot = LivePlot(acc, None if cfg.eval_only else cfg.out_dir)  # out_dir/loss.png, after each eval
+    plot = LivePlot(acc, cfg.out_dir if run.writes else None)  # out_dir/loss.png, after each eval
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
     while True:
         lr = run.schedulers[0].get_last_lr()[0]  # AdamW's; Muon's follows the same multiplier
 
         # evaluate the loss on train/val sets and write checkpoints
-        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or cfg.eval_only:
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or not run.writes:
             evaluate_and_checkpoint(run, lr, running_mfu)
             plot.update()
-        if cfg.eval_only or run.iter_num >= cfg.max_iters:
+        if not run.writes or run.iter_num >= cfg.max_iters:  # an evaluation is one eval step
             break
 
         # forward, backward, update; gradients are synchronised only on the last micro-step
@@ -442,7 +352,7 @@ def fit(run):
             acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                       "continue with --init_from=resume")
             break
-    if not cfg.eval_only:
+    if run.writes:
         progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
     run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
@@ -452,12 +362,12 @@ def fit(run):
 def evaluate_and_checkpoint(run, lr, running_mfu):
     """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
     cfg, acc = run.cfg, run.accelerator
-    losses = evaluate(run)
+    losses = estimate_loss(run)
     perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
     bpb = bits_per_byte(losses["val"], run.bytes_per_token)
     acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"({bpb:.4f} bits per byte)")
-    if cfg.eval_only:
+    if not run.writes:
         acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
         judge(run, keep=False)  # an evaluation writes nothing
     log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
@@ -468,7 +378,7 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
     if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
         if losses["val"] < run.best_val_loss:
             run.best_val_loss, run.best_iter = losses["val"], run.iter_num
-        if run.iter_num > 0 and not cfg.eval_only:
+        if run.iter_num > 0 and run.writes:
             save(run, val_loss=losses["val"])
 
 
@@ -508,6 +418,6 @@ def train(cfg):
             raise UserError(f"{why}: {last_checkpoint_note(run.cfg.out_dir)}") from None
         finally:
             if run.lock:
-                run.lock.release()
+                run.lock.release()  # the process's end would too; in-process callers need it now
 
 

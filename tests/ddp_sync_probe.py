@@ -6,7 +6,7 @@ import sys
 
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.train import fit, setup
 
 run = setup(load_config(sys.argv[1:]))

@@ -6,7 +6,8 @@ import tomllib
 import pytest
 
 from conftest import ROOT, run_script
-from gpt_train.config import TrainConfig, groups, load_config
+from gpt_train.cli import groups, load_config
+from gpt_train.config import TrainConfig
 from gpt_train.prepare import ShakespeareCharConfig
 
 
@@ -40,6 +41,7 @@ def test_help_works_for_any_settings_dataclass(capsys):
     assert "--val_fraction=0.1" in text and "share held out for validation" in text
 
 
+@pytest.mark.slow
 def test_print_config_shows_the_resolved_settings_as_a_preset_and_exits(tmp_path):
     # No dataset exists for this preset here: --print_config must not need one.
     result = run_script("train.py", "configs/train_shakespeare_char_cpu.py", "--n_layer=3", "--print_config",
@@ -69,6 +71,7 @@ def test_console_entry_points_name_importable_mains():
     assert "dependencies" in project["dynamic"]  # the exact pins of requirements.txt
 
 
+@pytest.mark.slow
 def test_gpt_prepare_dispatches_by_dataset_name(char_data, tmp_path, capsys):
     from gpt_train.prepare import main
     main(["shakespeare_char", f"--out_dir={tmp_path}"])

@@ -16,6 +16,8 @@ from gpt_train.cli import train as main
 from gpt_train.convert import main as convert
 from gpt_train.sample import generate_sliding
 
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
+
 CONTEXT = 32  # TINY_MODEL's block_size
 
 

@@ -4,7 +4,8 @@ import os
 import pytest
 
 from conftest import ROOT, run_script
-from gpt_train.config import TrainConfig, load_config
+from gpt_train.cli import load_config
+from gpt_train.config import TrainConfig
 from gpt_train.errors import UserError
 
 # nanoGPT's train.py defaults, the contract a nanoGPT user counts on.
@@ -111,6 +112,7 @@ def test_preset_may_not_set_unknown_names(tmp_path):
     (["--n_layr=2"], "error: unknown setting 'n_layr' in the command line; did you mean n_layer?"),
     (["configs/does_not_exist.py"], "error: preset file configs/does_not_exist.py not found"),
 ])
+@pytest.mark.slow
 def test_train_cli_reports_one_line_and_exits_nonzero(args, message):
     result = run_script("train.py", *args, check=False)
     assert result.returncode != 0

@@ -134,6 +134,7 @@ def test_nanogpt_checkpoint_converts_with_matching_logits_and_back(tmp_path, bia
     assert meta["stoi"]["!"] == 1 and meta["itos"][1] == "!" and meta["vocab_size"] == 65
 
 
+@pytest.mark.slow
 def test_bpe_checkpoint_converts_on_the_command_line_with_gpt2_tokenizer(tmp_path):
     torch.manual_seed(1)
     args = model_args(bias=False, vocab_size=50304)

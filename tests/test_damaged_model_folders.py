@@ -14,7 +14,7 @@ import shutil
 import pytest
 
 from conftest import TINY_MODEL, run_script, tree_digest
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.convert import main as convert_main
 from gpt_train.evaluate import main as evaluate_main
 from gpt_train.sample import main as sample_main
@@ -122,8 +122,9 @@ IN_A_FRESH_INTERPRETER = {("weights cut to 1000 bytes", "sample"), ("weights ove
                           ("tokenizer.json cut in half", "upgrade"), ("tokenizer.json not a tokenizer", "evaluate")}
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-@pytest.mark.parametrize("damage", DAMAGES)
+@pytest.mark.parametrize("damage, command", [
+    pytest.param(damage, command, marks=pytest.mark.slow) if (damage, command) in IN_A_FRESH_INTERPRETER
+    else (damage, command) for damage in DAMAGES for command in COMMANDS])
 def test_a_damaged_model_file_gets_one_line_naming_it_and_changes_no_file(damage, command, trained, tasks, tmp_path,
                                                                          capsys):
     name, damage_it = DAMAGES[damage]

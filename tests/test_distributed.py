@@ -3,14 +3,17 @@ import json
 import os
 import re
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import (ACCELERATE, ROOT, assert_every_process_reports_the_full_disk, free_port, read_metrics, run_script,
                       tree_digest)
 from gpt_train import checkpoint
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.train import train
+
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
 
 DDP_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 

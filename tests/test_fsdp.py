@@ -15,9 +15,11 @@ from transformers import GPT2LMHeadModel, pipeline
 from conftest import (ACCELERATE, ROOT, TINY_MODEL, assert_every_process_reports_the_full_disk, free_port, read_metrics,
                       run_script, sha256, tree_digest)
 from gpt_train import checkpoint
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.train import train
+
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
 
 FSDP_CONFIG = os.path.join(ROOT, "accelerate_configs", "fsdp_8xa100.yaml")
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import run_script
 from gpt_train import push
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.hub import HubPusher
 from gpt_train.train import train
@@ -189,6 +189,7 @@ def test_push_sends_the_model_folders_own_files_never_a_users_file_or_a_symlinks
     assert capsys.readouterr().out.strip().endswith(f": {', '.join(sent)}")  # says which files went up
 
 
+@pytest.mark.slow
 def test_push_command_errors_are_one_line(tmp_path):
     result = run_script("-m", "gpt_train.push", str(tmp_path / "missing"), "someone/x", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

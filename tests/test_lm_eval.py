@@ -19,6 +19,8 @@ lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-eva
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
+
 MAX_GEN_TOKS = 10  # far below half the context: the length at which the old folders overflowed
 TASK_FOLDER = []  # where the tasks fixture wrote its YAML files
 

@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from transformers import pipeline
 
 from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, run_script, sha256
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
-from gpt_train.model import Float32Muon, lr_multiplier
+from gpt_train.optim import Float32Muon, lr_multiplier
 from gpt_train.train import setup, train
 
 MUON = ["--optimizer=muon", "--muon_learning_rate=0.01", "--weight_decay=0.1"]
@@ -43,6 +43,30 @@ def test_muon_trains_the_blocks_matrices_and_adamw_the_rest(char_data, tmp_path)
     assert isinstance(muon.optimizer, torch.optim.Muon) and isinstance(adamw.optimizer, torch.optim.AdamW)
 
 
+def test_float32_muon_runs_its_own_newton_schulz_in_float32(monkeypatch):
+    """The CPU Muon swaps a private torch function during step(): if a torch upgrade stopped
+    looking it up there, the swap would do nothing and CPU runs would quietly fall back to
+    bfloat16 Newton-Schulz (10x slower); this fails first."""
+    from gpt_train import optim
+    calls = []
+
+    def counted(grad, *args, **kwargs):
+        out = optim_newton_schulz(grad, *args, **kwargs)
+        calls.append(out.dtype)
+        return out
+
+    optim_newton_schulz = optim._newton_schulz_float32
+    monkeypatch.setattr(optim, "_newton_schulz_float32", counted)
+    torch.manual_seed(0)
+    weight = torch.nn.Parameter(torch.randn(16, 8))
+    opt = Float32Muon([weight], lr=0.01, adjust_lr_fn="match_rms_adamw")
+    weight.grad = torch.randn(16, 8)
+    before = weight.detach().clone()
+    opt.step()
+    assert calls == [torch.float32] and not torch.equal(weight.detach(), before)
+    assert torch.optim._muon._zeropower_via_newtonschulz is not counted  # torch's own is back after the step
+
+
 def test_the_speedrun_preset_is_what_the_readme_says(char_data, tmp_path):
     run = setup(load_config([os.path.join(ROOT, "configs", "speedrun_shakespeare_char_cpu.py"),
                              f"--data_dir={char_data}", f"--out_dir={tmp_path}", "--device=cpu"]))
@@ -60,6 +84,7 @@ def test_the_speedrun_preset_is_what_the_readme_says(char_data, tmp_path):
     assert [adamw.param_groups[0]["lr"], muon.param_groups[0]["lr"]] == pytest.approx([p / 51 for p in peaks])
 
 
+@pytest.mark.slow
 def test_the_time_to_target_benchmark_runs(char_data):
     result = run_script("benchmarks/time_to_target.py", "--skip_recipe", "--seeds=1", f"--data={char_data}",
                         "--extra=--max_iters=5 --lr_decay_iters=5 --warmup_iters=1 --eval_interval=5 --eval_iters=1")
@@ -93,6 +118,7 @@ def test_muon_learns_and_leaves_a_plain_gpt2_folder(tiny_run):
     assert generator("ROMEO:", max_new_tokens=5, do_sample=False)[0]["generated_text"].startswith("ROMEO:")
 
 
+@pytest.mark.slow
 def test_muon_resumes_exactly_after_a_kill(char_data, tmp_path):
     straight_dir, out_dir = str(tmp_path / "straight"), str(tmp_path / "out")
     straight = run_script("train.py", f"--data_dir={char_data}", f"--out_dir={straight_dir}", *RUN)
@@ -113,6 +139,7 @@ def test_muon_resumes_exactly_after_a_kill(char_data, tmp_path):
     assert sha256(os.path.join(out_dir, "model.safetensors")) == sha256(os.path.join(straight_dir, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_muon_on_two_ddp_processes_matches_one_process(tiny_run, tmp_path):
     out_dir, args = tiny_run
     common = [*args, *MUON, "--gradient_accumulation_steps=2", "--max_iters=6", "--eval_interval=3", "--eval_iters=2"]
@@ -128,6 +155,7 @@ def test_muon_on_two_ddp_processes_matches_one_process(tiny_run, tmp_path):
         torch.testing.assert_close(two_weights[name], tensor, atol=1e-4, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_muon_under_fsdp_is_refused_in_one_line(tiny_run):
     _, args = tiny_run
     result = run_script(ACCELERATE, "launch", "--config_file", "accelerate_configs/fsdp_8xa100.yaml", "--num_processes",
@@ -169,6 +197,7 @@ def test_wsd_warms_up_holds_then_cools_down_linearly_to_min_lr():
     assert f(100) == f(1000) == pytest.approx(0.1)
 
 
+@pytest.mark.slow
 def test_help_and_print_config_name_the_new_settings():
     help_text = run_script("train.py", "--help").stdout
     for name in ("--optimizer='adamw'", "--muon_learning_rate=0.02", "--lr_schedule='cosine'", "--cooldown_iters=0"):

@@ -54,6 +54,7 @@ def test_the_tokenizer_is_learnt_from_the_train_split_alone_and_deterministicall
     assert len(tokenizer.encode(" the")) == 1 and len(tokenizer.encode(" and")) == 1  # common words: one token
 
 
+@pytest.mark.slow
 def test_any_text_round_trips_and_the_folder_loads_in_a_fresh_interpreter(own_bpe):
     code = ("import sys; from transformers import AutoTokenizer; t = AutoTokenizer.from_pretrained(sys.argv[1]); "
             "ids = t.encode(sys.argv[2]); print(len(ids), t.decode(ids) == sys.argv[2], max(ids) < len(t))")
@@ -62,6 +63,7 @@ def test_any_text_round_trips_and_the_folder_loads_in_a_fresh_interpreter(own_bp
     assert same == "True" and in_range == "True" and int(count) > 10
 
 
+@pytest.mark.slow
 def test_a_model_takes_its_vocabulary_from_the_data_and_carries_the_tokenizer(own_bpe, own_model, tmp_path):
     with open(os.path.join(own_model, "config.json")) as f:
         assert json.load(f)["vocab_size"] == 512  # not GPT-2's 50,304

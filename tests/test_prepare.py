@@ -67,6 +67,7 @@ def nanogpt_openwebtext(path):
             for name, key in (("train", "train"), ("val", "test"))}
 
 
+@pytest.mark.slow
 def test_openwebtext_preparer_matches_nanogpts_recipe_on_a_local_corpus(tmp_path):
     corpus = write_jsonl(tmp_path / "owt.jsonl", documents(2500))
     out = tmp_path / "owt"

@@ -7,7 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, TINY_MODEL, read_metrics, run_script
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.train import setup, train
 
@@ -96,6 +96,7 @@ def test_activation_checkpointing_computes_the_same_training_steps(tiny_run):
 # A cached Hub snapshot under its short name (configs/eval_gpt2.py, init_from='gpt2'): test_readme_walk.py.
 
 
+@pytest.mark.slow
 def test_hub_model_without_network_fails_fast_with_one_line(char_data, tmp_path):
     start = time.monotonic()
     result = run_script("train.py", "--init_from=gpt2-xl", f"--data_dir={char_data}", *TINY_MODEL[5:6], check=False,

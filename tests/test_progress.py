@@ -4,9 +4,11 @@ import os
 import re
 import sys
 
+import pytest
+
 from conftest import read_metrics, run_script
 from gpt_train import progress as progress_module
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.plot import CurvesReader
 from gpt_train.progress import Progress, bar, format_duration
 from gpt_train.train import train
@@ -107,6 +109,7 @@ def test_resumed_iterations_replace_the_earlier_ones_and_a_half_written_line_wai
     assert dict(reader.curves().step)[31] == 1.0
 
 
+@pytest.mark.slow
 def test_plot_command_draws_several_runs_on_one_chart(tmp_path):
     write_metrics(tmp_path / "a" / "run", fake_run(40, 4.0), tokens_per_iter=768)
     write_metrics(tmp_path / "b" / "run", fake_run(60, 3.5), tokens_per_iter=1536)
@@ -119,6 +122,7 @@ def test_plot_command_draws_several_runs_on_one_chart(tmp_path):
     assert (tmp_path / "a" / "run" / "loss.png").read_bytes()[:8] == PNG_MAGIC, one.stdout
 
 
+@pytest.mark.slow
 def test_plot_of_a_folder_without_metrics_is_a_one_line_error(tmp_path):
     result = run_script("-m", "gpt_train.plot", str(tmp_path), check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr

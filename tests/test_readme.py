@@ -13,7 +13,8 @@ import pytest
 
 from conftest import ROOT
 from gpt_train.bench import BenchConfig
-from gpt_train.config import TrainConfig, load_config
+from gpt_train.cli import load_config
+from gpt_train.config import TrainConfig
 from gpt_train.sample import SampleConfig
 
 SCRIPT_SETTINGS = {"train.py": TrainConfig, "sample.py": SampleConfig, "bench.py": BenchConfig}

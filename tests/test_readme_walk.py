@@ -19,6 +19,8 @@ import pytest
 from conftest import ACCELERATE, ROOT, free_port
 from gpt_train.checkpoint import RUN_CONFIG
 
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
+
 SECTIONS = ("Quick start", "Usage patterns", "Scaling out with accelerate launch", "Installing the commands")
 SHORT_TRAINING = ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--eval_iters=2"]
 SHORT_SAMPLING = ["--max_new_tokens=20"]

@@ -23,7 +23,7 @@ import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
 from conftest import ROOT, TINY_MODEL, run_script, sha256, tree_digest
 from gpt_train import checkpoint
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.out_dir import has_checkpoint
 from gpt_train.cli import train as main
@@ -74,6 +74,7 @@ def assert_resume_matches(resumed_output, resumed_dir, straight):
         sha256(os.path.join(straight_dir, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(char_data, tmp_path, straight):
     out_dir = str(tmp_path / "out")
     args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]
@@ -89,6 +90,7 @@ def test_resume_after_kill_matches_uninterrupted_run(char_data, tmp_path, straig
     assert_resume_matches(resumed.stdout, out_dir, straight)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_at_a_step_boundary_and_resume_continues_exactly(char_data, tmp_path, straight):
     out_dir = str(tmp_path / "out")
     args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]
@@ -106,6 +108,7 @@ def test_sigterm_saves_at_a_step_boundary_and_resume_continues_exactly(char_data
     assert_resume_matches(resumed.stdout, out_dir, straight)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("phase, survivor", [("staged", 10), ("moving", 20)])
 def test_kill_during_a_save_leaves_one_whole_checkpoint(char_data, tmp_path, phase, survivor):
     """Killed before the commit, the previous checkpoint stays; after it, the new one is rolled in."""
@@ -181,6 +184,7 @@ def test_skip_nonfinite_steps_skips_and_counts_instead_of_updating(tiny_run, cap
     assert not os.path.exists(os.path.join(out_dir, "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_resume_continues_the_same_wandb_run(tiny_run, tmp_path, monkeypatch):
     out_dir, args = tiny_run
     for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true")):
@@ -368,7 +372,8 @@ def test_a_failing_save_turns_the_progress_bars_back_on(tiny_run, monkeypatch):
     assert hf_logging.is_progress_bar_enabled()
 
 
-@pytest.mark.parametrize("case", GUARDED)
+@pytest.mark.parametrize("case", [pytest.param(case, marks=pytest.mark.slow) if GUARDED[case][4] else case
+                                  for case in GUARDED])
 def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_data, tmp_path, capsys):
     """Through `python train.py`, or its main() in-process where interpreter start-up would dominate."""
     extra, damage_out, damage_data, message, via_cli = GUARDED[case]

@@ -18,6 +18,8 @@ from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, sha2
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
 
+pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
+
 ENV = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONPATH": ROOT}
 # The README's way: no --device, the launcher's environment decides. Dropout on, so an exact

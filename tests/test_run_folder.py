@@ -19,7 +19,7 @@ import pytest
 from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.convert import upgrade
 from gpt_train.errors import UserError
 from gpt_train.out_dir import LOCK, METRICS, STATE_DIR, TRAINER_STATE, read_metrics
@@ -123,6 +123,7 @@ def test_a_manifest_naming_paths_outside_out_dir_is_refused_at_resume(run_copy, 
 # ---- 2. one writer at a time
 
 
+@pytest.mark.slow
 def test_a_second_writer_is_refused_naming_the_first_and_a_kill_9_frees_the_folder(char_data, tmp_path, capsys):
     out_dir = str(tmp_path / "out")
     args = [f"--data_dir={char_data}", f"--out_dir={out_dir}"]
@@ -148,6 +149,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_kill_9_frees_the_fold
     assert not os.path.exists(os.path.join(out_dir, LOCK))  # a run that ends removes it
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_into_one_out_dir_one_trains_one_is_refused(char_data, tmp_path):
     out_dir = str(tmp_path / "out")
     procs = [start([f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--max_iters=40", "--eval_interval=20"])
@@ -164,6 +166,7 @@ def test_two_runs_started_together_into_one_out_dir_one_trains_one_is_refused(ch
 # ---- 3. a killed launcher takes its workers with it
 
 
+@pytest.mark.slow
 def test_killing_the_launcher_with_sigkill_stops_its_workers_and_frees_out_dir(char_data, tmp_path):
     out_dir = str(tmp_path / "out")
     args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *LONG, "--gradient_accumulation_steps=2"]
@@ -177,6 +180,8 @@ def test_killing_the_launcher_with_sigkill_stops_its_workers_and_frees_out_dir(c
     launcher.kill()
     launcher.wait()
     gone, alive = psutil.wait_procs(workers, timeout=15)
+    for orphan in alive:  # the failure is reported; the orphans must not outlive the test
+        orphan.kill()
     assert not alive, "orphaned workers kept training into out_dir"
     # a relaunch is not refused, and continues from what the workers had saved
     saved = checkpoint.read_trainer_state(out_dir).iter_num
@@ -237,6 +242,7 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_the_last_checkpoint(cha
         assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_ends_in_one_line_and_leaves_no_staging(char_data, tmp_path):
     out_dir = str(tmp_path / "out")
     limit = 150_000  # bytes: the optimizer state (~236 kB) is the first file to pass it
@@ -255,6 +261,7 @@ def test_a_file_size_limit_ends_in_one_line_and_leaves_no_staging(char_data, tmp
     assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
 
 
+@pytest.mark.slow
 def test_an_out_dir_that_turns_read_only_mid_run_ends_in_one_line(char_data, tmp_path):
     out_dir = str(tmp_path / "out")
     proc = start([f"--data_dir={char_data}", f"--out_dir={out_dir}", *LONG])
@@ -308,6 +315,7 @@ def test_a_damaged_training_state_file_is_refused_by_name_before_anything_loads(
 # ---- 9. Ctrl-C with nobody left to read the output
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_a_closed_pipe_still_saves_and_says_which_weights_the_folder_holds(char_data, tmp_path):
     """`train.py ... | tee log` and Ctrl-C: the terminal's SIGINT ends tee too. The save happens;
     with always_save_checkpoint=False the card says the folder holds the last step, not the best."""

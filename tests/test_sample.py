@@ -11,7 +11,7 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import TINY_MODEL, run_script
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.model import PADDED_GPT2_VOCAB, build_model
 from gpt_train.sample import SEPARATOR, SampleConfig, generate_sliding, model_source, sample
@@ -53,6 +53,7 @@ def draw(folder, *args, init_from="resume"):
     return out.getvalue(), texts
 
 
+@pytest.mark.slow
 def test_pipeline_loads_both_model_folders_offline_in_a_fresh_interpreter_without_warnings(char_model, bpe_model):
     code = ("import sys; from transformers import pipeline\n"
             "for folder in sys.argv[1:]:\n"
@@ -156,6 +157,7 @@ def test_model_sources():
     assert model_source(load_config(["--init_from=someone/model"], SampleConfig)) == "someone/model"
 
 
+@pytest.mark.slow
 def test_sample_py_mistake_is_a_one_line_error(char_model):
     result = run_script("sample.py", f"--out_dir={char_model}", "--start=FILE:/nonexistent/prompt.txt", check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -181,6 +183,7 @@ def test_characters_outside_a_char_vocabulary_are_named(char_model):
         draw(char_model, "--start=ROMEO€:", "--num_samples=1")
 
 
+@pytest.mark.slow
 def test_sampling_a_hub_model_without_network_fails_fast_with_one_line(tmp_path):
     from test_pretrained import CLOSED_PORT_HUB
     start = time.monotonic()

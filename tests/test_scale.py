@@ -8,7 +8,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from conftest import ROOT, TINY_MODEL, read_metrics, run_script
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.device import mixed_precision, process_group_kwargs, resolve_device, torch_dtype
 from gpt_train.train import micro_steps_per_process, setup, train
@@ -88,6 +88,7 @@ def test_training_and_sampling_share_one_device_and_precision_policy(monkeypatch
         resolve_device("tpu")
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_in_one_graph_and_publishes_loadable_weights(char_data, tmp_path):
     """compile=True is the default on GPUs; inductor compiles for CPU too, so its path is checked here."""
     from torch._dynamo.utils import counters
@@ -127,6 +128,7 @@ def test_compiled_training_attends_through_is_causal_without_a_mask_tensor(char_
         assert node.kwargs.get("attn_mask") is None and node.kwargs.get("is_causal") is True, node.kwargs
 
 
+@pytest.mark.slow
 def test_a_benchmark_saves_pushes_and_logs_to_wandb_nothing(char_data, tmp_path):
     """train_gpt2 says always_save_checkpoint=True and wandb_log=True: bench.py of it must not act on them."""
     result = run_script("bench.py", "configs/train_gpt2.py", f"--data_dir={char_data}", "--device=cpu",
@@ -137,6 +139,7 @@ def test_a_benchmark_saves_pushes_and_logs_to_wandb_nothing(char_data, tmp_path)
     assert result.stdout.strip().splitlines()[-1].startswith("cpu x1: ")
 
 
+@pytest.mark.slow
 def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, tmp_path):
     result = run_script("bench.py", f"--data_dir={char_data}", "--device=cpu", "--compile=True", "--n_layer=2",
                         "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--bench_iters=5",

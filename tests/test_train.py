@@ -8,8 +8,8 @@ import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from conftest import read_metrics, run_script
-from gpt_train.config import load_config
-from gpt_train.model import lr_multiplier
+from gpt_train.cli import load_config
+from gpt_train.optim import lr_multiplier
 from gpt_train.train import train
 
 
@@ -59,6 +59,7 @@ def test_resume_continues_from_the_saved_iteration_with_the_same_losses(tiny_run
     assert read_metrics(out_dir, "eval")[-1]["val/loss"] == read_metrics(straight_dir, "eval")[-1]["val/loss"]
 
 
+@pytest.mark.slow
 def test_resume_with_nothing_to_resume_is_a_clear_error(tiny_run):
     out_dir, args = tiny_run
     result = run_script("train.py", *args, "--init_from=resume", check=False)
@@ -118,6 +119,7 @@ def test_warmup_outlasting_the_decay_is_said_in_one_line(tiny_run, capsys):
             "100, then drops to min_lr") in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_wandb_offline_run_is_written(tiny_run, tmp_path, monkeypatch):
     out_dir, args = tiny_run
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from conftest import ROOT, TINY_MODEL, read_metrics, run_script, tree_digest
-from gpt_train.config import load_config
+from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.train import train
 
@@ -157,6 +157,7 @@ def test_mfu_is_not_reported_before_it_is_measured(tiny_run, capsys):
     assert "mfu" not in train_events[0] and "mfu" in train_events[-1] and train_events[-1]["mfu"] >= 0
 
 
+@pytest.mark.slow
 def test_help_answers_before_torch_is_imported():
     code = ("import sys\nfrom gpt_train.cli import train\ntry:\n    train(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
@@ -168,6 +169,7 @@ def test_help_answers_before_torch_is_imported():
     (["--eval_only", "--print_config"], "eval_only = True"),
     (["--compile", "--print_config"], "compile = True"),
 ])
+@pytest.mark.slow
 def test_a_bare_boolean_flag_is_true(argv, message):
     result = run_script("train.py", *argv)
     assert message in result.stdout.splitlines()
@@ -177,6 +179,7 @@ def test_a_bare_boolean_flag_is_true(argv, message):
     (["--print-config"], "error: unknown setting 'print-config' in the command line; did you mean --print_config?"),
     (["--batch_size"], "error: '--batch_size' has no value: write --batch_size=VALUE"),
 ])
+@pytest.mark.slow
 def test_flag_mistakes_get_a_useful_hint(argv, message):
     result = run_script("train.py", *argv, check=False)
     assert result.returncode == 2 and result.stderr.strip() == message
@@ -187,6 +190,7 @@ def shell(command, env=None):
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
 
 
+@pytest.mark.slow
 def test_training_piped_into_head_trains_on_quietly(char_data, tmp_path):
     out_dir = tmp_path / "piped"
     args = " ".join([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=40",
@@ -197,6 +201,7 @@ def test_training_piped_into_head_trains_on_quietly(char_data, tmp_path):
         assert json.load(f)["iter_num"] == 40  # the run finished: its last checkpoint is whole
 
 
+@pytest.mark.slow
 def test_sampling_and_help_piped_into_head_stop_quietly(tiny_run):
     out_dir, args = tiny_run
     run([*args, *SHORT])
@@ -207,6 +212,7 @@ def test_sampling_and_help_piped_into_head_stop_quietly(tiny_run):
     assert "Traceback" not in result.stderr and result.stdout.startswith("usage:")
 
 
+@pytest.mark.slow
 def test_wandb_without_a_key_stops_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
     out_dir, args = tiny_run
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
@@ -221,6 +227,7 @@ def test_wandb_without_a_key_stops_before_anything_is_written(tiny_run, tmp_path
     assert not os.path.exists(out_dir)
 
 
+@pytest.mark.slow
 def test_wandb_that_cannot_reach_its_server_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     out_dir, args = tiny_run
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
@@ -234,6 +241,7 @@ def test_wandb_that_cannot_reach_its_server_is_one_line_and_writes_nothing(tiny_
     assert not os.path.exists(os.path.join(out_dir, "training_config.json"))
 
 
+@pytest.mark.slow
 def test_an_unprepared_default_dataset_names_the_small_presets(tmp_path):
     result = run_script("bench.py", f"--data_dir={tmp_path / 'missing'}", check=False)
     assert result.returncode == 2
@@ -242,6 +250,7 @@ def test_an_unprepared_default_dataset_names_the_small_presets(tmp_path):
                                           "configs/train_shakespeare_char_cpu.py)")
 
 
+@pytest.mark.slow
 def test_an_empty_text_file_is_refused_and_writes_no_dataset(tmp_path):
     (tmp_path / "empty.txt").write_text("")
     result = run_script("data_prep/custom/prepare.py", f"--source={tmp_path / 'empty.txt'}",
@@ -251,11 +260,13 @@ def test_an_empty_text_file_is_refused_and_writes_no_dataset(tmp_path):
     assert not (tmp_path / "ds" / "train.bin").exists()
 
 
+@pytest.mark.slow
 def test_the_cpu_recipe_benchmark_runs_from_the_repository_alone(char_data):
     result = run_script("benchmarks/cpu_recipe.py", "--iters=52", f"--data={char_data}")
     assert "ratio gpt-train/reference:" in result.stdout
 
 
+@pytest.mark.slow
 def test_the_prepare_benchmarks_gpt_train_side_runs(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_text('{"text": "Some words to encode."}\n' * 50)
@@ -275,6 +286,7 @@ def test_the_cpu_preset_logs_to_its_own_wandb_project():
     assert cfg.wandb_project == "shakespeare-char" and cfg.wandb_log is False
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_an_evaluation_is_acknowledged_at_once(char_data, tmp_path):
     proc = subprocess.Popen([sys.executable, "train.py", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}",
                              *TINY_MODEL, "--eval_iters=5000", "--max_iters=5", "--eval_interval=5"],
