@@ -32,6 +32,7 @@ from gpt_train.cli import command_parser
 from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
+from gpt_train.metrics import log
 from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files, check_model_folder
 from gpt_train.tokenizer import model_tokenizer
 
@@ -113,12 +114,14 @@ class Judge:
             report("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
         self.folder = model_folder if cfg.eval_only else cfg.out_dir
 
-    def __call__(self, accelerator, keep):
+    def __call__(self, accelerator, iter_num, keep):
         """The folder judged on the main process (the others wait at their next collective, up to
-        ddp_timeout: keep lm_eval_limit small on long tasks); flat scores for the trackers, or None."""
+        ddp_timeout: keep lm_eval_limit small on long tasks), its scores logged like the losses."""
         if not self.folder:
-            return None
-        return accelerator.on_main_process(during_training)(self.cfg, self.folder, str(accelerator.device), keep)
+            return
+        scores = accelerator.on_main_process(during_training)(self.cfg, self.folder, str(accelerator.device), keep)
+        if scores:
+            log(accelerator, "lm_eval", iter_num, scores)
 
 
 def during_training(cfg, folder, device, keep=True):

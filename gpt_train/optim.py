@@ -107,6 +107,14 @@ def _kind(group):
     return group.get("kind", "decay" if group["weight_decay"] > 0 else "no_decay")
 
 
+def schedule_warning(cfg):
+    """A warning about a schedule that is legal but probably not meant, or None."""
+    if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:
+        return (f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters ({cfg.lr_decay_iters}): the "
+                f"learning rate rises until iteration {cfg.warmup_iters}, then drops to min_lr")
+    return None
+
+
 def lr_multiplier(cfg):
     """The schedule as a LambdaLR factor of the peak learning rate (every optimizer's).
 

@@ -255,7 +255,8 @@ def last_checkpoint_note(out_dir):
     state = TrainerState.read_if_any(out_dir)
     if state is None:
         return f"{out_dir} has no checkpoint yet; start the run again"
-    return f"the last checkpoint in {out_dir}, at iteration {state.iter_num:,}, is intact; continue with --init_from=resume"
+    return (f"the last checkpoint in {out_dir}, at iteration {state.iter_num:,}, is intact; continue with "
+            "--init_from=resume")
 
 
 def run_tokens_per_iter(out_dir):

@@ -31,7 +31,7 @@ from gpt_train.launch import launched_with_fsdp
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
                              peak_flops, ready_for_training, scratch_vocab_size, use_causal_sdpa)
-from gpt_train.optim import lr_multiplier, make_optimizers, set_hyperparameters, set_schedule
+from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.config import tokens_per_iter
 from gpt_train.out_dir import TrainerState, last_checkpoint_note
 from gpt_train.start import plan
@@ -70,27 +70,25 @@ class Run:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
-    judge: Judge | None = None  # lm_eval_tasks after each save
+    judge: Judge | None = None  # benchmarks on each saved checkpoint
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
 
 
 def setup(cfg):
-    """The start (gpt_train.start: settings, processes, out_dir's lock, saved state, where the
-    weights come from), then precision, data and model, Accelerate's objects, and the saved
-    state on top: each decided once, in that order."""
+    """The start (gpt_train.start), then precision, data and model, Accelerate's objects, and the
+    saved state on top: each decided once, in that order."""
     start = plan(cfg)
     with start.released_on_error():
         cfg, processes = start.cfg, start.processes
         if cfg.wandb_log:
             check_wandb_login()
-        if cfg.decay_lr and cfg.warmup_iters > cfg.lr_decay_iters:  # nanoGPT runs it, so do we
-            processes.print(f"warning: warmup_iters ({cfg.warmup_iters}) outlasts lr_decay_iters "
-                            f"({cfg.lr_decay_iters}): the learning rate rises until iteration {cfg.warmup_iters}, "
-                            "then drops to min_lr")
+        if schedule_warning(cfg):  # nanoGPT runs such a schedule, so do we
+            processes.print(schedule_warning(cfg))
         mixed, fsdp_plugin = _precision(cfg, processes.device)
         micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
         set_seed(cfg.seed)  # identical initial weights on every process
         bins, model, tokenizer = _init_model(start)
+        val_bytes = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))  # unwrapped
         accelerator = Accelerator(
             mixed_precision=mixed,
             gradient_accumulation_steps=micro_steps,
@@ -108,7 +106,7 @@ def setup(cfg):
         run = Run(cfg, accelerator, model, optimizers, schedulers,
                   BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device), tokenizer,
                   micro_steps=micro_steps, tokens_per_iter=tokens_per_iter(cfg), writes=start.writes,
-                  bytes_per_token=bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size)))
+                  bytes_per_token=val_bytes)
         if start.saved:
             _restore(run, start)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
@@ -271,15 +269,8 @@ def save(run, val_loss=None):
                          config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
-    judge(run, keep=True)  # before the push, so the Hub gets the scores with the weights
+    run.judge(run.accelerator, run.iter_num, keep=True)  # before the push: the Hub gets the scores too
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
-
-
-def judge(run, keep):
-    """The saved folder judged (gpt_train.evaluate.Judge), its scores logged like the losses."""
-    scores = run.judge(run.accelerator, keep)
-    if scores:
-        log(run.accelerator, "lm_eval", run.iter_num, scores)
 
 
 def fit(run):
@@ -369,7 +360,7 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
               f"({bpb:.4f} bits per byte)")
     if not run.writes:
         acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
-        judge(run, keep=False)  # an evaluation writes nothing
+        run.judge(acc, run.iter_num, keep=False)  # an evaluation writes nothing
     log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
                                     "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
                                     "val/bpb": bpb,
