@@ -25,7 +25,8 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from gpt_train.bench import BenchConfig, benchmark  # noqa: E402
-from gpt_train.config import load_config, setting  # noqa: E402
+from gpt_train.cli import load_config  # noqa: E402
+from gpt_train.config import setting  # noqa: E402
 from gpt_train.model import PADDED_GPT2_VOCAB, peak_flops  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt_train.config import load_config  # noqa: E402
+from gpt_train.cli import load_config  # noqa: E402
 from gpt_train.model import build_model  # noqa: E402
 from gpt_train.sample import SampleConfig, sample  # noqa: E402
 from gpt_train.tokenizer import char_tokenizer  # noqa: E402
