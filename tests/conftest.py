@@ -109,6 +109,22 @@ def fresh_accelerate_state():
     PartialState._reset_state()
 
 
+def one_line_error(main, argv, capsys, command_line=None, env=None):
+    """Run `main(argv)` in-process, or `command_line` in a fresh interpreter when given, and check it
+    ended as every mistake must: exit code 2, no traceback, one `error:` line, last. Returns that line."""
+    if command_line:
+        result = run_script(*command_line, check=False, env=env)
+        code, stderr = result.returncode, result.stderr
+    else:
+        with pytest.raises(SystemExit) as exited:
+            main(argv)
+        code, stderr = exited.value.code, capsys.readouterr().err
+    assert code == 2 and "Traceback" not in stderr, stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
+    return errors[0]
+
+
 def assert_every_process_reports_the_full_disk(result, out_dir, last_checkpoint):
     """Both processes stop on the same one-line error: none crashed or hung waiting for the other."""
     assert result.returncode != 0

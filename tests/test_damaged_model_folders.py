@@ -13,7 +13,7 @@ import shutil
 
 import pytest
 
-from conftest import TINY_MODEL, run_script, tree_digest
+from conftest import TINY_MODEL, one_line_error, tree_digest
 from gpt_train.cli import load_config
 from gpt_train.convert import main as convert_main
 from gpt_train.evaluate import main as evaluate_main
@@ -133,16 +133,8 @@ def test_a_damaged_model_file_gets_one_line_naming_it_and_changes_no_file(damage
     damage_it(os.path.join(folder, name))
     before = tree_digest(folder)
     main, argv, command_line = command_argv(command, folder, tasks, ckpt)
-    if (damage, command) in IN_A_FRESH_INTERPRETER:
-        result = run_script(*command_line, check=False, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
-        code, stderr = result.returncode, result.stderr
-    else:
-        with pytest.raises(SystemExit) as exited:
-            main(argv)
-        code, stderr = exited.value.code, capsys.readouterr().err
-    assert code == 2 and "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
-    assert errors[0].startswith(f"error: {os.path.join(folder, name)} is damaged (") and ADVICE in errors[0], stderr
+    fresh = command_line if (damage, command) in IN_A_FRESH_INTERPRETER else None
+    error = one_line_error(main, argv, capsys, fresh, env={"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"})
+    assert error.startswith(f"error: {os.path.join(folder, name)} is damaged (") and ADVICE in error
     assert tree_digest(folder) == before
     assert not os.path.exists(os.path.dirname(ckpt))

@@ -21,7 +21,7 @@ from transformers import GPT2LMHeadModel
 import accelerate
 import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, TINY_MODEL, run_script, sha256, tree_digest
+from conftest import ROOT, TINY_MODEL, one_line_error, run_script, sha256, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -387,15 +387,7 @@ def test_bad_input_gets_one_line_and_changes_no_file(case, checkpointed, char_da
     # overwrite_output_dir: even a run allowed to replace out_dir's run changes nothing when it fails
     argv = [f"--data_dir={data_dir}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=4",
             "--overwrite_output_dir=True", *extra]
-    if via_cli:
-        result = run_script("train.py", *argv, check=False)
-        code, stderr = result.returncode, result.stderr
-    else:
-        with pytest.raises(SystemExit) as exited:
-            main(argv)
-        code, stderr = exited.value.code, capsys.readouterr().err
-    assert code == 2 and "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and stderr.strip().endswith(errors[0]) and message in errors[0], stderr
+    error = one_line_error(main, argv, capsys, ["train.py", *argv] if via_cli else None)
+    assert message in error
     assert tree_digest(out_dir, data_dir) == before
     assert not os.path.exists(os.path.join(ROOT, "pwned"))

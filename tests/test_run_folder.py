@@ -16,7 +16,7 @@ import sys
 import psutil
 import pytest
 
-from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, tree_digest
+from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, one_line_error, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
 from gpt_train.cli import load_config
@@ -46,17 +46,8 @@ def wait_for(proc, prefix):
 
 
 def run_main(argv, capsys):
-    """train.py's main in-process: (exit code, stderr)."""
-    with pytest.raises(SystemExit) as exited:
-        main(argv)
-    return exited.value.code, capsys.readouterr().err
-
-
-def one_error_line(code, stderr):
-    assert code == 2 and "Traceback" not in stderr, stderr
-    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and stderr.strip().endswith(errors[0]), stderr
-    return errors[0]
+    """train.py's main in-process, ended by one error line: that line."""
+    return one_line_error(main, argv, capsys)
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +107,7 @@ def test_a_manifest_naming_paths_outside_out_dir_is_refused_at_resume(run_copy, 
     state["files"]["/etc/passwd"] = {"size": 1}
     with open(state_path, "w") as f:
         json.dump(state, f)
-    error = one_error_line(*run_main([*args, "--init_from=resume", "--max_iters=6"], capsys))
+    error = run_main([*args, "--init_from=resume", "--max_iters=6"], capsys)
     assert "is corrupt (it lists '/etc/passwd', which is not a path inside out_dir)" in error
 
 
@@ -131,7 +122,7 @@ def test_a_second_writer_is_refused_naming_the_first_and_a_kill_9_frees_the_fold
     try:
         wait_for(first, "saving checkpoint")
         for extra in ([], ["--init_from=resume"], ["--overwrite_output_dir=True"]):  # a new run, a resume, a replace
-            error = one_error_line(*run_main([*args, *SHORT, "--max_iters=50", *extra], capsys))
+            error = run_main([*args, *SHORT, "--max_iters=50", *extra], capsys)
             assert error.startswith(f"error: {out_dir} is in use by another training run or gpt-train command (pid "
                                     f"{first.pid} on ")
             assert error.endswith("wait for it to end or stop it, or use another folder")
@@ -233,8 +224,7 @@ def checkpoint_files(out_dir):
 def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_the_last_checkpoint(char_data, tmp_path, capsys):
     with tmpfs(tmp_path / "disk", "700k") as disk:  # room for one checkpoint and the chart, not for a second
         out_dir = os.path.join(disk, "out")
-        code, stderr = run_main([f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--max_iters=20"], capsys)
-        error = one_error_line(code, stderr)
+        error = run_main([f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--max_iters=20"], capsys)
         assert error.startswith(f"error: could not write a checkpoint to {out_dir}: the disk is full")
         saved = checkpoint.read_trainer_state(out_dir).iter_num
         assert error.endswith(f"the last checkpoint in {out_dir}, at iteration {saved}, is intact; continue with "
@@ -289,8 +279,7 @@ def test_an_out_dir_that_turns_read_only_mid_run_ends_in_one_line(char_data, tmp
 def test_a_new_run_into_a_read_only_folder_is_one_line(char_data, tmp_path, capsys):
     with tmpfs(tmp_path / "disk", "1m") as disk:
         subprocess.run(["mount", "-o", "remount,ro", disk], check=True)
-        error = one_error_line(*run_main([f"--data_dir={char_data}", f"--out_dir={disk}/out", *SHORT,
-                                          "--max_iters=2"], capsys))
+        error = run_main([f"--data_dir={char_data}", f"--out_dir={disk}/out", *SHORT, "--max_iters=2"], capsys)
         assert error == (f"error: cannot create out_dir {disk}/out (Read-only file system): choose a folder you can "
                          "write to")
 
@@ -306,7 +295,7 @@ def test_a_damaged_training_state_file_is_refused_by_name_before_anything_loads(
     with open(path, "wb") as f:
         f.write(os.urandom(size))  # garbage of the right size
     before = tree_digest(out_dir)
-    error = one_error_line(*run_main([*args, "--init_from=resume", "--max_iters=6"], capsys))
+    error = run_main([*args, "--init_from=resume", "--max_iters=6"], capsys)
     assert error.startswith(f"error: the checkpoint in {out_dir} is damaged: {STATE_DIR}/{name} does not match "
                             "the file the checkpoint wrote (sha256 differs)")
     assert tree_digest(out_dir) == before
