@@ -166,6 +166,7 @@ def test_killing_the_launcher_with_sigkill_stops_its_workers_and_frees_out_dir(c
                                 stderr=subprocess.STDOUT,
                                 env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     wait_for(launcher, "saving checkpoint")
+    wait_for(launcher, "iter ")  # the first checkpoint is committed
     workers = psutil.Process(launcher.pid).children(recursive=True)
     assert len(workers) == 2
     launcher.kill()
