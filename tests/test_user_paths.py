@@ -231,7 +231,8 @@ def test_wandb_without_a_key_stops_before_anything_is_written(tiny_run, tmp_path
 def test_wandb_that_cannot_reach_its_server_is_one_line_and_writes_nothing(tiny_run, tmp_path):
     out_dir, args = tiny_run
     env = {"WANDB_MODE": "online", "WANDB_API_KEY": "x" * 40, "WANDB_BASE_URL": "http://127.0.0.1:9",
-           "WANDB_INIT_TIMEOUT": "1", "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
+           "WANDB_INIT_TIMEOUT": "1", "WANDB_X_GRAPHQL_RETRY_MAX": "1", "WANDB_X_GRAPHQL_TIMEOUT_SECONDS": "1",
+           "WANDB_DIR": str(tmp_path), "WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"),
            "HOME": str(tmp_path)}
     result = run_script("train.py", *args, *SHORT, "--wandb_log=True", check=False, env=env)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
