@@ -47,18 +47,23 @@ def task_names(text):
     return [t for t in text.split(",") if t]
 
 
-@functools.cache  # indexing lm-eval's ~15,000 task files takes ~20 s on 2 cores: once per process
-def task_manager(include_path=None):
+@functools.cache  # indexing lm-eval's ~15,000 task files takes 4-20 s on 2 cores: once per process
+def task_manager(include_path=None, include_defaults=True):
     """lm-eval's TaskManager; UserError when lm-eval is missing."""
     try:
         from lm_eval.tasks import TaskManager  # deferred: an optional extra
     except ImportError:
         raise NotInstalled("lm-eval is not installed: pip install -r requirements-eval.txt") from None
-    return TaskManager(include_path=include_path or None)
+    return TaskManager(include_path=include_path or None, include_defaults=include_defaults)
 
 
 def check_tasks(tasks, include_path=None):
-    """The task manager that knows every named task, or a UserError naming the first unknown one."""
+    """The task manager that knows every named task, or a UserError naming the first unknown one.
+    Tasks all found in include_path are indexed alone: lm-eval's own need not be read for them."""
+    if include_path:
+        local = task_manager(include_path, include_defaults=False)
+        if all(t in local.all_tasks for t in tasks):
+            return local
     manager = task_manager(include_path or None)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
