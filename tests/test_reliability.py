@@ -7,6 +7,7 @@ import errno
 import json
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -198,7 +199,8 @@ def test_resume_continues_the_same_wandb_run(tiny_run, tmp_path, monkeypatch):
     finally:
         wandb.teardown()  # wandb keeps its settings (WANDB_DIR) process-wide; later tests have their own
     runs = sorted(d for d in os.listdir(tmp_path / "wandb") if d.startswith("offline-run-"))
-    assert len(runs) == 2 and all(d.endswith("-" + first) for d in runs)
+    # two runs within one second share a folder name, and wandb suffixes the second "-1"
+    assert len(runs) == 2 and all(re.fullmatch(rf"offline-run-\d{{8}}_\d{{6}}-{first}(-\d+)?", d) for d in runs), runs
     assert checkpoint.read_trainer_state(out_dir).tracker_run_id == first
 
 
