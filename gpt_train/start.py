@@ -75,7 +75,7 @@ def plan(cfg):
     processes = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(processes)
     start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes))
-    try:
+    with start.released_on_error():
         if start.writes and cfg.init_from != "resume" and not cfg.overwrite_output_dir:
             _refuse_another_run(cfg)
         if cfg.init_from == "resume":
@@ -88,9 +88,6 @@ def plan(cfg):
         if start.folder:
             start.model_config = read_model_config(start.folder, start.where)
             start.cfg = settings_for_checkpoint(cfg, start.model_config, start.where, can_crop=start.saved is None)
-    except BaseException:
-        start.release()
-        raise
     start.replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
     return start
 
