@@ -14,10 +14,9 @@ one rename to `.checkpoint-committed/` is the commit point; then its files repla
 previous ones (each file atomically, training_state/ as one folder). A crash before the
 commit leaves the previous checkpoint untouched (the staging folder is discarded later); a
 crash after it is rolled forward by `recover`, which resume runs first. trainer_state.json
-lists every file of its checkpoint with its size (and a sha256 of the model files), so
-resume refuses a checkpoint that is partial, corrupt or mixed with another.
-Every listed file has a sha256, the training state's too: Accelerate skips an unreadable RNG file
-with a note at INFO level, so only the digest stops a damaged one from resuming inexactly.
+lists every file of its checkpoint with its size and sha256, the training state's too, so
+resume refuses a checkpoint that is partial, corrupt or mixed with another (Accelerate itself
+skips an unreadable RNG file with a note at INFO level: the run would go on, inexactly).
 
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
@@ -114,9 +113,11 @@ def _write_on_every_process(accelerator, out_dir, write):
         if write is not None:
             write()
     except CheckpointException as e:  # torch.distributed.checkpoint (FSDP) fails on every rank at once
-        failure = describe_write_failure(_first_write_failure(e), out_dir)
+        error = _first_write_failure(e)
+        failure = describe_write_failure(error, out_dir) or first_line(error)
     except WRITE_FAILURES as e:
-        failure = describe_write_failure(e, out_dir)
+        # any OSError here is a write that failed; a RuntimeError only if it says so
+        failure = describe_write_failure(e, out_dir) or (first_line(e) if isinstance(e, OSError) else None)
         if failure is None:
             raise
     failures = [f for f in gather_object([failure]) if f]  # also waits for every process to finish writing

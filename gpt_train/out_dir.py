@@ -39,7 +39,8 @@ HUB_SNAPSHOT_PREFIX = ".hub-upload-"  # a push's private copy of the model files
 # What transformers' save_pretrained writes for a GPT-2 and its tokenizers (sharded weights only
 # past 50 GB), and the card: a model folder's own files, the only ones pushed or overwritten.
 TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` tokenizer: what AutoTokenizer loads first
-TOKENIZER_FILES = (TOKENIZER_FILE, "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
 SHARDED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)")
 # Any of these in out_dir means a training run wrote there.
@@ -48,7 +49,7 @@ RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, C
 BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
 MODEL_FOLDER_FILES = (*MODEL_FILES, *TOKENIZER_FILES, MODEL_CARD)
 # The JSON objects from_pretrained reads when they are there: the older tokenizer files too
-MODEL_JSON_FILES = (MODEL_CONFIG, GENERATION_CONFIG, "tokenizer_config.json", "special_tokens_map.json",
+MODEL_JSON_FILES = (MODEL_CONFIG, GENERATION_CONFIG, TOKENIZER_CONFIG, "special_tokens_map.json",
                     "added_tokens.json")
 DAMAGED_ADVICE = "restore the folder from a copy, or point at another model"
 JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a number", bool: "a boolean",

@@ -27,12 +27,12 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 from gpt_train.data import read_meta
 from gpt_train.errors import UserError
 from gpt_train.files import write_json
+from gpt_train.out_dir import TOKENIZER_CONFIG
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
 GPT2_EOT = "<|endoftext|>"
 GPT2_EOT_ID = 50256
 GPT2_VOCAB = 50257
-TOKENIZER_CONFIG = "tokenizer_config.json"
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what GPT-2's forward takes from a tokenizer
 # The splitting regex of tiktoken's "gpt2" encoding (tiktoken_ext.openai_public.r50k_pat_str).
 GPT2_PAT_STR = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""

@@ -4,6 +4,7 @@ Every kill here is a real signal to a real `python train.py`. Interpreter start-
 those runs, so the many guarded-input cases mostly go through `main()` in-process.
 """
 import errno
+import functools
 import json
 import os
 import pickle
@@ -271,25 +272,19 @@ def swap_model_weights(out_dir):
         f.write(b"\x01\x02\x03\x04")
 
 
-def edit_state(whole=None, **values):
-    """Damage that rewrites training_state/trainer_state.json by hand: `values` set, or `whole` for all of it."""
+def edit_json(name, whole=None, **values):
+    """Damage that rewrites out_dir's JSON file `name` by hand: `values` set, or `whole` for all of it."""
     def edit(out_dir):
-        path = os.path.join(out_dir, checkpoint.STATE_DIR, checkpoint.TRAINER_STATE)
+        path = os.path.join(out_dir, name)
         with open(path) as f:
-            state = json.load(f)
+            saved = json.load(f)
         with open(path, "w") as f:
-            json.dump(whole if whole is not None else {**state, **values}, f)
+            json.dump(whole if whole is not None else {**saved, **values}, f)
     return edit
 
 
-def edit_settings(**values):
-    def edit(out_dir):
-        path = os.path.join(out_dir, "training_config.json")
-        with open(path) as f:
-            settings = json.load(f)
-        with open(path, "w") as f:
-            json.dump({**settings, **values}, f)
-    return edit
+edit_state = functools.partial(edit_json, os.path.join(checkpoint.STATE_DIR, checkpoint.TRAINER_STATE))
+edit_settings = functools.partial(edit_json, "training_config.json")
 
 
 GUARDED = {
