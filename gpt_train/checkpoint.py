@@ -39,8 +39,8 @@ from gpt_train.files import WRITE_FAILURES, describe_write_failure, give_default
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.metrics import drop_torn_last_line
 from gpt_train.model_card import write_model_card
-from gpt_train.out_dir import (COMMITTED_DIR, METRICS, OLD_STATE_DIR, RUN_CONFIG, STAGING_DIR, STATE_DIR,
-                               TRAINER_STATE, TrainerState, check_model_folder, last_checkpoint_note,
+from gpt_train.out_dir import (ATOMIC_TEMPORARY, COMMITTED_DIR, METRICS, OLD_STATE_DIR, RUN_CONFIG, STAGING_DIR,
+                               STATE_DIR, TRAINER_STATE, TrainerState, check_model_folder, last_checkpoint_note,
                                written_by_gpt_train)
 from gpt_train.tokenizer import save_tokenizer
 
@@ -232,6 +232,9 @@ def start_run_folder(out_dir, settings, replace):
         if removed:
             print(f"overwrite_output_dir: removed {', '.join(removed)} from {out_dir}")
     os.makedirs(out_dir, exist_ok=True)
+    for name in os.listdir(out_dir):  # a write killed half-way (loss.png, say) left its temporary
+        if ATOMIC_TEMPORARY.fullmatch(name) and written_by_gpt_train(name):
+            os.remove(os.path.join(out_dir, name))
     torn = drop_torn_last_line(out_dir)
     if torn:
         print(f"warning: {METRICS}'s last line was cut short ({torn} bytes, a write that never finished): "

@@ -42,6 +42,8 @@ TOKENIZER_FILE = "tokenizer.json"  # the `tokenizers` tokenizer: what AutoTokeni
 TOKENIZER_CONFIG = "tokenizer_config.json"
 TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
                    "added_tokens.json", "chat_template.jinja")
+# files.atomic_path's temporary sibling of NAME, left behind when a write was killed
+ATOMIC_TEMPORARY = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 SHARDED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)")
 # Any of these in out_dir means a training run wrote there.
 RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR, EVAL_RESULTS)
@@ -59,8 +61,10 @@ JSON_TYPES = {list: "an array", str: "a string", int: "a number", float: "a numb
 def written_by_gpt_train(name):
     """Whether `name`, a top-level entry of out_dir, is one gpt-train writes there: the only names
     an overwrite deletes, whatever a file in the folder lists."""
+    temporary = ATOMIC_TEMPORARY.fullmatch(name)
     return (name in MODEL_FOLDER_FILES or name in RUN_FILES or name == OLD_STATE_DIR
-            or name.startswith(HUB_SNAPSHOT_PREFIX) or bool(SHARDED_WEIGHTS.fullmatch(name)))
+            or name.startswith(HUB_SNAPSHOT_PREFIX) or bool(SHARDED_WEIGHTS.fullmatch(name))
+            or bool(temporary and written_by_gpt_train(temporary["name"])))
 
 
 def is_model_folder(folder):

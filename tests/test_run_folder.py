@@ -184,7 +184,7 @@ def test_killing_the_launcher_with_sigkill_stops_its_workers_and_frees_out_dir(c
 # ---- 4. a log is not a checkpoint
 
 
-def test_a_torn_or_garbage_metrics_line_never_blocks_a_resume_or_a_plot(run_copy, capsys):
+def test_a_torn_or_garbage_metrics_line_never_blocks_a_resume_or_a_plot(run_copy, tmp_path, capsys):
     out_dir, args = run_copy
     path = os.path.join(out_dir, METRICS)
     with open(path) as f:
@@ -193,7 +193,11 @@ def test_a_torn_or_garbage_metrics_line_never_blocks_a_resume_or_a_plot(run_copy
     with open(path, "w") as f:
         f.writelines(lines)
         f.write('{"event": "train", "iter": 5, "train/st')  # a full disk cut the last write short
+    for leftover in ("loss.png.k2x9_q0a.tmp", "notes.txt.k2x9_q0a.tmp"):  # a chart's write killed half-way; a user's
+        (tmp_path / "out" / leftover).write_bytes(b"half a file")
     train(load_config([*args, "--init_from=resume", "--max_iters=8"]))
+    assert not os.path.exists(os.path.join(out_dir, "loss.png.k2x9_q0a.tmp"))
+    assert os.path.exists(os.path.join(out_dir, "notes.txt.k2x9_q0a.tmp"))
     assert f"warning: {METRICS}'s last line was cut short" in capsys.readouterr().out
     evals = [r["iter"] for r in read_metrics(out_dir, "eval")]
     assert evals[-3:] == [4, 6, 8]
