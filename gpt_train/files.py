@@ -74,6 +74,12 @@ def describe_write_failure(error, folder):
     the space whose lack caused it."""
     if isinstance(error, OSError):
         return WRITE_ERRNOS.get(error.errno) and f"{WRITE_ERRNOS[error.errno]} ({first_line(error)})"
+    # torch names the errno only in words ("open file failed with strerror: Read-only file system")
+    for number, reason in WRITE_ERRNOS.items():
+        if os.strerror(number) in str(error):
+            return f"{reason} ({first_line(error)})"
+    if _read_only(folder):
+        return f"{WRITE_ERRNOS[errno.EROFS]} ({first_line(error)})"
     if _free_bytes(folder) < FULL_BELOW_BYTES:
         return f"the disk is full ({first_line(error)})"
     size_limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
@@ -82,6 +88,13 @@ def describe_write_failure(error, folder):
     if isinstance(error, SafetensorError) or any(m in str(error) for m in TORCH_WRITE_MESSAGES):
         return f"a write failed ({first_line(error)})"
     return None
+
+
+def _read_only(folder):
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def _free_bytes(folder):

@@ -22,6 +22,7 @@ from gpt_train.cli import train as main
 from gpt_train.cli import load_config
 from gpt_train.convert import upgrade
 from gpt_train.errors import UserError
+from gpt_train.files import describe_write_failure
 from gpt_train.out_dir import LOCK, METRICS, STATE_DIR, TRAINER_STATE, read_metrics
 from gpt_train.plot import main as plot_main
 from gpt_train.train import train
@@ -279,6 +280,17 @@ def test_an_out_dir_that_turns_read_only_mid_run_ends_in_one_line(char_data, tmp
                          "--init_from=resume") and "Traceback" not in rest
     assert checkpoint_files(out_dir) == before
     assert checkpoint.read_trainer_state(out_dir).iter_num == 5
+
+
+@pytest.mark.parametrize("words, reason", [
+    ("open file failed with strerror: Read-only file system", "the file system is read-only"),
+    ("file write failed with strerror: No space left on device", "the disk is full"),
+    ("unexpected pos 64 vs 0", None)])
+def test_torch_write_errors_that_name_their_errno_only_in_words_are_explained(tmp_path, words, reason):
+    # torch.save's error on a read-only mount carries no errno, and differs between builds (found in CI)
+    error = RuntimeError(f"[enforce fail at inline_container.cc:747] . {words}")
+    described = describe_write_failure(error, str(tmp_path))
+    assert described.startswith(reason or "a write failed") and words in described
 
 
 def test_a_new_run_into_a_read_only_folder_is_one_line(char_data, tmp_path, capsys):
