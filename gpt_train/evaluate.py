@@ -177,25 +177,15 @@ def save_results(out_dir, results):
 @contextlib.contextmanager
 def _offline_unless_the_hub_answers():
     """Without network, datasets retries each Hub dataset for minutes; with the Hub unreachable,
-    look only in the cache, so a cached task runs and an uncached one fails at once. Afterwards
-    the Hub counts as online again: a training run still pushes when the network is back."""
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    if offline or _hub_answers():
-        yield
-        return
+    datasets looks only in its cache, so a cached task runs and an uncached one fails at once."""
     import datasets.config  # deferred: importing datasets costs every training run ~0.7 s at start
-    # what HF_HUB_OFFLINE=1 does, for libraries that read it at import time (already done here)
-    saved = os.environ.get("HF_HUB_OFFLINE"), hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    hub_constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+
+    saved = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = saved or not _hub_answers()
     try:
         yield
     finally:
-        if saved[0] is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = saved[0]
-        hub_constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved[1:]
+        datasets.config.HF_HUB_OFFLINE = saved
 
 
 def _hub_answers():

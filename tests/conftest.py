@@ -1,4 +1,5 @@
 """Shared fixtures: the real Shakespeare data prepared once, tiny model settings, CLI runners."""
+import contextlib
 import hashlib
 import json
 import os
@@ -29,6 +30,20 @@ def run_script(*args, env=None, check=True):
     if check and result.returncode != 0:
         raise AssertionError(f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def torch_threads(count):
+    """In-process runs at the thread count of the launched processes they are compared with
+    (OMP_NUM_THREADS=1 there): a reference run needs no interpreter of its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 ACCELERATE = os.path.join(os.path.dirname(sys.executable), "accelerate")
@@ -101,6 +116,11 @@ def tiny_run(char_data, tmp_path):
 def fresh_accelerate_state():
     """In-process runs must not inherit the previous test's Accelerator singleton or wandb setup."""
     yield
+    forget_the_run()
+
+
+def forget_the_run():
+    """What an in-process run leaves process-wide: Accelerate's singletons, wandb's settings."""
     if "wandb" in sys.modules:  # wandb keeps its settings (WANDB_DIR) process-wide between runs
         sys.modules["wandb"].teardown()
     from accelerate.state import AcceleratorState, GradientState, PartialState

@@ -13,6 +13,7 @@ from huggingface_hub import ModelCard
 from conftest import ROOT, TINY_MODEL, read_metrics, sha256
 from gpt_train import checkpoint
 from gpt_train.cli import train as main
+from gpt_train import evaluate as evaluate_module
 from gpt_train.evaluate import main as evaluate_main
 
 lm_eval = pytest.importorskip("lm_eval", reason="pip install -r requirements-eval.txt")  # requirements-dev has it
@@ -141,6 +142,20 @@ def test_a_task_whose_data_is_neither_cached_nor_reachable_fails_in_seconds_in_o
     assert took < 60, f"{took:.0f} s"  # imports included; datasets' retries alone took minutes
     assert one_line(["no_such_task"], bpe_folder, str(tmp_path), capsys).startswith(
         "error: unknown lm-eval task 'no_such_task'")
+
+
+def test_an_unreachable_hub_makes_datasets_read_its_cache_for_the_evaluation_alone(monkeypatch):
+    """The Hub pusher uploads on its own thread during an evaluation: the Hub client never goes offline."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # the module's fixture set it; importing read it before
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    with evaluate_module._offline_unless_the_hub_answers():
+        assert datasets.config.HF_HUB_OFFLINE and not constants.is_offline_mode()
+    assert not datasets.config.HF_HUB_OFFLINE
 
 
 def judge(task_names, folder, tasks):

@@ -10,13 +10,14 @@ import torch
 from safetensors.torch import load_file
 from transformers import pipeline
 
-from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, run_script, sha256
+from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, run_script, sha256, torch_threads
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.optim import Float32Muon, lr_multiplier
 from gpt_train.train import setup, train
 
 MUON = ["--optimizer=muon", "--muon_learning_rate=0.01", "--weight_decay=0.1"]
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 RUN = [*TINY_MODEL, *MUON, "--gradient_accumulation_steps=1", "--eval_interval=10", "--eval_iters=2",
        "--max_iters=30", "--dropout=0.1"]
 
@@ -119,12 +120,14 @@ def test_muon_learns_and_leaves_a_plain_gpt2_folder(tiny_run):
 
 
 @pytest.mark.slow
-def test_muon_resumes_exactly_after_a_kill(char_data, tmp_path):
+def test_muon_resumes_exactly_after_a_kill(char_data, tmp_path, capsys):
     straight_dir, out_dir = str(tmp_path / "straight"), str(tmp_path / "out")
-    straight = run_script("train.py", f"--data_dir={char_data}", f"--out_dir={straight_dir}", *RUN)
+    with torch_threads(1):  # the reference, in process
+        train(load_config([f"--data_dir={char_data}", f"--out_dir={straight_dir}", *RUN]))
+    straight = capsys.readouterr().out
     args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            stderr=subprocess.STDOUT, env={**os.environ, **ONE_THREAD, "PYTHONUNBUFFERED": "1"})
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -132,9 +135,9 @@ def test_muon_resumes_exactly_after_a_kill(char_data, tmp_path):
             break
     proc.kill()
     assert proc.wait() == -signal.SIGKILL
-    resumed = run_script("train.py", *args, "--init_from=resume")
+    resumed = run_script("train.py", *args, "--init_from=resume", env=ONE_THREAD)
     losses = {line.split(",")[0] for line in resumed.stdout.splitlines() if line.startswith("iter ")}
-    expected = {line.split(",")[0] for line in straight.stdout.splitlines() if line.startswith("iter ")}
+    expected = {line.split(",")[0] for line in straight.splitlines() if line.startswith("iter ")}
     assert losses and losses <= expected
     assert sha256(os.path.join(out_dir, "model.safetensors")) == sha256(os.path.join(straight_dir, "model.safetensors"))
 
@@ -146,7 +149,8 @@ def test_muon_on_two_ddp_processes_matches_one_process(tiny_run, tmp_path):
     run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
                "train.py", *common, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     one_dir = str(tmp_path / "one")
-    run_script("train.py", *common, f"--out_dir={one_dir}", env={"OMP_NUM_THREADS": "1"})
+    with torch_threads(1):
+        train(load_config([*common, f"--out_dir={one_dir}"]))
     for a, b in zip(read_metrics(out_dir, "train"), read_metrics(one_dir, "train"), strict=True):
         assert abs(a["train/step_loss"] - b["train/step_loss"]) < 1e-4
     two_weights, one_weights = load_file(os.path.join(out_dir, "model.safetensors")), load_file(

@@ -3,8 +3,10 @@
 Every kill here is a real signal to a real `python train.py`. Interpreter start-up dominates
 those runs, so the many guarded-input cases mostly go through `main()` in-process.
 """
+import contextlib
 import errno
 import functools
+import io
 import json
 import os
 import pickle
@@ -23,7 +25,7 @@ from transformers import GPT2LMHeadModel
 import accelerate
 import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, TINY_MODEL, one_line_error, run_script, sha256, tree_digest
+from conftest import ROOT, TINY_MODEL, forget_the_run, one_line_error, run_script, sha256, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -63,8 +65,11 @@ def losses_printed(output):
 def straight(char_data, tmp_path_factory):
     """The uninterrupted run every interrupted one must reproduce: its printout and out_dir."""
     out_dir = str(tmp_path_factory.mktemp("straight") / "out")
-    result = run_script("train.py", f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN)
-    return result.stdout, out_dir
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # in process, at the thread count a launched run has too
+        train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]))
+    forget_the_run()  # a module's fixture: the test it runs before may train in process too
+    return printed.getvalue(), out_dir
 
 
 def assert_resume_matches(resumed_output, resumed_dir, straight):

@@ -60,6 +60,10 @@ def test_two_nodes_need_a_divisible_accumulation_count():
     with pytest.raises(UserError, match="not divisible by the 16 processes: use a multiple of 16"):
         micro_steps_per_process(40, args.num_processes)
     assert micro_steps_per_process(32, args.num_processes) * 16 * 15 * 1024 == 491_520  # the README's recipe
+    with pytest.raises(UserError) as refused:  # raised before Accelerator() is built: no launcher needed to see it
+        micro_steps_per_process(3, 2)
+    assert str(refused.value) == ("gradient_accumulation_steps=3 is not divisible by the 2 processes: use a "
+                                  "multiple of 2")
 
 
 def test_explicit_dtype_beats_the_launch_config_and_auto_defers_to_it(monkeypatch):

@@ -13,9 +13,12 @@ import time
 
 import pytest
 
-from conftest import ROOT, TINY_MODEL, read_metrics, run_script, tree_digest
+from conftest import ROOT, TINY_MODEL, one_line_error, read_metrics, run_script, tree_digest
+from gpt_train.bench import main as bench_main
 from gpt_train.cli import load_config
+from gpt_train.cli import train as main
 from gpt_train.errors import UserError
+from gpt_train.prepare import main as prepare_main
 from gpt_train.train import train
 
 SHORT = ["--max_iters=6", "--eval_interval=3", "--eval_iters=2"]
@@ -212,16 +215,14 @@ def test_sampling_and_help_piped_into_head_stop_quietly(tiny_run):
     assert "Traceback" not in result.stderr and result.stdout.startswith("usage:")
 
 
-@pytest.mark.slow
-def test_wandb_without_a_key_stops_before_anything_is_written(tiny_run, tmp_path, monkeypatch):
+def test_wandb_without_a_key_stops_before_anything_is_written(tiny_run, tmp_path, monkeypatch, capsys):
     out_dir, args = tiny_run
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
-    env = {"WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "NETRC": str(tmp_path / "no-netrc"),
-           "HOME": str(tmp_path)}
-    result = run_script("train.py", *args, *SHORT, "--wandb_log=True", check=False, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
+    for name, value in {"WANDB_CONFIG_DIR": str(tmp_path / "wandb-config"), "NETRC": str(tmp_path / "no-netrc"),
+                        "HOME": str(tmp_path)}.items():
+        monkeypatch.setenv(name, value)
+    assert one_line_error(main, [*args, *SHORT, "--wandb_log=True"], capsys) == (
         "error: wandb_log=True needs a W&B API key: run `wandb login` or set WANDB_API_KEY, or log locally with "
         "WANDB_MODE=offline and upload later with `wandb sync`")
     assert not os.path.exists(out_dir)
@@ -242,22 +243,18 @@ def test_wandb_that_cannot_reach_its_server_is_one_line_and_writes_nothing(tiny_
     assert not os.path.exists(os.path.join(out_dir, "training_config.json"))
 
 
-@pytest.mark.slow
-def test_an_unprepared_default_dataset_names_the_small_presets(tmp_path):
-    result = run_script("bench.py", f"--data_dir={tmp_path / 'missing'}", check=False)
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("(a 54 GB download; to try gpt-train on a laptop instead: python "
-                                          "data_prep/shakespeare_char/prepare.py, then pass "
-                                          "configs/train_shakespeare_char_cpu.py)")
+def test_an_unprepared_default_dataset_names_the_small_presets(tmp_path, capsys):
+    error = one_line_error(bench_main, [f"--data_dir={tmp_path / 'missing'}"], capsys)  # bench.py's main
+    assert error.endswith("(a 54 GB download; to try gpt-train on a laptop instead: python "
+                          "data_prep/shakespeare_char/prepare.py, then pass configs/train_shakespeare_char_cpu.py)")
 
 
-@pytest.mark.slow
-def test_an_empty_text_file_is_refused_and_writes_no_dataset(tmp_path):
+def test_an_empty_text_file_is_refused_and_writes_no_dataset(tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("")
-    result = run_script("data_prep/custom/prepare.py", f"--source={tmp_path / 'empty.txt'}",
-                        f"--out_dir={tmp_path / 'ds'}", check=False)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error: the train split holds no text")
+    # data_prep/custom/prepare.py's main
+    argv = ["custom", f"--source={tmp_path / 'empty.txt'}", f"--out_dir={tmp_path / 'ds'}"]
+    error = one_line_error(prepare_main, argv, capsys)
+    assert error.startswith("error: the train split holds no text")
     assert not (tmp_path / "ds" / "train.bin").exists()
 
 
