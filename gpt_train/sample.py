@@ -223,8 +223,10 @@ def generation_kwargs(cfg):
             "top_k": cfg.top_k, "top_p": cfg.top_p}
 
 
-def sample(cfg, out=sys.stdout):
-    """Draw cfg.num_samples samples and print each, streamed or whole; returns their texts."""
+def sample(cfg, out=None):
+    """Draw cfg.num_samples samples and print each (to `out`, else sys.stdout as it is when called),
+    streamed or whole; returns their texts."""
+    out = out or sys.stdout
     hf_logging.disable_progress_bar()  # a weight-loading bar is noise around the samples
     generator = load_generator(cfg)
     prompt = read_prompt(cfg.start)
