@@ -39,9 +39,10 @@ from gpt_train.files import WRITE_FAILURES, describe_write_failure, give_default
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.metrics import drop_torn_last_line
 from gpt_train.model_card import write_model_card
-from gpt_train.out_dir import (ATOMIC_TEMPORARY, COMMITTED_DIR, METRICS, OLD_STATE_DIR, RUN_CONFIG, STAGING_DIR,
-                               STATE_DIR, TRAINER_STATE, TrainerState, check_model_folder, last_checkpoint_note,
-                               written_by_gpt_train)
+from gpt_train.lora import is_adapted, merged_state_dict
+from gpt_train.out_dir import (ADAPTER_DIR, ATOMIC_TEMPORARY, COMMITTED_DIR, METRICS, OLD_SUFFIX,
+                               RUN_CONFIG, SAVED_FOLDERS_OLD, STAGING_DIR, STATE_DIR, TRAINER_STATE, TrainerState,
+                               check_model_folder, last_checkpoint_note, written_by_gpt_train)
 from gpt_train.tokenizer import save_tokenizer
 
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
@@ -89,6 +90,9 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     """The Hugging Face folder, its model card and the manifest of the whole staged checkpoint."""
     hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
     try:
+        if is_adapted(model):  # LoRA: the adapter alone beside a plain folder of the merged weights
+            model.save_pretrained(os.path.join(staging, ADAPTER_DIR))
+            model, state_dict = model.get_base_model(), merged_state_dict(model)
         model.save_pretrained(staging, state_dict=state_dict)
     finally:
         hf_logging.enable_progress_bar()
@@ -154,22 +158,25 @@ def recover(out_dir):
     if os.path.isdir(committed):
         _move_into_place(committed, out_dir)
     shutil.rmtree(os.path.join(out_dir, STAGING_DIR), ignore_errors=True)
-    shutil.rmtree(os.path.join(out_dir, OLD_STATE_DIR), ignore_errors=True)
+    for old in SAVED_FOLDERS_OLD:
+        shutil.rmtree(os.path.join(out_dir, old), ignore_errors=True)
 
 
 def _move_into_place(committed, out_dir):
-    """Replace the previous checkpoint with the committed one; safe to run again after a crash."""
-    for name in os.listdir(committed):
-        if name != STATE_DIR:
-            os.replace(os.path.join(committed, name), os.path.join(out_dir, name))
-    new_state, state = os.path.join(committed, STATE_DIR), os.path.join(out_dir, STATE_DIR)
-    if os.path.isdir(new_state):
-        old_state = os.path.join(out_dir, OLD_STATE_DIR)
-        shutil.rmtree(old_state, ignore_errors=True)
-        if os.path.isdir(state):
-            os.rename(state, old_state)  # a folder cannot be renamed over a non-empty one
-        os.rename(new_state, state)
-        shutil.rmtree(old_state, ignore_errors=True)
+    """Replace the previous checkpoint with the committed one; safe to run again after a crash.
+    Files first, then folders (a LoRA run's adapter/), training_state/ last."""
+    names = sorted(os.listdir(committed), key=lambda n: (os.path.isdir(os.path.join(committed, n)), n == STATE_DIR))
+    for name in names:
+        new, path = os.path.join(committed, name), os.path.join(out_dir, name)
+        if not os.path.isdir(new):
+            os.replace(new, path)
+            continue
+        old = path + OLD_SUFFIX
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.isdir(path):
+            os.rename(path, old)  # a folder cannot be renamed over a non-empty one
+        os.rename(new, path)
+        shutil.rmtree(old, ignore_errors=True)
     os.rmdir(committed)
     _fsync_dir(out_dir)
 

@@ -18,6 +18,7 @@ from gpt_train.errors import UserError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_STRATEGIES = ("end", "every_save")
 OPTIMIZERS = ("adamw", "muon")
+FINETUNE_METHODS = ("full", "lora")
 LR_SCHEDULES = ("cosine", "wsd")
 
 
@@ -86,6 +87,13 @@ class TrainConfig:
     muon_learning_rate: float = training(0.02, "peak learning rate of Muon (optimizer='muon'), scaled by the "
                                          "schedule as learning_rate is")
     muon_momentum: float = training(0.95, "Muon's Nesterov momentum (optimizer='muon')")
+    finetune_method: str = training("full", "'full' trains every weight; 'lora' trains low-rank adapters (peft) on "
+                                    "init_from's model, the rest frozen", choices=FINETUNE_METHODS)
+    lora_r: int = training(8, "rank of each LoRA adapter (finetune_method='lora')")
+    lora_alpha: float = training(16.0, "LoRA scaling: an adapter's update is multiplied by lora_alpha / lora_r")
+    lora_dropout: float = training(0.05, "dropout on the adapters' input")
+    lora_target_modules: str = training("c_attn,c_proj,c_fc", "comma-separated modules that get adapters: GPT-2's "
+                                        "attention (c_attn, c_proj) and MLP (c_fc, c_proj) projections")
 
     decay_lr: bool = schedule(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
     lr_schedule: str = schedule("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
@@ -152,6 +160,8 @@ class TrainConfig:
         if self.lr_schedule == "wsd" and self.cooldown_iters > self.lr_decay_iters - self.warmup_iters:
             raise UserError(f"cooldown_iters ({self.cooldown_iters}) does not fit between warmup_iters "
                             f"({self.warmup_iters}) and lr_decay_iters ({self.lr_decay_iters})")
+        if self.finetune_method == "lora":
+            check_lora_settings(self)
         if self.optimizer == "muon" and self.dtype == "float16":
             raise UserError("optimizer='muon' with float16 loss scaling is not supported: use dtype bfloat16 or "
                             "float32")
@@ -186,6 +196,17 @@ def with_values(cfg, **changes):
     new = dataclasses.replace(cfg, **changes)
     new.explicit = cfg.explicit
     return new
+
+
+def check_lora_settings(cfg):
+    if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
+        raise UserError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {cfg.lora_r}, "
+                        f"{cfg.lora_alpha}, {cfg.lora_dropout}")
+    if cfg.init_from == "scratch":
+        raise UserError("finetune_method='lora' adapts a trained model: set init_from to gpt2*, a Hub id or a "
+                        "model folder")
+    if cfg.optimizer != "adamw":
+        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw'")
 
 
 def check_repo_id(repo_id):

@@ -31,7 +31,9 @@ LOSS_CHART = "loss.png"
 EVAL_RESULTS = "eval_results.json"  # lm-eval's scores (gpt_train.evaluate)
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
-OLD_STATE_DIR = STATE_DIR + ".old"  # the previous training_state/, removed once the new one is in
+ADAPTER_DIR = "adapter"  # a LoRA run's adapter, as peft writes it (gpt_train.lora)
+OLD_SUFFIX = ".old"  # a checkpoint's previous folder (training_state/, adapter/), removed once the new one is in
+OLD_STATE_DIR = STATE_DIR + OLD_SUFFIX
 STAGING_DIR = ".checkpoint-staging"  # a save being written; incomplete until renamed
 COMMITTED_DIR = ".checkpoint-committed"  # a complete save whose files are being moved into place
 LOCK = ".gpt-train.lock"  # held by the one training run that writes here (gpt_train.run_lock)
@@ -50,6 +52,7 @@ RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, C
 # What a run leaves before its first checkpoint is committed: a restart may start it again.
 BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
 MODEL_FOLDER_FILES = (*MODEL_FILES, *TOKENIZER_FILES, MODEL_CARD)
+SAVED_FOLDERS_OLD = (OLD_STATE_DIR, ADAPTER_DIR + OLD_SUFFIX)
 # The JSON objects from_pretrained reads when they are there: the older tokenizer files too
 MODEL_JSON_FILES = (MODEL_CONFIG, GENERATION_CONFIG, TOKENIZER_CONFIG, "special_tokens_map.json",
                     "added_tokens.json")
@@ -62,7 +65,7 @@ def written_by_gpt_train(name):
     """Whether `name`, a top-level entry of out_dir, is one gpt-train writes there: the only names
     an overwrite deletes, whatever a file in the folder lists."""
     temporary = ATOMIC_TEMPORARY.fullmatch(name)
-    return (name in MODEL_FOLDER_FILES or name in RUN_FILES or name == OLD_STATE_DIR
+    return (name in MODEL_FOLDER_FILES or name in RUN_FILES or name in (ADAPTER_DIR, *SAVED_FOLDERS_OLD)
             or name.startswith(HUB_SNAPSHOT_PREFIX) or bool(SHARDED_WEIGHTS.fullmatch(name))
             or bool(temporary and written_by_gpt_train(temporary["name"])))
 

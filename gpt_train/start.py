@@ -17,12 +17,13 @@ from accelerate.utils import broadcast_object_list
 
 from gpt_train import checkpoint, run_lock
 from gpt_train.cli import check_type
-from gpt_train.config import TOKENS_PER_ITER, tokens_per_iter, with_values
+from gpt_train.config import TOKENS_PER_ITER, TrainConfig, tokens_per_iter, with_values
 from gpt_train.device import check_one_run, process_group_kwargs
 from gpt_train.errors import UserError
+from gpt_train.lora import base_source, saved_base
 from gpt_train.model import pretrained_folder, read_model_config
-from gpt_train.out_dir import (BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE, check_model_files,
-                               has_checkpoint, previous_run, read_run_config)
+from gpt_train.out_dir import (ADAPTER_DIR, BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE,
+                               check_model_files, has_checkpoint, previous_run, read_run_config)
 
 
 @dataclass
@@ -35,6 +36,9 @@ class Start:
     saved: object = None  # the TrainerState a resume continues
     folder: str | None = None  # where the weights come from: out_dir, a pretrained folder, or None (scratch)
     model_config: object = None  # that folder's GPT2Config
+    base: str | None = None  # LoRA: the model its adapter adapts, as the adapter names it (gpt_train.lora)
+    base_folder: str | None = None  # LoRA: where that model's frozen weights come from
+    adapter: str | None = None  # LoRA resume: the saved adapter folder
     replace: bool = False  # another run's files in out_dir may be removed
     changes: list = field(default_factory=list)  # what the command line changes in a resumed run, one line each
 
@@ -85,11 +89,25 @@ def plan(cfg):
             with processes.main_process_first():  # one process downloads, the others find it cached
                 start.folder = pretrained_folder(cfg.init_from)
             check_model_files(start.folder)
+        if cfg.finetune_method == "lora":
+            _plan_lora(start)
         if start.folder:
             start.model_config = read_model_config(start.folder, start.where)
             start.cfg = settings_for_checkpoint(cfg, start.model_config, start.where, can_crop=start.saved is None)
     start.replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
     return start
+
+
+def _plan_lora(start):
+    """LoRA's frozen base: init_from's model; for a resume, the model its adapter names, with the
+    saved adapter on top (out_dir's own weights are merged ones, which never unmerge exactly)."""
+    if not start.saved:
+        start.base, start.base_folder = base_source(start.cfg.init_from), start.folder
+        return
+    start.adapter, start.base = os.path.join(start.cfg.out_dir, ADAPTER_DIR), saved_base(start.cfg.out_dir)
+    with start.processes.main_process_first():
+        start.base_folder = pretrained_folder(start.base)
+    check_model_files(start.base_folder)
 
 
 def _hold_out_dir(cfg, processes):
@@ -146,6 +164,11 @@ TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size"
               "muon_momentum", "lr_schedule", "cooldown_iters")
 
 
+# Settings a resume cannot change: what the saved optimizer state and adapter were built for.
+FIXED = ("optimizer", "finetune_method", "lora_r", "lora_alpha", "lora_target_modules")
+DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # what runs saved before a setting existed had
+
+
 def with_saved_settings(cfg, saved, source):
     """Resume's settings: the saved run's (read from the file `source`), except what presets or
     the command line set. A saved value of the wrong type or out of range is a one-line error.
@@ -159,9 +182,11 @@ def with_saved_settings(cfg, saved, source):
         new = with_values(cfg, **inherited).validate()
     except UserError as e:
         raise UserError(f"{e} (from {source})") from None
-    if "optimizer" in saved and saved["optimizer"] != new.optimizer:
-        raise UserError(f"the run in {cfg.out_dir} trains with optimizer={saved['optimizer']!r}; a resume cannot "
-                        f"switch it: start a new run from its weights with --init_from={cfg.out_dir} --out_dir=NEW_DIR")
+    for name in FIXED:
+        if saved.get(name, DEFAULTS[name]) != getattr(new, name):
+            raise UserError(f"the run in {cfg.out_dir} trains with {name}={saved.get(name, DEFAULTS[name])!r}; a "
+                            f"resume cannot change it: start a new run from its weights with --init_from={cfg.out_dir} "
+                            "--out_dir=NEW_DIR")
     changes = []
     for name in sorted(cfg.explicit & saved.keys() - set(NOT_RESUMED)):
         if saved[name] == getattr(new, name):

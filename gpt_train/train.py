@@ -28,9 +28,11 @@ from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
+from gpt_train.lora import add_adapters, is_adapted, trainable_summary
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
-                             peak_flops, ready_for_training, scratch_vocab_size, use_causal_sdpa)
+                             peak_flops, read_model_config, ready_for_training, scratch_vocab_size,
+                             use_causal_sdpa)
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.config import tokens_per_iter
 from gpt_train.out_dir import TrainerState, last_checkpoint_note
@@ -124,6 +126,9 @@ def _precision(cfg, device):
     if fsdp_plugin and cfg.optimizer == "muon":
         raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
                         "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
+    if fsdp_plugin and cfg.finetune_method == "lora":
+        raise UserError("finetune_method='lora' does not run under FSDP here: LoRA's optimizer state is small "
+                        "enough for DDP (accelerate_configs/8xa100.yaml) or one GPU")
     return mixed, fsdp_plugin
 
 
@@ -210,6 +215,10 @@ def _init_model(start):
         raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
                         f"data, {ours!r} in the model): prepare the data with the model's tokenizer")
     check_token_ids(bins, config.vocab_size)
+    if start.base_folder:  # LoRA: its frozen base, cropped as the run's model, and the adapters on top
+        base = load_pretrained(start.base_folder, read_model_config(start.base_folder, start.base))
+        model = ready_for_training(crop_block_size(base, cfg.block_size), cfg.dropout)
+        return bins, add_adapters(model, cfg, start.base, start.adapter), tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
     return bins, ready_for_training(model, cfg.dropout), tokenizer
 
@@ -223,7 +232,10 @@ def _start_logging(run, replace):
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "
               f"precision {acc.mixed_precision}")
-    acc.print(f"number of parameters: {count_parameters(acc.unwrap_model(run.model)) / 1e6:.2f}M")
+    model = acc.unwrap_model(run.model)
+    acc.print(f"number of parameters: {count_parameters(model) / 1e6:.2f}M")
+    if is_adapted(model):
+        acc.print(trainable_summary(model))
 
 
 @torch.no_grad()

@@ -187,7 +187,7 @@ def test_impossible_optimizer_settings_are_one_line(argv, message):
 def test_a_resume_cannot_switch_the_optimizer(tiny_run):
     out_dir, args = tiny_run
     train(load_config([*args, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
-    with pytest.raises(UserError, match="trains with optimizer='adamw'; a resume cannot switch it"):
+    with pytest.raises(UserError, match="trains with optimizer='adamw'; a resume cannot change it"):
         train(load_config([f"--out_dir={out_dir}", "--init_from=resume", "--optimizer=muon", "--max_iters=4"]))
 
 

@@ -23,7 +23,7 @@ from gpt_train.cli import load_config
 from gpt_train.convert import upgrade
 from gpt_train.errors import UserError
 from gpt_train.files import describe_write_failure
-from gpt_train.out_dir import LOCK, METRICS, STATE_DIR, TRAINER_STATE, read_metrics
+from gpt_train.out_dir import LOCK, METRICS, OLD_STATE_DIR, STATE_DIR, TRAINER_STATE, read_metrics
 from gpt_train.plot import main as plot_main
 from gpt_train.train import train
 
@@ -86,7 +86,7 @@ def test_overwrite_deletes_only_gpt_train_files_inside_out_dir_whatever_the_fold
         json.dump(state, f)
     os.remove(os.path.join(out_dir, "loss.png"))
     os.symlink(outside / "thesis.txt", os.path.join(out_dir, "loss.png"))  # gpt-train's names, pointing outside
-    os.symlink(outside, os.path.join(out_dir, checkpoint.OLD_STATE_DIR))
+    os.symlink(outside, os.path.join(out_dir, OLD_STATE_DIR))
     before = tree_digest(outside, tmp_path / "sibling.txt")
 
     train(load_config([*args, "--max_iters=2", "--overwrite_output_dir=True"]))

@@ -1,0 +1,139 @@
+"""finetune_method='lora': peft's adapters on a model trained here, only they trained; a merged
+plain folder and the adapter beside it, each loadable without gpt-train; exact resume; DDP equal
+to one process; refusals in one line."""
+import json
+import os
+
+import pytest
+import torch
+from peft import AutoPeftModelForCausalLM, PeftModel
+from safetensors.torch import load_file
+from transformers import GPT2LMHeadModel, pipeline
+
+from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, read_metrics, run_script, sha256, \
+    torch_threads
+from gpt_train.cli import load_config
+from gpt_train.errors import UserError
+from gpt_train.train import _precision, train
+
+LORA = ["--finetune_method=lora", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.1", "--learning_rate=1e-2",
+        "--min_lr=1e-3", "--warmup_iters=2"]
+TARGETS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+@pytest.fixture(scope="module")
+def base(char_data, tmp_path_factory):
+    """A tiny char model trained here: the "pretrained" model the adapters adapt."""
+    folder = str(tmp_path_factory.mktemp("base") / "out")
+    train(load_config([f"--data_dir={char_data}", f"--out_dir={folder}", *TINY_MODEL, "--max_iters=20",
+                       "--eval_interval=20", "--eval_iters=1"]))
+    forget_the_run()
+    return folder
+
+
+def lora_args(char_data, base, out_dir, *extra):
+    return [f"--data_dir={char_data}", f"--init_from={base}", f"--out_dir={out_dir}", *TINY_MODEL, *LORA,
+            "--eval_interval=4", "--eval_iters=2", *extra]
+
+
+def test_lora_trains_only_the_adapters_and_leaves_a_merged_folder_and_a_peft_adapter(char_data, base, tmp_path,
+                                                                                     capsys):
+    out_dir = str(tmp_path / "lora")
+    run = train(load_config(lora_args(char_data, base, out_dir, "--max_iters=8")))
+    printed = capsys.readouterr().out
+    model = run.accelerator.unwrap_model(run.model)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in name or ".lora_B." in name for name in trainable)
+    assert {name.split(".")[5] + "." + name.split(".")[6] for name in trainable} == set(TARGETS)
+    # the optimizer holds the adapters alone: its state is a sliver of full fine-tuning's
+    optimized = sum(p.numel() for group in run.optimizers[0].param_groups for p in group["params"])
+    assert optimized == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert f"LoRA trains {optimized:,} of " in printed
+
+    # out_dir: a plain GPT-2 folder of the merged weights; adapter/: peft's folder, naming its base
+    with open(os.path.join(out_dir, "adapter", "adapter_config.json")) as f:
+        adapter_config = json.load(f)
+    assert adapter_config["base_model_name_or_path"] == os.path.abspath(base) and adapter_config["r"] == 4
+    merged = GPT2LMHeadModel.from_pretrained(out_dir).eval()
+    plain = GPT2LMHeadModel.from_pretrained(base)
+    adapted = PeftModel.from_pretrained(plain, os.path.join(out_dir, "adapter")).eval()
+    auto = AutoPeftModelForCausalLM.from_pretrained(os.path.join(out_dir, "adapter")).eval()  # finds the base alone
+    x = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        expected = adapted(input_ids=x).logits
+        torch.testing.assert_close(merged(input_ids=x).logits, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(auto(input_ids=x).logits, expected, atol=0, rtol=0)
+    frozen, changed = load_file(os.path.join(base, "model.safetensors")), load_file(os.path.join(out_dir,
+                                                                                                 "model.safetensors"))
+    assert torch.equal(frozen["transformer.wte.weight"], changed["transformer.wte.weight"])
+    assert not torch.equal(frozen["transformer.h.0.attn.c_attn.weight"], changed["transformer.h.0.attn.c_attn.weight"])
+    assert set(frozen) == set(changed)  # no adapter tensor in the plain folder
+    text = pipeline("text-generation", model=out_dir, device="cpu")("ROMEO:", max_new_tokens=10)[0]["generated_text"]
+    assert text.startswith("ROMEO:") and len(text) > len("ROMEO:")
+
+
+def test_a_lora_run_resumes_exactly(char_data, base, tmp_path, capsys):
+    """lora_dropout on: the same losses and a byte-identical adapter prove the RNGs came back too."""
+    straight, resumed = str(tmp_path / "straight"), str(tmp_path / "resumed")
+    train(load_config(lora_args(char_data, base, straight, "--max_iters=8")))
+    forget_the_run()
+    train(load_config(lora_args(char_data, base, resumed, "--max_iters=4")))
+    forget_the_run()
+    capsys.readouterr()
+    train(load_config(lora_args(char_data, base, resumed, "--max_iters=8", "--init_from=resume")))
+    assert "resuming from iteration 4" in capsys.readouterr().out
+    losses = {e["iter"]: e["train/step_loss"] for e in read_metrics(resumed, "train")}
+    assert losses == {e["iter"]: e["train/step_loss"] for e in read_metrics(straight, "train")}
+    for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
+        assert sha256(os.path.join(resumed, name)) == sha256(os.path.join(straight, name)), name
+
+
+@pytest.mark.parametrize("change, message", [
+    ("--finetune_method=full", "trains with finetune_method='lora'; a resume cannot change it"),
+    ("--lora_r=8", "trains with lora_r=4; a resume cannot change it"),
+])
+def test_a_resume_cannot_change_what_the_adapters_are(char_data, base, tmp_path, change, message):
+    out_dir = str(tmp_path / "lora")
+    train(load_config(lora_args(char_data, base, out_dir, "--max_iters=4")))
+    forget_the_run()
+    with pytest.raises(UserError, match=message):
+        train(load_config(lora_args(char_data, base, out_dir, "--max_iters=8", "--init_from=resume", change)))
+
+
+@pytest.mark.parametrize("settings, message", [
+    (["--init_from=scratch"], "finetune_method='lora' adapts a trained model: set init_from"),
+    (["--optimizer=muon"], "finetune_method='lora' trains its adapters with AdamW"),
+    (["--lora_r=0"], "LoRA needs lora_r >= 1"),
+])
+def test_lora_settings_that_cannot_work_are_refused(char_data, base, tmp_path, settings, message):
+    with pytest.raises(UserError, match=message):
+        load_config(lora_args(char_data, base, str(tmp_path / "out"), *settings))
+    assert not (tmp_path / "out").exists()
+
+
+def test_lora_under_fsdp_is_refused_before_anything_loads(char_data, base, tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for an FSDP config
+    cfg = load_config(lora_args(char_data, base, str(tmp_path / "out")))
+    with pytest.raises(UserError, match="finetune_method='lora' does not run under FSDP"):
+        _precision(cfg, torch.device("cpu"))
+
+
+def test_unknown_target_modules_are_one_line(char_data, base, tmp_path):
+    with pytest.raises(UserError, match="lora_target_modules='c_atn'"):
+        train(load_config(lora_args(char_data, base, str(tmp_path / "out"), "--lora_target_modules=c_atn")))
+
+
+@pytest.mark.slow
+def test_lora_on_two_ddp_processes_matches_one_process(char_data, base, tmp_path):
+    common = lora_args(char_data, base, str(tmp_path / "two"), "--gradient_accumulation_steps=2", "--max_iters=6",
+                       "--lora_dropout=0.0")
+    run_script(ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", free_port(),
+               "train.py", *common, env={"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
+    one = str(tmp_path / "one")
+    with torch_threads(1):
+        train(load_config([*common, f"--out_dir={one}"]))
+    for a, b in zip(read_metrics(tmp_path / "two", "train"), read_metrics(one, "train"), strict=True):
+        assert abs(a["train/step_loss"] - b["train/step_loss"]) < 1e-4
+    two_adapter = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    for name, tensor in load_file(os.path.join(one, "adapter", "adapter_model.safetensors")).items():
+        torch.testing.assert_close(two_adapter[name], tensor, atol=1e-5, rtol=1e-4)
