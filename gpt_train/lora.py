@@ -54,15 +54,18 @@ def add_adapters(model, cfg, base, saved_adapter=None):
     with warnings.catch_warnings():  # peft asks transformers 5 by a name it deprecates: noise in the run's log
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if saved_adapter:
-            return PeftModel.from_pretrained(model, saved_adapter, is_trainable=True)
-        targets = [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
-        config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                            target_modules=targets, fan_in_fan_out=True, task_type="CAUSAL_LM",
-                            base_model_name_or_path=base)
-        try:
-            return get_peft_model(model, config)
-        except ValueError as e:  # peft names the targets it did not find
-            raise UserError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}") from None
+            adapted = PeftModel.from_pretrained(model, saved_adapter, is_trainable=True)
+        else:
+            targets = [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
+            config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                target_modules=targets, fan_in_fan_out=True, task_type="CAUSAL_LM")
+            try:
+                adapted = get_peft_model(model, config)
+            except ValueError as e:  # peft names the targets it did not find
+                raise UserError(f"lora_target_modules={cfg.lora_target_modules!r}: {e}") from None
+    # peft would name the folder the weights were read from (a cache snapshot, a relative path)
+    adapted.peft_config[ADAPTER_NAME].base_model_name_or_path = base
+    return adapted
 
 
 def is_adapted(model):

@@ -3,6 +3,7 @@ plain folder and the adapter beside it, each loadable without gpt-train; exact r
 to one process; refusals in one line."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -121,6 +122,35 @@ def test_lora_under_fsdp_is_refused_before_anything_loads(char_data, base, tmp_p
 def test_unknown_target_modules_are_one_line(char_data, base, tmp_path):
     with pytest.raises(UserError, match="lora_target_modules='c_atn'"):
         train(load_config(lora_args(char_data, base, str(tmp_path / "out"), "--lora_target_modules=c_atn")))
+
+
+def test_the_lora_preset_fine_tunes_a_cached_hub_model_with_activation_checkpointing_and_resumes(
+        tiny_gpt2, bpe_data, tmp_path, monkeypatch, capsys):
+    """init_from a Hub id (gpt2, from the HF cache: no network here): the adapter names the id, and
+    a resume finds the base there again."""
+    from huggingface_hub import constants
+    snapshot = tmp_path / "hub" / "models--openai-community--gpt2"
+    shutil.copytree(tiny_gpt2, snapshot / "snapshots" / "0123abc")
+    (snapshot / "refs").mkdir()
+    (snapshot / "refs" / "main").write_text("0123abc")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out_dir = str(tmp_path / "ft")
+    args = [os.path.join(ROOT, "configs", "finetune_shakespeare_lora.py"), "--init_from=gpt2", f"--data_dir={bpe_data}",
+            f"--out_dir={out_dir}", "--device=cpu", "--compile=False", "--block_size=32", "--batch_size=4",
+            "--gradient_accumulation_steps=1", "--learning_rate=1e-2", "--eval_interval=4", "--eval_iters=2",
+            "--always_save_checkpoint=True", "--gradient_checkpointing=True"]
+    train(load_config([*args, "--max_iters=4"]))
+    forget_the_run()
+    train(load_config([*args, "--max_iters=8", "--init_from=resume"]))
+    assert "resuming from iteration 4" in capsys.readouterr().out
+    evals = read_metrics(out_dir, "eval")
+    assert evals[-1]["iter"] == 8 and evals[-1]["val/loss"] < evals[0]["val/loss"]
+    adapter = load_file(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+    lora_b = [tensor for name, tensor in adapter.items() if ".lora_B." in name]
+    assert lora_b and all(tensor.abs().max() > 0 for tensor in lora_b)  # B starts at zero: gradients got through
+    with open(os.path.join(out_dir, "adapter", "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == "gpt2"
 
 
 @pytest.mark.slow
