@@ -19,6 +19,9 @@ import torch
 from gpt_train.errors import UserError
 
 TOKEN_DTYPE = np.uint16  # nanoGPT's format: GPT-2's 50,257 ids fit, and it halves the disk
+MASK_DTYPE = np.uint8  # a chat dataset's loss mask (gpt_train.chat): 1 where the token is the assistant's
+MASK_SUFFIX = ".mask.bin"  # train.mask.bin beside train.bin
+IGNORE_INDEX = -100  # a target the loss skips (transformers' and torch's convention)
 MAX_VOCAB = np.iinfo(TOKEN_DTYPE).max + 1  # 65,536 ids
 SPLITS = ("train", "val")
 TOKEN_SCAN_CHUNK = 1 << 25  # tokens per np.max when checking ids: 64 MB of memory at a time
@@ -55,11 +58,15 @@ class TokenBins:
     data_dir: str
     lengths: dict  # split -> number of tokens
     vocab_size: int | None  # from meta.pkl; None means GPT-2 BPE
+    masked: bool = False  # a chat dataset: the loss counts the tokens its masks mark
 
     def memmap(self, split):
         # A fresh memmap per batch, as nanoGPT does: a long-lived one keeps every page it
         # ever touched mapped, and resident memory grows through a 17 GB corpus.
         return np.memmap(os.path.join(self.data_dir, f"{split}.bin"), dtype=TOKEN_DTYPE, mode="r")
+
+    def mask(self, split):
+        return np.memmap(os.path.join(self.data_dir, split + MASK_SUFFIX), dtype=MASK_DTYPE, mode="r")
 
 
 def open_dataset(data_dir, block_size, prepare_hint):
@@ -79,18 +86,28 @@ def open_dataset(data_dir, block_size, prepare_hint):
         if lengths[split] < block_size + 1:
             raise UserError(f"{path} has {lengths[split]} tokens, fewer than block_size+1 = {block_size + 1}: "
                             "lower block_size or add data")
+    masks = [os.path.join(data_dir, split + MASK_SUFFIX) for split in SPLITS]
+    masked = any(os.path.exists(path) for path in masks)
+    for split, path in zip(SPLITS, masks, strict=True):
+        if masked and (not os.path.isfile(path) or os.path.getsize(path) != lengths[split]):
+            raise UserError(f"{path} is missing or not one byte per token of {split}.bin: prepare the chat dataset "
+                            "again (data_prep/chat/prepare.py)")
     meta = read_meta(data_dir)
-    return TokenBins(data_dir, lengths, meta.get("vocab_size") if meta else None)
+    return TokenBins(data_dir, lengths, meta.get("vocab_size") if meta else None, masked)
 
 
 def bytes_per_token(bins, split, byte_lengths):
     """The mean bytes of text per token of `split` (byte_lengths[id]: what each id stands for);
     a loss in nats per token over it, / ln 2, is bits per byte, comparable across tokenizers."""
-    data, total = bins.memmap(split), 0
+    data, total, tokens = bins.memmap(split), 0, 0
     for start in range(0, len(data), TOKEN_SCAN_CHUNK):
-        counts = np.bincount(data[start:start + TOKEN_SCAN_CHUNK], minlength=len(byte_lengths))
+        chunk = data[start:start + TOKEN_SCAN_CHUNK]
+        if bins.masked:  # a chat dataset's loss is over the assistant's tokens: so are its bytes
+            chunk = chunk[bins.mask(split)[start:start + TOKEN_SCAN_CHUNK] == 1]
+        counts = np.bincount(chunk, minlength=len(byte_lengths))
         total += int(counts[:len(byte_lengths)] @ byte_lengths)
-    return total / len(data)
+        tokens += len(chunk)
+    return total / tokens if tokens else 0.0
 
 
 def bits_per_byte(loss, bytes_per_token):
@@ -142,10 +159,17 @@ class BlockSampler:
 
     def batch(self, split, offsets):
         data = self.bins.memmap(split)
-        rows = np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()])
-        tokens = torch.from_numpy(rows.astype(np.int64))
+        rows = np.stack([data[i:i + self.block_size + 1] for i in offsets.tolist()]).astype(np.int64)
+        if not self.bins.masked:
+            tokens = self._to_device(torch.from_numpy(rows))
+            return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+        # a chat dataset: targets its mask leaves out (the user's turns) are skipped by the loss
+        mask = self.bins.mask(split)
+        y = rows[:, 1:].copy()
+        y[np.stack([mask[i + 1:i + self.block_size + 1] for i in offsets.tolist()]) == 0] = IGNORE_INDEX
+        return self._to_device(torch.from_numpy(rows[:, :-1].copy())), self._to_device(torch.from_numpy(y))
+
+    def _to_device(self, tokens):
         if self._pin:  # pinned host memory lets the copy overlap the previous step's compute
-            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
-        else:
-            tokens = tokens.to(self.device)
-        return tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+            return tokens.pin_memory().to(self.device, non_blocking=True)
+        return tokens.to(self.device)

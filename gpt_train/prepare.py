@@ -64,8 +64,9 @@ TOKENIZERS = ("gpt2", "char", "bpe")
 BPE_MIN_VOCAB = 257  # the 256 bytes and end-of-text: below that some text has no token
 # Files a dataset folder may hold from an earlier preparation; stale ones are removed so a
 # folder never mixes two tokenizers.
-DATASET_FILES = ("train.bin", "val.bin", "meta.pkl", "tokenizer.json", "tokenizer_config.json",
-                 "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json")
+DATASET_FILES = ("train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta.pkl", "tokenizer.json",
+                 "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json", "added_tokens.json",
+                 "chat_template.jinja")
 
 
 @dataclass
@@ -331,14 +332,18 @@ PREPARERS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": Shakespea
 @exit_on_user_error
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    names = ", ".join(PREPARERS)
+    names = ", ".join([*PREPARERS, "chat"])
     if not argv or argv[0] in ("-h", "--help"):
         print(f"usage: gpt-prepare DATASET [--key=value ...]   (DATASET: {names})\n"
               "       gpt-prepare DATASET --help   lists that dataset's settings")
         sys.exit(0 if argv else 2)
     name, rest = argv[0], argv[1:]
+    if name == "chat":  # conversations: rendered and masked, not a text corpus
+        from gpt_train.chat import prepare_chat
+        prepare_chat(rest)
+        return
     if name not in PREPARERS:
-        near = difflib.get_close_matches(name, PREPARERS, n=1)
+        near = difflib.get_close_matches(name, [*PREPARERS, "chat"], n=1)
         hint = f"; did you mean {near[0]}?" if near else ""
         raise UserError(f"unknown dataset {name!r}{hint} (known: {names})")
     prepare_corpus(rest, PREPARERS[name])

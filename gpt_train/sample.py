@@ -8,6 +8,7 @@ it nanoGPT's sliding context, so max_new_tokens is not bounded by the context.
 
     python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3
     python sample.py --init_from=gpt2-xl --start=FILE:prompt.txt --max_new_tokens=100
+    python sample.py --out_dir=out-chat --chat          # one user turn per line on stdin
 
 Not here: training (gpt_train.train), the generation defaults saved with a model (gpt_train.model).
 """
@@ -51,6 +52,8 @@ class SampleConfig:
                          choices=DTYPES)
     compile: bool = setting(False, "torch.compile the model's forward")
     stream: bool = setting(True, "print tokens as they are generated")
+    chat: bool = setting(False, "talk to the model: each line read from stdin is a user turn, answered with the "
+                                "model's chat template, the conversation kept in the context")
 
     def validate(self):
         check_choices(self)
@@ -248,6 +251,43 @@ def sample(cfg, out=None):
     return texts
 
 
+def chat(cfg, lines=None, out=None):
+    """A conversation: each line of `lines` (stdin) a user turn, each answer printed and kept in the
+    context, the oldest turns dropped when it is full. Returns the messages."""
+    out, lines = out or sys.stdout, lines if lines is not None else sys.stdin
+    hf_logging.disable_progress_bar()
+    generator = load_generator(cfg)
+    tokenizer, model = generator.tokenizer, generator.model
+    if not tokenizer.chat_template:
+        raise UserError(f"{model_source(cfg)} has no chat template: fine-tune it on a chat dataset first "
+                        "(data_prep/chat/prepare.py), or sample it without --chat")
+    context = model.config.max_position_embeddings
+    budget = min(cfg.max_new_tokens, context // 2)  # room left for each answer
+    torch.manual_seed(cfg.seed)
+    messages = []
+    for line in lines:
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        while True:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                return_dict=True)["input_ids"]
+            if ids.shape[1] + budget <= context or len(messages) == 1:
+                break
+            messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
+        if ids.shape[1] + budget > context:
+            raise UserError(f"the turn is {ids.shape[1]} tokens, too long for the model's {context}-token context "
+                            f"with room for an answer of {budget}: write a shorter one")
+        ids = ids.to(model.device)
+        kwargs = {**generation_kwargs(cfg), "max_new_tokens": budget, "max_length": None}  # the folder's would warn
+        new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]
+        answer = tokenizer.decode(new, skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": answer})
+        out.write(f"assistant: {answer}\n")
+        out.flush()
+    return messages
+
+
 class _TerminalStreamer(TextStreamer):
     """TextStreamer that writes to `out` (a file or the terminal) and skips the prompt."""
 
@@ -263,7 +303,7 @@ class _TerminalStreamer(TextStreamer):
 @exit_on_user_error
 def main(argv=None):
     cfg = load_config(sys.argv[1:] if argv is None else argv, SampleConfig)
-    sample(cfg)
+    chat(cfg) if cfg.chat else sample(cfg)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, 
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint, run_lock
-from gpt_train.data import SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids, open_dataset
+from gpt_train.chat import copy_template
+from gpt_train.data import (IGNORE_INDEX, SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids,
+                            open_dataset)
 from gpt_train.device import check_memory, fsdp_compute_dtype, mixed_precision, peer_failure
 from gpt_train.errors import UserError
 from gpt_train.evaluate import Judge
@@ -204,7 +206,7 @@ def _init_model(start):
         check_token_ids(bins, model.config.vocab_size)
         return bins, model, data_tokenizer
     fits(vocab_size=config.vocab_size)
-    tokenizer = model_tokenizer(start.folder)
+    tokenizer = copy_template(data_tokenizer, model_tokenizer(start.folder))  # a chat dataset's template
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
@@ -230,6 +232,10 @@ def _start_logging(run, replace):
         checkpoint.start_run_folder(cfg.out_dir, dataclasses.asdict(cfg), replace=replace)
     acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
+    if run.sampler.bins.masked:
+        share = float(run.sampler.bins.mask("train").mean())
+        acc.print(f"chat data: the loss counts the assistant's tokens alone, {100 * share:.1f}% of train.bin "
+                  f"(~{share * run.tokens_per_iter:,.0f} per iteration)")
     acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "
               f"precision {acc.mixed_precision}")
     model = acc.unwrap_model(run.model)
@@ -253,13 +259,20 @@ def estimate_loss(run):
         for k in bar(cfg.progress, range(per_process), f"eval {split}"):
             index = acc.process_index + k * acc.num_processes
             x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
-            loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+            loss = forward_loss(model, x, y, run.sampler.bins.masked)
             weight = float(index < cfg.eval_iters)
             total += torch.stack([loss.float() * weight, torch.tensor(weight, device=acc.device)])
         total = acc.reduce(total, reduction="sum")
         losses[split] = (total[0] / total[1]).item()
     model.train()
     return losses
+
+
+def forward_loss(model, x, y, masked):
+    """The mean loss over the batch's targets. In a chat dataset's batch they are the assistant's
+    tokens, and a batch of user turns alone has none: its loss is then 0, not 0/0."""
+    count = {"num_items_in_batch": (y != IGNORE_INDEX).sum().clamp(min=1)} if masked else {}
+    return model(input_ids=x, labels=y, shift_labels=y, use_cache=False, **count).loss
 
 
 def train_batches(run):
@@ -310,7 +323,7 @@ def fit(run):
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(run.micro_steps):
             with acc.accumulate(model):
-                loss = model(input_ids=x, labels=y, shift_labels=y, use_cache=False).loss
+                loss = forward_loss(model, x, y, run.sampler.bins.masked)
                 x, y = next(batches)  # prefetch while the device is busy
                 acc.backward(loss)
             loss_sum += loss.detach()
