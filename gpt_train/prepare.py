@@ -79,6 +79,8 @@ class CorpusConfig:
     tokenizer: str = setting("gpt2", "'gpt2' (BPE, the id space of OpenAI's GPT-2), 'char' (one token per "
                                      "character) or 'bpe' (a byte-level BPE trained on the train split)",
                              choices=TOKENIZERS)
+    tokenizer_from: str = setting("", "encode with this model's tokenizer instead (a model folder, gpt2* or a Hub "
+                                      "id): data for fine-tuning that model, whatever its vocabulary")
     vocab_size: int = setting(8192, "tokenizer='bpe': tokens in the trained vocabulary, end-of-text included "
                                     "(257 to 65,536: ids must fit the uint16 bins)")
     val_fraction: float = setting(0.1, "share held out for validation")
@@ -107,6 +109,9 @@ class CorpusConfig:
 def prepare_corpus(argv, cls=CorpusConfig):
     """Load, split, tokenize and write one dataset folder; the whole of every corpus preparer."""
     cfg = load_config(argv, cls)
+    if cfg.tokenizer_from and "tokenizer" in cfg.explicit:
+        raise UserError("tokenizer and tokenizer_from both given: tokenizer_from encodes with that model's "
+                        "vocabulary, so drop --tokenizer")
     files = _local_files(cfg.source)
     name = cfg.name or _default_name(cfg.source, files)
     out_dir = cfg.out_dir or os.path.join("data", name)
@@ -201,8 +206,16 @@ def _split(corpus, cfg, split_by):
 
 
 def _codec(cfg, splits):
-    from gpt_train.tokenizer import BpeCodec, CharCodec, Gpt2Codec  # deferred: it imports transformers (~2 s)
+    from gpt_train.tokenizer import BpeCodec, CharCodec, Gpt2Codec, ModelCodec  # deferred: imports transformers
 
+    if cfg.tokenizer_from:
+        from gpt_train.model import pretrained_folder
+        from gpt_train.tokenizer import model_tokenizer
+
+        codec = ModelCodec(model_tokenizer(pretrained_folder(cfg.tokenizer_from)))
+        for part in splits.values():  # a char vocabulary has no unknown token: name what it lacks, and where
+            codec.check_covers(part, cfg.text_column, cfg.tokenizer_from)
+        return codec
     if cfg.tokenizer == "gpt2":
         return Gpt2Codec()
     if cfg.tokenizer == "bpe":  # learnt from train alone: val stays text the tokenizer has never seen

@@ -243,3 +243,38 @@ class BpeCodec:
 @functools.lru_cache(maxsize=1)
 def _bpe_model(json_text):
     return Tokenizer.from_str(json_text)  # once per worker process, not per batch
+
+
+class ModelCodec:
+    """A model's own tokenizer for corpora (`--tokenizer_from`): its ids, its end-of-text token if it
+    has one (a char vocabulary has none: documents are simply concatenated)."""
+
+    def __init__(self, tokenizer):
+        self.hf_tokenizer = tokenizer
+        self.vocab_size = len(tokenizer)
+        self.eot = tokenizer.eos_token_id
+        self.vocab = set(tokenizer.get_vocab())
+        self.chars = all(len(token) == 1 for token in self.vocab) and tokenizer.eos_token_id is None
+
+    def check_covers(self, part, column, name):
+        """Every character of the texts must be in a char vocabulary: the first one missing, as a UserError."""
+        if not self.chars:
+            return  # byte-level BPE encodes any text
+        for row, text in enumerate(part[column]):
+            for offset, ch in enumerate(text):
+                if ch not in self.vocab:
+                    line = text.count("\n", 0, offset) + 1
+                    raise UserError(f"{name}'s char vocabulary has no {ch!r} (document {row}, line {line}): "
+                                    "remove or replace that character, or prepare the data for a model with a BPE "
+                                    "vocabulary")
+
+    def encode_batch(self, texts, append_eot):
+        parts = []
+        for ids in self.hf_tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            parts.append(np.array(ids, dtype=np.uint32))
+            if append_eot and self.eot is not None:
+                parts.append(np.array([self.eot], dtype=np.uint32))
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
+
+    def tokenizer(self):
+        return self.hf_tokenizer

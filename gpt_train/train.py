@@ -210,12 +210,12 @@ def _init_model(start):
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
         raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
-                        f"{config.vocab_size}: prepare the data with the model's tokenizer")
+                        f"{config.vocab_size}: {_encode_with(where)}")
     disagreement = first_disagreement(data_tokenizer, tokenizer, data_vocab)
     if disagreement:
         i, theirs, ours = disagreement
         raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
-                        f"data, {ours!r} in the model): prepare the data with the model's tokenizer")
+                        f"data, {ours!r} in the model): {_encode_with(where)}")
     check_token_ids(bins, config.vocab_size)
     if start.base_folder:  # LoRA: its frozen base, cropped as the run's model, and the adapters on top
         base = load_pretrained(start.base_folder, read_model_config(start.base_folder, start.base))
@@ -223,6 +223,10 @@ def _init_model(start):
         return bins, add_adapters(model, cfg, start.base, start.adapter), tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
     return bins, ready_for_training(model, cfg.dropout), tokenizer
+
+
+def _encode_with(where):
+    return f"prepare the data with the model's tokenizer (data_prep/custom/prepare.py --tokenizer_from={where})"
 
 
 def _start_logging(run, replace):

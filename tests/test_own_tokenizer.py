@@ -82,6 +82,36 @@ def test_a_model_takes_its_vocabulary_from_the_data_and_carries_the_tokenizer(ow
     assert not (tmp_path / "ckpt.pt").exists()
 
 
+def test_new_text_prepared_with_the_models_tokenizer_fine_tunes_it(own_model, tmp_path, capsys):
+    """--tokenizer_from: a model with its own BPE (or characters) fine-tunes on text prepared later."""
+    corpus = tmp_path / "new.txt"
+    corpus.write_text("Café society met in the garden. " * 400)
+    prepare_main(["custom", f"--source={corpus}", f"--out_dir={tmp_path / 'new'}", f"--tokenizer_from={own_model}"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "new").get_vocab() == AutoTokenizer.from_pretrained(
+        own_model).get_vocab()
+    main([f"--init_from={own_model}", f"--data_dir={tmp_path / 'new'}", f"--out_dir={tmp_path / 'ft'}",
+          *TINY_MODEL[6:], "--max_iters=2", "--eval_interval=2", "--eval_iters=1"])
+    assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
+def test_a_character_a_char_model_lacks_is_named_with_where_it_occurs(char_data, tmp_path, capsys):
+    char_model = str(tmp_path / "char")
+    main([f"--data_dir={char_data}", f"--out_dir={char_model}", *TINY_MODEL, "--max_iters=1", "--eval_interval=1",
+          "--eval_iters=1"])
+    corpus = tmp_path / "new.txt"
+    corpus.write_text("ROMEO:\nWhat light through yonder window breaks?\nIt is the east, and Juliet is the sün.\n" * 50)
+    capsys.readouterr()
+    error = one_line_error(prepare_main, ["custom", f"--source={corpus}", f"--out_dir={tmp_path / 'new'}",
+                                          f"--tokenizer_from={char_model}"], capsys)
+    assert error == (f"error: {char_model}'s char vocabulary has no 'ü' (document 0, line 3): remove or replace "
+                     "that character, or prepare the data for a model with a BPE vocabulary")
+    corpus.write_text(corpus.read_text().replace("ü", "u"))
+    prepare_main(["custom", f"--source={corpus}", f"--out_dir={tmp_path / 'new'}", f"--tokenizer_from={char_model}"])
+    main([f"--init_from={char_model}", f"--data_dir={tmp_path / 'new'}", f"--out_dir={tmp_path / 'ft'}",
+          *TINY_MODEL[6:], "--block_size=16", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"])
+    assert (tmp_path / "ft" / "model.safetensors").is_file()
+
+
 def test_fine_tuning_a_gpt2_model_on_data_with_another_tokenizer_is_refused(own_bpe, bpe_data, tmp_path, capsys):
     gpt2_like = str(tmp_path / "gpt2-like")
     main([f"--data_dir={bpe_data}", f"--out_dir={gpt2_like}", *TINY_MODEL, "--max_iters=1", "--eval_interval=1",
