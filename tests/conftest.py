@@ -11,6 +11,10 @@ import tempfile
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n 2 on two cores: one torch thread per worker and per process it starts, or the
+    # workers' thread pools oversubscribe the cores and small ops slow down tenfold
+    os.environ["OMP_NUM_THREADS"] = "1"
 # datasets caches what it loads; tests keep theirs out of the user's ~/.cache.
 DATASETS_CACHE = os.path.join(tempfile.gettempdir(), f"gpt-train-tests-datasets-{os.getuid()}")
 os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
