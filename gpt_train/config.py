@@ -4,11 +4,10 @@ and the checks that reject a setting before anything is touched.
 Not here: reading them from presets and the command line (gpt_train.cli), rewriting them for a
 resume or a loaded model (gpt_train.start), what they do (the modules that read them).
 """
-import dataclasses
 import functools
 import math
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
@@ -39,10 +38,9 @@ def section(group):
     return functools.partial(setting, group=group)
 
 
-io, data, model_shape, training = section("I/O and logging"), section("data and batching"), section("model"), \
-    section("training")
-schedule, init, system = section("learning-rate schedule"), section("initialisation"), section("system")
-lm_eval = section("lm-eval (pip install -r requirements-eval.txt)")
+io, data, model_shape = section("I/O and logging"), section("data and batching"), section("model")
+training, schedule, init = section("training"), section("learning-rate schedule"), section("initialisation")
+system, lm_eval = section("system"), section("lm-eval (pip install -r requirements-eval.txt)")
 hub = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)")
 
 
@@ -92,8 +90,7 @@ class TrainConfig:
     lora_r: int = training(8, "rank of each LoRA adapter (finetune_method='lora')")
     lora_alpha: float = training(16.0, "LoRA scaling: an adapter's update is multiplied by lora_alpha / lora_r")
     lora_dropout: float = training(0.05, "dropout on the adapters' input")
-    lora_target_modules: str = training("c_attn,c_proj,c_fc", "comma-separated modules that get adapters: GPT-2's "
-                                        "attention (c_attn, c_proj) and MLP (c_fc, c_proj) projections")
+    lora_target_modules: str = training("c_attn,c_proj,c_fc", "modules given adapters: GPT-2's attention and MLP")
 
     decay_lr: bool = schedule(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
     lr_schedule: str = schedule("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "
@@ -136,12 +133,12 @@ class TrainConfig:
         """Reject settings that cannot make a sensible run, before anything is touched."""
         check_choices(self)
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout")
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout", "lora_r")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters", "lr_decay_iters",
-                     "muon_learning_rate", "muon_momentum", "cooldown_iters", "lm_eval_limit"):
+                     "muon_learning_rate", "muon_momentum", "cooldown_iters", "lm_eval_limit", "lora_alpha"):
             if getattr(self, name) < 0:
                 raise UserError(f"{name} must not be negative, got {getattr(self, name)}")
         for f in fields(self):
@@ -151,7 +148,7 @@ class TrainConfig:
             raise UserError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0.0 <= self.dropout < 1.0:
             raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("beta1", "beta2", "muon_momentum"):
+        for name in ("beta1", "beta2", "muon_momentum", "lora_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.decay_lr and self.min_lr > self.learning_rate:
@@ -160,8 +157,6 @@ class TrainConfig:
         if self.lr_schedule == "wsd" and self.cooldown_iters > self.lr_decay_iters - self.warmup_iters:
             raise UserError(f"cooldown_iters ({self.cooldown_iters}) does not fit between warmup_iters "
                             f"({self.warmup_iters}) and lr_decay_iters ({self.lr_decay_iters})")
-        if self.finetune_method == "lora":
-            check_lora_settings(self)
         if self.optimizer == "muon" and self.dtype == "float16":
             raise UserError("optimizer='muon' with float16 loss scaling is not supported: use dtype bfloat16 or "
                             "float32")
@@ -193,20 +188,9 @@ def tokens_per_iter(settings):
 
 def with_values(cfg, **changes):
     """A copy of cfg with some values changed, still knowing which names the user set."""
-    new = dataclasses.replace(cfg, **changes)
+    new = replace(cfg, **changes)
     new.explicit = cfg.explicit
     return new
-
-
-def check_lora_settings(cfg):
-    if cfg.lora_r < 1 or cfg.lora_alpha <= 0 or not 0.0 <= cfg.lora_dropout < 1.0:
-        raise UserError(f"LoRA needs lora_r >= 1, lora_alpha > 0 and lora_dropout in [0, 1), got {cfg.lora_r}, "
-                        f"{cfg.lora_alpha}, {cfg.lora_dropout}")
-    if cfg.init_from == "scratch":
-        raise UserError("finetune_method='lora' adapts a trained model: set init_from to gpt2*, a Hub id or a "
-                        "model folder")
-    if cfg.optimizer != "adamw":
-        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw'")
 
 
 def check_repo_id(repo_id):

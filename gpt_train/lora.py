@@ -29,6 +29,15 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter
 
 
+def check_settings(cfg):
+    """What LoRA cannot do, refused before anything loads."""
+    if cfg.init_from == "scratch":
+        raise UserError("finetune_method='lora' adapts a trained model: set init_from to gpt2*, a Hub id or a "
+                        "model folder")
+    if cfg.optimizer != "adamw":
+        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw'")
+
+
 def base_source(init_from):
     """How the adapter names its base model: a Hub id as given, a local folder by absolute path."""
     return os.path.abspath(init_from) if os.path.isdir(init_from) else init_from

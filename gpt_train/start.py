@@ -21,6 +21,7 @@ from gpt_train.config import TOKENS_PER_ITER, TrainConfig, tokens_per_iter, with
 from gpt_train.device import check_one_run, process_group_kwargs
 from gpt_train.errors import UserError
 from gpt_train.lora import base_source, saved_base
+from gpt_train.lora import check_settings as check_lora_settings
 from gpt_train.model import pretrained_folder, read_model_config
 from gpt_train.out_dir import (ADAPTER_DIR, BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE,
                                check_model_files, has_checkpoint, previous_run, read_run_config)
@@ -76,6 +77,8 @@ def plan(cfg):
     cfg = _resume_choice(cfg)
     if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
         cfg, changes = with_saved_settings(cfg, read_run_config(cfg.out_dir), os.path.join(cfg.out_dir, RUN_CONFIG))
+    elif cfg.finetune_method == "lora":
+        check_lora_settings(cfg)
     processes = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(processes)
     start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes))

@@ -104,11 +104,12 @@ def test_a_resume_cannot_change_what_the_adapters_are(char_data, base, tmp_path,
 @pytest.mark.parametrize("settings, message", [
     (["--init_from=scratch"], "finetune_method='lora' adapts a trained model: set init_from"),
     (["--optimizer=muon"], "finetune_method='lora' trains its adapters with AdamW"),
-    (["--lora_r=0"], "LoRA needs lora_r >= 1"),
+    (["--lora_r=0"], "lora_r must be at least 1, got 0"),
+    (["--lora_dropout=1.0"], r"lora_dropout must be in \[0, 1\), got 1.0"),
 ])
 def test_lora_settings_that_cannot_work_are_refused(char_data, base, tmp_path, settings, message):
     with pytest.raises(UserError, match=message):
-        load_config(lora_args(char_data, base, str(tmp_path / "out"), *settings))
+        train(load_config(lora_args(char_data, base, str(tmp_path / "out"), *settings)))
     assert not (tmp_path / "out").exists()
 
 
