@@ -2,7 +2,7 @@
 
 What goes up is the model part of a checkpoint folder: the top-level files its manifest lists
 (config.json, model.safetensors, generation_config.json, tokenizer files, the README.md model
-card) and training_config.json, loss.png and eval_results.json; never training_state/ (optimizer
+card), a LoRA run's adapter/, and training_config.json, loss.png and eval_results.json; never training_state/ (optimizer
 state is large and only resuming needs it), metrics.jsonl, a user's own files, a symbolic link
 (whose target could be a token file) or half-written files. Each push uploads a snapshot taken when it is
 queued (hard links, or copies where linking fails): checkpoints replace their files with new
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import HfApi, get_token
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.out_dir import (EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES, RUN_CONFIG,
+from gpt_train.out_dir import (ADAPTER_DIR, EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES, RUN_CONFIG,
                                SHARDED_WEIGHTS, TrainerState, is_model_folder)
 
 RUN_EXTRAS = (RUN_CONFIG, LOSS_CHART, EVAL_RESULTS)  # published beside the model: how it was made
@@ -39,13 +39,15 @@ def published_files(folder):
     checkpoint's manifest lists, or the names transformers writes when it has none), the run's
     settings, chart and scores. Never the log, never a symbolic link (its target may be anything)."""
     state = TrainerState.read_if_any(folder)
-    if state:
-        names = {name for name in state.files if "/" not in name}
+    if state:  # the model folder's own files, and a LoRA run's adapter/ (gpt_train.lora) beside them
+        names = {name for name in state.files if "/" not in name or name.startswith(ADAPTER_DIR + "/")}
     else:  # a model folder saved without gpt-train's checkpoint
         names = {name for name in os.listdir(folder) if name in MODEL_FOLDER_FILES or SHARDED_WEIGHTS.fullmatch(name)}
     names |= set(RUN_EXTRAS)
+    inside = os.path.realpath(folder) + os.sep  # adapter/ itself a link: its files are not ours either
     return sorted(name for name in names if os.path.isfile(os.path.join(folder, name))
-                  and not os.path.islink(os.path.join(folder, name)))
+                  and not os.path.islink(os.path.join(folder, name))
+                  and os.path.realpath(os.path.join(folder, name)).startswith(inside))
 
 
 def snapshot(folder):
@@ -55,6 +57,7 @@ def snapshot(folder):
     names = published_files(folder)
     for name in names:
         src, dst = os.path.join(folder, name), os.path.join(copy, name)
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
         try:
             os.link(src, dst, follow_symlinks=False)
         except OSError:

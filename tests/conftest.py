@@ -7,8 +7,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 
+import httpx
 import pytest
+from huggingface_hub import HfApi
+from huggingface_hub.errors import HfHubHTTPError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -131,6 +135,49 @@ def forget_the_run():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+TOKEN = "hf_secretTOKENthatmustneverbewritten0123"  # the Hub token the hub fixture sets: never written
+
+
+class FakeHub:
+    """The Hub's API boundary for push tests (the Hub is unreachable here): records what reaches
+    huggingface_hub, calls, threads, and the files each upload would send."""
+
+    def __init__(self, fail=False, gate=None):
+        self.calls, self.fail, self.gate = [], fail, gate
+
+    def create_repo(self, api, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs, threading.current_thread().name))
+
+    def upload_folder(self, api, *, repo_id, folder_path, commit_message, **kwargs):
+        if self.gate is not None:
+            self.gate.wait(timeout=30)
+        files = {}
+        for root, _, names in os.walk(folder_path):
+            for name in names:
+                with open(os.path.join(root, name), "rb") as f:
+                    files[os.path.relpath(os.path.join(root, name), folder_path)] = f.read()
+        self.calls.append(("upload_folder", repo_id, commit_message, files, threading.current_thread().name))
+        if self.fail:
+            request = httpx.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
+            raise HfHubHTTPError("503 Server Error: Service Unavailable", response=httpx.Response(503, request=request))
+
+        class Commit:
+            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
+        return Commit()
+
+    def uploads(self):
+        return [c for c in self.calls if c[0] == "upload_folder"]
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    fake = FakeHub()
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
+    return fake
 
 
 def one_line_error(main, argv, capsys, command_line=None, env=None):

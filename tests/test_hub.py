@@ -6,60 +6,18 @@ them (settings, the training loop, snapshots, the background thread, the push co
 import os
 import threading
 
-import httpx
 import pytest
-from huggingface_hub import HfApi
-from huggingface_hub.errors import HfHubHTTPError
 from transformers import AutoModelForCausalLM
 
-from conftest import run_script
+from conftest import TOKEN, run_script
 from gpt_train import push
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.hub import HubPusher
 from gpt_train.train import train
 
-TOKEN = "hf_secretTOKENthatmustneverbewritten0123"
 PUBLISHED = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
              "tokenizer_config.json", "training_config.json", "loss.png"}
-
-
-class FakeHub:
-    """Records what reaches huggingface_hub: calls, threads, and the files each upload would send."""
-
-    def __init__(self, fail=False, gate=None):
-        self.calls, self.fail, self.gate = [], fail, gate
-
-    def create_repo(self, api, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs, threading.current_thread().name))
-
-    def upload_folder(self, api, *, repo_id, folder_path, commit_message, **kwargs):
-        if self.gate is not None:
-            self.gate.wait(timeout=30)
-        files = {}
-        for name in os.listdir(folder_path):
-            with open(os.path.join(folder_path, name), "rb") as f:
-                files[name] = f.read()
-        self.calls.append(("upload_folder", repo_id, commit_message, files, threading.current_thread().name))
-        if self.fail:
-            request = httpx.Request("POST", f"https://huggingface.co/api/models/{repo_id}/commit/main")
-            raise HfHubHTTPError("503 Server Error: Service Unavailable", response=httpx.Response(503, request=request))
-
-        class Commit:
-            commit_url = f"https://huggingface.co/{repo_id}/commit/abc123"
-        return Commit()
-
-    def uploads(self):
-        return [c for c in self.calls if c[0] == "upload_folder"]
-
-
-@pytest.fixture
-def hub(monkeypatch):
-    fake = FakeHub()
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    monkeypatch.setattr(HfApi, "create_repo", lambda api, repo_id, **kw: fake.create_repo(api, repo_id, **kw))
-    monkeypatch.setattr(HfApi, "upload_folder", lambda api, **kw: fake.upload_folder(api, **kw))
-    return fake
 
 
 def tiny_push_run(tiny_run, *extra):

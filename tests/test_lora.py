@@ -13,6 +13,7 @@ from transformers import GPT2LMHeadModel, pipeline
 
 from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, read_metrics, run_script, sha256, \
     torch_threads
+from gpt_train import push
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.train import _precision, train
@@ -87,6 +88,24 @@ def test_a_lora_run_resumes_exactly(char_data, base, tmp_path, capsys):
     assert losses == {e["iter"]: e["train/step_loss"] for e in read_metrics(straight, "train")}
     for name in ("adapter/adapter_model.safetensors", "model.safetensors"):
         assert sha256(os.path.join(resumed, name)) == sha256(os.path.join(straight, name)), name
+
+
+def test_a_lora_run_pushes_the_merged_model_and_its_adapter_never_a_linked_adapter(char_data, base, tmp_path,
+                                                                                   hub, capsys):
+    out_dir = str(tmp_path / "lora")
+    train(load_config(lora_args(char_data, base, out_dir, "--max_iters=4", "--push_to_hub=True",
+                                "--hub_model_id=someone/lora", "--hub_strategy=end")))
+    (upload,) = hub.uploads()
+    adapter = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors", "adapter/README.md"}
+    assert adapter <= set(upload[3]) and {"config.json", "model.safetensors"} <= set(upload[3])
+    with open(os.path.join(out_dir, "adapter", "adapter_model.safetensors"), "rb") as f:
+        assert upload[3]["adapter/adapter_model.safetensors"] == f.read()
+    # adapter/ replaced by a link to a folder outside out_dir: none of its files go up
+    outside = tmp_path / "elsewhere"
+    shutil.move(os.path.join(out_dir, "adapter"), outside)
+    os.symlink(outside, os.path.join(out_dir, "adapter"))
+    push.main([out_dir, "someone/lora"])
+    assert not [name for name in hub.uploads()[-1][3] if name.startswith("adapter/")]
 
 
 @pytest.mark.parametrize("change, message", [
