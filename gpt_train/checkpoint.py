@@ -91,7 +91,8 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
     try:
         if is_adapted(model):  # LoRA: the adapter alone beside a plain folder of the merged weights
-            model.save_pretrained(os.path.join(staging, ADAPTER_DIR))
+            # save_embedding_layers=False: peft's "auto" asks the Hub about the base at every save
+            model.save_pretrained(os.path.join(staging, ADAPTER_DIR), save_embedding_layers=False)
             model, state_dict = model.get_base_model(), merged_state_dict(model)
         model.save_pretrained(staging, state_dict=state_dict)
     finally:

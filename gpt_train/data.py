@@ -169,6 +169,15 @@ class BlockSampler:
         y[np.stack([mask[i + 1:i + self.block_size + 1] for i in offsets.tolist()]) == 0] = IGNORE_INDEX
         return self._to_device(torch.from_numpy(rows[:, :-1].copy())), self._to_device(torch.from_numpy(y))
 
+    def targets_per_batch(self, split, offsets):
+        """For a chat dataset, the target tokens (the assistant's) of all these batches, per batch
+        (at least 1); None for plain text, whose loss is a mean over every token."""
+        if not self.bins.masked:
+            return None
+        mask = self.bins.mask(split)
+        total = sum(int(mask[i + 1:i + self.block_size + 1].sum()) for i in offsets.flatten().tolist())
+        return max(total, 1) / offsets.shape[0]
+
     def _to_device(self, tokens):
         if self._pin:  # pinned host memory lets the copy overlap the previous step's compute
             return tokens.pin_memory().to(self.device, non_blocking=True)

@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import HfApi, get_token
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.out_dir import (ADAPTER_DIR, EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES, RUN_CONFIG,
-                               SHARDED_WEIGHTS, TrainerState, is_model_folder)
+from gpt_train.out_dir import (ADAPTER_DIR, EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES,
+                               RUN_CONFIG, SHARDED_WEIGHTS, TrainerState, is_model_folder)
 
 RUN_EXTRAS = (RUN_CONFIG, LOSS_CHART, EVAL_RESULTS)  # published beside the model: how it was made
 

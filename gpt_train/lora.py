@@ -19,11 +19,13 @@ import json
 import os
 import warnings
 
+import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
 
-from gpt_train.errors import UserError
-from gpt_train.out_dir import ADAPTER_DIR
+from gpt_train.errors import UserError, first_line
+from gpt_train.out_dir import ADAPTER_DIR, WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_NAME = "default"  # peft's name for a model's one adapter
@@ -36,6 +38,10 @@ def check_settings(cfg):
                         "model folder")
     if cfg.optimizer != "adamw":
         raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw'")
+    tied = {"wte", "lm_head"} & {name.strip() for name in cfg.lora_target_modules.split(",")}
+    if tied:
+        raise UserError(f"lora_target_modules names {', '.join(sorted(tied))}: GPT-2 ties its embedding to its "
+                        "output layer, which one adapter cannot update as one; target c_attn, c_proj, c_fc")
 
 
 def base_source(init_from):
@@ -63,7 +69,11 @@ def add_adapters(model, cfg, base, saved_adapter=None):
     with warnings.catch_warnings():  # peft asks transformers 5 by a name it deprecates: noise in the run's log
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if saved_adapter:
-            adapted = PeftModel.from_pretrained(model, saved_adapter, is_trainable=True)
+            try:
+                adapted = PeftModel.from_pretrained(model, saved_adapter, is_trainable=True)
+            except (RuntimeError, ValueError) as e:  # a base of another shape than the adapter's
+                raise UserError(f"the adapter in {saved_adapter} does not fit {base} ({first_line(e)}): resume "
+                                "with the model it was trained on") from None
         else:
             targets = [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
             config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
@@ -75,6 +85,17 @@ def add_adapters(model, cfg, base, saved_adapter=None):
     # peft would name the folder the weights were read from (a cache snapshot, a relative path)
     adapted.peft_config[ADAPTER_NAME].base_model_name_or_path = base
     return adapted
+
+
+def check_base_unchanged(model, out_dir, base):
+    """A resume's base plus its saved adapter must give the weights the checkpoint saved: a base that
+    changed since (a folder trained further, a newer Hub revision) is refused, never trained on."""
+    merged = merged_state_dict(model)
+    with safe_open(os.path.join(out_dir, WEIGHTS), framework="pt") as saved:
+        for name in saved.keys():
+            if name in merged and not torch.allclose(saved.get_tensor(name), merged[name], rtol=1e-5, atol=1e-6):
+                raise UserError(f"{base} is not the model the adapter in {out_dir} was trained on ({name} differs "
+                                "from the checkpoint's merged weights): restore that model, or start a new run")
 
 
 def is_adapted(model):

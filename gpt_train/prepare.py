@@ -310,7 +310,7 @@ def _commit(staging, out_dir):
     for name in DATASET_FILES:
         if name not in new and os.path.exists(os.path.join(out_dir, name)):
             os.remove(os.path.join(out_dir, name))
-    for name in sorted(new, key=lambda n: n.endswith(".bin")):  # the bins last
+    for name in sorted(new, key=lambda n: (n.endswith(".bin"), n.endswith(".mask.bin"), n)):  # bins, then masks, last
         os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
 
 

@@ -275,9 +275,11 @@ def chat(cfg, lines=None, out=None):
             if ids.shape[1] + budget <= context or len(messages) == 1:
                 break
             messages = messages[2:] if messages[0]["role"] != "system" else messages[:1] + messages[3:]
-        if ids.shape[1] + budget > context:
-            raise UserError(f"the turn is {ids.shape[1]} tokens, too long for the model's {context}-token context "
-                            f"with room for an answer of {budget}: write a shorter one")
+        if ids.shape[1] + budget > context:  # said, and the conversation goes on without it
+            messages.pop()
+            out.write(f"(that turn is {ids.shape[1]} tokens, too long for the model's {context}-token context with "
+                      f"room for an answer of {budget}: write a shorter one)\n")
+            continue
         ids = ids.to(model.device)
         kwargs = {**generation_kwargs(cfg), "max_new_tokens": budget, "max_length": None}  # the folder's would warn
         new = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)[0, ids.shape[1]:]

@@ -168,7 +168,7 @@ TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size"
 
 
 # Settings a resume cannot change: what the saved optimizer state and adapter were built for.
-FIXED = ("optimizer", "finetune_method", "lora_r", "lora_alpha", "lora_target_modules")
+FIXED = ("optimizer", "finetune_method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # what runs saved before a setting existed had
 
 

@@ -30,7 +30,7 @@ from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
-from gpt_train.lora import add_adapters, is_adapted, trainable_summary
+from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
                              peak_flops, read_model_config, ready_for_training, scratch_vocab_size,
@@ -220,7 +220,10 @@ def _init_model(start):
     if start.base_folder:  # LoRA: its frozen base, cropped as the run's model, and the adapters on top
         base = load_pretrained(start.base_folder, read_model_config(start.base_folder, start.base))
         model = ready_for_training(crop_block_size(base, cfg.block_size), cfg.dropout)
-        return bins, add_adapters(model, cfg, start.base, start.adapter), tokenizer
+        model = add_adapters(model, cfg, start.base, start.adapter)
+        if start.adapter:
+            check_base_unchanged(model, start.folder, start.base)
+        return bins, model, tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
     return bins, ready_for_training(model, cfg.dropout), tokenizer
 
@@ -263,29 +266,38 @@ def estimate_loss(run):
         for k in bar(cfg.progress, range(per_process), f"eval {split}"):
             index = acc.process_index + k * acc.num_processes
             x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
-            loss = forward_loss(model, x, y, run.sampler.bins.masked)
-            weight = float(index < cfg.eval_iters)
-            total += torch.stack([loss.float() * weight, torch.tensor(weight, device=acc.device)])
+            weight = torch.tensor(float(index < cfg.eval_iters), device=acc.device)
+            if run.sampler.bins.masked:  # a chat batch weighs by its targets: the mean is over tokens
+                targets = (y != IGNORE_INDEX).sum()
+                loss, weight = forward_loss(model, x, y, targets.clamp(min=1)), weight * targets
+            else:
+                loss = forward_loss(model, x, y)
+            total += torch.stack([loss.float() * weight, weight])
         total = acc.reduce(total, reduction="sum")
         losses[split] = (total[0] / total[1]).item()
     model.train()
     return losses
 
 
-def forward_loss(model, x, y, masked):
-    """The mean loss over the batch's targets. In a chat dataset's batch they are the assistant's
-    tokens, and a batch of user turns alone has none: its loss is then 0, not 0/0."""
-    count = {"num_items_in_batch": (y != IGNORE_INDEX).sum().clamp(min=1)} if masked else {}
+def forward_loss(model, x, y, targets=None):
+    """The loss on (x, y): transformers' mean over y's targets, or, given `targets` (a chat dataset,
+    whose y skips the user's tokens), their summed loss divided by it, so that batches weigh by the
+    tokens they hold and one of user turns alone adds 0, not 0/0."""
+    count = {} if targets is None else {"num_items_in_batch": targets}
     return model(input_ids=x, labels=y, shift_labels=y, use_cache=False, **count).loss
 
 
 def train_batches(run):
-    """This process's (x, y) micro-batches, iteration after iteration, from run.iter_num on."""
+    """This process's (x, y, targets) micro-batches, iteration after iteration, from run.iter_num on.
+    `targets` (chat data, else None): the iteration's target tokens over all its micro-batches, per
+    micro-batch; dividing each one's summed loss by it makes the step's loss and gradient, after
+    Accelerate's and DDP's averaging, the mean over every target token of the iteration."""
     acc, iteration = run.accelerator, run.iter_num
     while True:
         offsets = run.sampler.iteration_offsets("train", iteration, run.micro_steps * acc.num_processes)
+        targets = run.sampler.targets_per_batch("train", offsets)
         with acc.split_between_processes(offsets) as rows:  # each process its own micro_steps rows
-            yield from (run.sampler.batch("train", row) for row in rows)
+            yield from ((*run.sampler.batch("train", row), targets) for row in rows)
         iteration += 1
 
 
@@ -307,7 +319,7 @@ def fit(run):
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
     peak = peak_flops(acc.device)
     batches = train_batches(run)
-    x, y = next(batches)
+    x, y, targets = next(batches)
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
                         flops_per_iter, peak)  # ETA on the log line, summary at the end
     plot = LivePlot(acc, cfg.out_dir if run.writes else None)  # out_dir/loss.png, after each eval
@@ -327,8 +339,8 @@ def fit(run):
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(run.micro_steps):
             with acc.accumulate(model):
-                loss = forward_loss(model, x, y, run.sampler.bins.masked)
-                x, y = next(batches)  # prefetch while the device is busy
+                loss = forward_loss(model, x, y, targets)
+                x, y, targets = next(batches)  # prefetch while the device is busy
                 acc.backward(loss)
             loss_sum += loss.detach()
         if cfg.skip_nonfinite_steps and not torch.isfinite(acc.reduce(loss_sum, reduction="sum")).item():

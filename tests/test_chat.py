@@ -56,7 +56,7 @@ def test_the_loss_and_its_gradient_count_the_assistants_tokens_alone(chat_data, 
     x, y = sampler.batch("train", sampler.iteration_offsets("train", 0, 1)[0])
     assert bins.masked and (y == IGNORE_INDEX).any() and (y != IGNORE_INDEX).any()
     model = GPT2LMHeadModel.from_pretrained(tiny_gpt2)
-    loss = forward_loss(model, x, y, masked=True)
+    loss = forward_loss(model, x, y, sampler.targets_per_batch("train", sampler.iteration_offsets("train", 0, 1)))
     loss.backward()
     ours = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -70,7 +70,36 @@ def test_the_loss_and_its_gradient_count_the_assistants_tokens_alone(chat_data, 
         torch.testing.assert_close(a, p.grad)
     # a batch of user turns alone has no target: its loss is 0, not NaN
     none = torch.full_like(y, IGNORE_INDEX)
-    assert forward_loss(model, x, none, masked=True).item() == 0.0
+    assert forward_loss(model, x, none, 1).item() == 0.0
+
+
+def test_a_steps_loss_and_an_evaluations_are_means_over_every_target_token(chat_data, tiny_gpt2, tmp_path):
+    """Micro-batches hold different numbers of the assistant's tokens: the step's loss (2 micro-steps)
+    and the val loss are token means over all of them, not means of per-batch means."""
+    out_dir = str(tmp_path / "out")
+    train(load_config([f"--init_from={tiny_gpt2}", f"--data_dir={chat_data}", f"--out_dir={out_dir}", *RUN,
+                       "--block_size=32", "--gradient_accumulation_steps=2", "--dropout=0.0", "--max_iters=1",
+                       "--eval_interval=1"]))
+    forget_the_run()
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2).eval()
+    sampler = BlockSampler(open_dataset(chat_data, 32, ""), 32, 4, 1337, "cpu")
+
+    def token_mean(split, offsets):
+        losses, counts = [], []
+        with torch.no_grad():
+            for row in offsets:
+                x, y = sampler.batch(split, row)
+                kept = y != IGNORE_INDEX
+                logits = model(input_ids=x).logits
+                losses.append(torch.nn.functional.cross_entropy(logits[kept], y[kept], reduction="sum"))
+                counts.append(kept.sum())
+        assert len(set(c.item() for c in counts)) > 1  # the batches differ: a mean of means would differ too
+        return (sum(losses) / sum(counts)).item()
+
+    step = read_metrics(out_dir, "train")[0]["train/step_loss"]
+    assert step == pytest.approx(token_mean("train", sampler.iteration_offsets("train", 0, 2)), rel=1e-5)
+    val = read_metrics(out_dir, "eval")[0]["val/loss"]
+    assert val == pytest.approx(token_mean("val", sampler.iteration_offsets("val", 0, 2, purpose="eval")), rel=1e-5)
 
 
 def test_a_chat_fine_tune_saves_a_folder_that_chats_without_gpt_train(chat_data, tiny_gpt2, tmp_path, capsys):

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import torch
 from peft import AutoPeftModelForCausalLM, PeftModel
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import GPT2LMHeadModel, pipeline
 
 from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, read_metrics, run_script, sha256, \
@@ -108,9 +108,32 @@ def test_a_lora_run_pushes_the_merged_model_and_its_adapter_never_a_linked_adapt
     assert not [name for name in hub.uploads()[-1][3] if name.startswith("adapter/")]
 
 
+def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
+    moved = str(tmp_path / "base")
+    shutil.copytree(base, moved)
+    out_dir = str(tmp_path / "lora")
+    train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=4")))
+    forget_the_run()
+    weights = load_file(os.path.join(moved, "model.safetensors"))
+    weights["transformer.h.0.attn.c_attn.weight"] += 0.01  # the base folder trained on, say
+    save_file(weights, os.path.join(moved, "model.safetensors"), metadata={"format": "pt"})
+    before = sha256(os.path.join(out_dir, "adapter", "adapter_model.safetensors"))
+    with pytest.raises(UserError, match=f"{moved} is not the model the adapter in {out_dir} was trained on "
+                                        r"\(transformer.h.0.attn.c_attn.weight differs"):
+        train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=8", "--init_from=resume")))
+    assert sha256(os.path.join(out_dir, "adapter", "adapter_model.safetensors")) == before
+
+
+@pytest.mark.parametrize("targets", ["c_attn,wte", "lm_head"])
+def test_lora_on_the_tied_embedding_is_refused(char_data, base, tmp_path, targets):
+    with pytest.raises(UserError, match="GPT-2 ties its embedding to its output layer"):
+        train(load_config(lora_args(char_data, base, str(tmp_path / "out"), f"--lora_target_modules={targets}")))
+
+
 @pytest.mark.parametrize("change, message", [
     ("--finetune_method=full", "trains with finetune_method='lora'; a resume cannot change it"),
     ("--lora_r=8", "trains with lora_r=4; a resume cannot change it"),
+    ("--lora_dropout=0.2", "trains with lora_dropout=0.1; a resume cannot change it"),
 ])
 def test_a_resume_cannot_change_what_the_adapters_are(char_data, base, tmp_path, change, message):
     out_dir = str(tmp_path / "lora")
