@@ -4,7 +4,8 @@ A GPT-2-BPE model is trained here on Tiny Shakespeare (the "pretrained" model), 
 on other text (this repository's README and Python sources) twice with the same
 settings, once with finetune_method='full' and once with 'lora'. Each fine-tune runs in its own
 process; reported: trainable parameters, the optimizer state saved (training_state/optimizer.bin),
-the process's peak RSS, the median step time and the val loss after the same iterations. The two fine-tunes alternate over --rounds.
+the process's peak RSS, the median step time and the val loss after the same iterations. The two
+fine-tunes alternate over --rounds.
 
     python benchmarks/lora_vs_full.py [--iters=200] [--rounds=1] [--n_layer=6 --n_embd=384]
 """

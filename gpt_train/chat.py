@@ -114,27 +114,21 @@ def encode(tokenizer, messages):
 
 
 def prepare_chat(argv):
-    from gpt_train.prepare import _commit, _default_name, _load, _local_files
+    from gpt_train.prepare import commit_dataset, load_source  # deferred: training imports this module, not them
     from gpt_train.tokenizer import save_tokenizer
 
     cfg = load_config(argv, ChatConfig)
-    files = _local_files(cfg.source)
-    name = cfg.name or _default_name(cfg.source, files)
-    out_dir = cfg.out_dir or os.path.join("data", name)
-    corpus = _load(cfg, files)
-    if cfg.messages_column not in corpus.column_names:
-        raise UserError(f"{cfg.source} has no column {cfg.messages_column!r} (columns: "
-                        f"{', '.join(corpus.column_names)}): pass --messages_column=NAME")
+    corpus, out_dir, _ = load_source(cfg, "messages_column")
     if len(corpus) < 2:
         raise UserError(f"{cfg.source} holds {len(corpus)} conversation(s): a train and a val split need at least 2")
     tokenizer = chat_tokenizer(cfg.tokenizer_from)
-    parts = corpus.select_columns([cfg.messages_column]).train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+    parts = corpus.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
         for split, part in zip(SPLITS, (parts["train"], parts["test"]), strict=True):
             _write_split(cfg, tokenizer, part, split, staging)
         save_tokenizer(tokenizer, staging)
-        _commit(staging, out_dir)
+        commit_dataset(staging, out_dir)
     print(f"wrote {out_dir}")
     return out_dir
 

@@ -112,14 +112,7 @@ def prepare_corpus(argv, cls=CorpusConfig):
     if cfg.tokenizer_from and "tokenizer" in cfg.explicit:
         raise UserError("tokenizer and tokenizer_from both given: tokenizer_from encodes with that model's "
                         "vocabulary, so drop --tokenizer")
-    files = _local_files(cfg.source)
-    name = cfg.name or _default_name(cfg.source, files)
-    out_dir = cfg.out_dir or os.path.join("data", name)
-    corpus = _load(cfg, files)
-    if cfg.text_column not in corpus.column_names:
-        raise UserError(f"{cfg.source} has no column {cfg.text_column!r} (columns: "
-                        f"{', '.join(corpus.column_names)}): pass --text_column=NAME")
-    corpus = corpus.select_columns([cfg.text_column])
+    corpus, out_dir, files = load_source(cfg, "text_column")
     split_by = cfg.split_by if cfg.split_by != "auto" else ("tail" if files and _loader(files) == "text"
                                                             else "documents")
     splits = _split(corpus, cfg, split_by)
@@ -127,6 +120,19 @@ def prepare_corpus(argv, cls=CorpusConfig):
     write_dataset(splits, codec, cfg.text_column, out_dir, cfg.num_proc,
                   append_eot=cfg.append_eot and codec.eot is not None)
     return out_dir
+
+
+def load_source(cfg, column_setting):
+    """(cfg.source's records with the column the setting `column_setting` names alone, the output
+    folder, the local files: none for a Hub dataset), for every preparer."""
+    files = _local_files(cfg.source)
+    out_dir = cfg.out_dir or os.path.join("data", cfg.name or _default_name(cfg.source, files))
+    corpus = _load(cfg, files)
+    column = getattr(cfg, column_setting)
+    if column not in corpus.column_names:
+        raise UserError(f"{cfg.source} has no column {column!r} (columns: {', '.join(corpus.column_names)}): pass "
+                        f"--{column_setting}=NAME")
+    return corpus.select_columns([column]), out_dir, files
 
 
 def _local_files(source):
@@ -213,6 +219,7 @@ def _codec(cfg, splits):
         from gpt_train.tokenizer import model_tokenizer
 
         codec = ModelCodec(model_tokenizer(pretrained_folder(cfg.tokenizer_from)))
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if cfg.num_proc > 1 else "true")  # as bpe's
         for part in splits.values():  # a char vocabulary has no unknown token: name what it lacks, and where
             codec.check_covers(part, cfg.text_column, cfg.tokenizer_from)
         return codec
@@ -300,11 +307,11 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
         if hasattr(codec, "nanogpt_meta"):
             write_meta(staging, codec.nanogpt_meta())
         save_tokenizer(codec.tokenizer(), staging)
-        _commit(staging, out_dir)
+        commit_dataset(staging, out_dir)
     print(f"wrote {out_dir}")
 
 
-def _commit(staging, out_dir):
+def commit_dataset(staging, out_dir):
     """Move the staged files over the dataset folder and drop stale ones from an earlier run."""
     new = {n for n in os.listdir(staging) if os.path.isfile(os.path.join(staging, n))}
     for name in DATASET_FILES:

@@ -99,7 +99,8 @@ def test_a_character_a_char_model_lacks_is_named_with_where_it_occurs(char_data,
     main([f"--data_dir={char_data}", f"--out_dir={char_model}", *TINY_MODEL, "--max_iters=1", "--eval_interval=1",
           "--eval_iters=1"])
     corpus = tmp_path / "new.txt"
-    corpus.write_text("ROMEO:\nWhat light through yonder window breaks?\nIt is the east, and Juliet is the sün.\n" * 50)
+    corpus.write_text("ROMEO:\nWhat light through yonder window breaks?\nIt is the east, and Juliet is the sün.\n"
+                      * 50)
     capsys.readouterr()
     error = one_line_error(prepare_main, ["custom", f"--source={corpus}", f"--out_dir={tmp_path / 'new'}",
                                           f"--tokenizer_from={char_model}"], capsys)
