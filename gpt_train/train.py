@@ -245,7 +245,7 @@ def _start_logging(run, replace):
                   f"(~{share * run.tokens_per_iter:,.0f} per iteration)")
     acc.print(f"{acc.num_processes} process(es) on {acc.device.type}, {run.micro_steps} micro-steps each, "
               f"precision {acc.mixed_precision}")
-    model = acc.unwrap_model(run.model)
+    model = acc.unwrap_model(run.model, keep_torch_compile=False)  # compiled: the PeftModel inside
     acc.print(f"number of parameters: {count_parameters(model) / 1e6:.2f}M")
     if is_adapted(model):
         acc.print(trainable_summary(model))
