@@ -16,7 +16,7 @@ from gpt_train.errors import UserError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 HUB_STRATEGIES = ("end", "every_save")
-OPTIMIZERS = ("adamw", "muon")
+OPTIMIZERS = ("adamw", "adamw_8bit", "muon")
 FINETUNE_METHODS = ("full", "lora")
 LR_SCHEDULES = ("cosine", "wsd")
 
@@ -72,8 +72,9 @@ class TrainConfig:
     bias: bool = model_shape(False, "learned biases in Linear and LayerNorm layers")
     gradient_checkpointing: bool = model_shape(False, "recompute activations in backward to save memory")
 
-    optimizer: str = training("adamw", "'adamw' (nanoGPT's) or 'muon': Muon for the blocks' matrices, AdamW for "
-                              "embeddings, LayerNorms and biases", choices=OPTIMIZERS)
+    optimizer: str = training("adamw", "'adamw' (nanoGPT's), 'adamw_8bit' (bitsandbytes': 8-bit moments, a quarter "
+                              "of the state) or 'muon': Muon for the blocks' matrices, AdamW for embeddings, "
+                              "LayerNorms and biases", choices=OPTIMIZERS)
     learning_rate: float = training(6e-4, "peak learning rate (of AdamW)")
     max_iters: int = training(600000, "optimizer steps in the run")
     weight_decay: float = training(1e-1, "AdamW weight decay, applied to 2-D weights only")

@@ -36,8 +36,8 @@ def check_settings(cfg):
     if cfg.init_from == "scratch":
         raise UserError("finetune_method='lora' adapts a trained model: set init_from to gpt2*, a Hub id or a "
                         "model folder")
-    if cfg.optimizer != "adamw":
-        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw'")
+    if cfg.optimizer == "muon":
+        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw' (or adamw_8bit)")
     tied = {"wte", "lm_head"} & {name.strip() for name in cfg.lora_target_modules.split(",")}
     if tied:
         raise UserError(f"lora_target_modules names {', '.join(sorted(tied))}: GPT-2 ties its embedding to its "

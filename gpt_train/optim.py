@@ -1,18 +1,22 @@
-"""Optimizers and the learning-rate schedule: nanoGPT's AdamW, torch's Muon for the blocks'
-matrices (optimizer='muon'), and the schedules as LambdaLR multipliers.
+"""Optimizers and the learning-rate schedule: nanoGPT's AdamW, bitsandbytes' 8-bit AdamW
+(optimizer='adamw_8bit'), torch's Muon for the blocks' matrices (optimizer='muon'), and the
+schedules as LambdaLR multipliers.
 
 Adding an optimizer touches this module and the settings only. Resume re-applies the settings'
 hyperparameters over those a restored state brings back (set_hyperparameters, set_schedule).
 
 Not here: the network (gpt_train.model), the loop that steps them (gpt_train.train).
 """
+import logging
 import math
 
 import torch
 
+from gpt_train.errors import UserError
 from gpt_train.model import BLOCKS
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
+ADAMW_8BIT_DEVICES = ("cuda", "cpu")
 
 
 def make_optimizers(model, cfg, device_type):
@@ -30,9 +34,12 @@ def make_optimizers(model, cfg, device_type):
     rest = [p for _, p in named if not any(p is q for q in muon)]
     # One fused kernel for all tensors: on CPU too, where it took the optimizer step from 2.7 to
     # 1.0 ms of a 37 ms CPU-recipe step.
-    optimizers = [torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "kind": "decay"},
-                                     {"params": [p for p in rest if p.dim() < 2], "kind": "no_decay"}],
-                                    lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)]
+    groups = [{"params": [p for p in rest if p.dim() >= 2], "kind": "decay"},
+              {"params": [p for p in rest if p.dim() < 2], "kind": "no_decay"}]
+    if cfg.optimizer == "adamw_8bit":
+        optimizers = [adamw_8bit_class(device_type)(groups, lr=cfg.learning_rate)]
+    else:
+        optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)]
     if muon:
         muon_class = Float32Muon if device_type == "cpu" else torch.optim.Muon
         optimizers.append(muon_class([{"params": muon, "kind": "muon"}], lr=cfg.muon_learning_rate,
@@ -40,6 +47,23 @@ def make_optimizers(model, cfg, device_type):
     for optimizer in optimizers:
         set_hyperparameters(optimizer, cfg)
     return optimizers
+
+
+def adamw_8bit_class(device_type):
+    """bitsandbytes' AdamW8bit: both moments in 8 bits, blockwise quantised (2 bytes of state per
+    parameter instead of 8), for tensors of 4,096 elements or more; smaller ones (LayerNorms,
+    biases) keep 32-bit state. It runs on CUDA and, from bitsandbytes 0.48, on CPUs."""
+    if device_type not in ADAMW_8BIT_DEVICES:
+        raise UserError(f"optimizer='adamw_8bit' does not run on {device_type}: bitsandbytes' 8-bit AdamW runs on "
+                        "CUDA GPUs and CPUs; use optimizer='adamw'")
+    # Its import warns that an optional 4-bit CPU kernel is missing, which no optimizer uses.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    try:
+        import bitsandbytes
+    except ImportError as e:
+        raise UserError(f"optimizer='adamw_8bit' needs bitsandbytes ({e}): pip install -r requirements.txt, or use "
+                        "optimizer='adamw'") from None
+    return bitsandbytes.optim.AdamW8bit
 
 
 class Float32Muon(torch.optim.Muon):

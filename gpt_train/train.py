@@ -128,6 +128,9 @@ def _precision(cfg, device):
     if fsdp_plugin and cfg.optimizer == "muon":
         raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
                         "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
+    if fsdp_plugin and cfg.optimizer == "adamw_8bit":
+        raise UserError("optimizer='adamw_8bit' does not run under FSDP here: FSDP already shards AdamW's state; use "
+                        "optimizer='adamw', or DDP (accelerate_configs/8xa100.yaml) with adamw_8bit")
     if fsdp_plugin and cfg.finetune_method == "lora":
         raise UserError("finetune_method='lora' does not run under FSDP here: LoRA's optimizer state is small "
                         "enough for DDP (accelerate_configs/8xa100.yaml) or one GPU")

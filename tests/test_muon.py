@@ -172,7 +172,7 @@ def test_muon_under_fsdp_is_refused_in_one_line(tiny_run):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--optimizer=lion"], "optimizer must be one of adamw, muon, got 'lion'"),
+    (["--optimizer=lion"], "optimizer must be one of adamw, adamw_8bit, muon, got 'lion'"),
     (["--lr_schedule=linear"], "lr_schedule must be one of cosine, wsd, got 'linear'"),
     (["--lr_schedule=wsd", "--warmup_iters=10", "--lr_decay_iters=100", "--cooldown_iters=95"],
      "cooldown_iters (95) does not fit between warmup_iters (10) and lr_decay_iters (100)"),
