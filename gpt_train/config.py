@@ -112,6 +112,8 @@ class TrainConfig:
     dtype: str = system("auto", "'auto' is bfloat16 on GPUs that support it, float16 on others, float32 on CPU "
                                 "and MPS; or float32/bfloat16/float16", choices=DTYPES)
     compile: bool = system(True, "torch.compile the model")
+    memory_check: bool = system(True, "refuse, before loading, a run whose estimated peak memory exceeds the "
+                                "device's free memory, naming settings that would fit")
     ddp_timeout: int = system(1800, "seconds a process waits for the others at a collective before it gives up "
                                     "(NCCL notices a dead peer only then; gloo at once)")
 

@@ -19,12 +19,6 @@ from gpt_train.launch import agent_store, launch_mixed_precision, launched_proce
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MIXED_PRECISION = {torch.float32: "no", torch.bfloat16: "bf16", torch.float16: "fp16"}  # Accelerate's names
-# A lower bound of what training holds per parameter: float32 weights and gradients (any optimizer
-# adds its state on top), and of a micro-batch's logits per token and vocabulary entry (bf16).
-TRAINING_BYTES_PER_PARAMETER = 8
-EVAL_BYTES_PER_PARAMETER = 4
-LOGIT_BYTES = 2
-GB = 1e9
 
 
 def resolve_device(name):
@@ -130,24 +124,11 @@ def fsdp_compute_dtype(mixed):
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mixed or launch_mixed_precision() or "no")
 
 
-def check_memory(device, n_layer, n_embd, vocab_size, block_size, batch_size, training, shards=1):
-    """Refuse, in one line, a run that cannot fit before anything is allocated: past the machine's
-    memory the kernel's OOM killer ends a CPU run with no message, and a GPU run fails mid-step.
-
-    The need counted is a lower bound (weights and gradients, one micro-batch's logits), so a run
-    refused here could never have run; one that passes may still need more (optimizer state,
-    activations)."""
-    parameters = 12 * n_layer * n_embd ** 2 + (vocab_size + block_size) * n_embd
-    per_parameter = TRAINING_BYTES_PER_PARAMETER if training else EVAL_BYTES_PER_PARAMETER
-    needed = parameters * per_parameter / shards + batch_size * block_size * vocab_size * LOGIT_BYTES
+def free_memory(device):
+    """Bytes free on `device` for a run: CUDA's free memory, a CPU's available RAM (past it the
+    kernel's OOM killer ends a run with no message); None where torch cannot say (MPS)."""
     if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    elif device.type == "cpu":
-        free = psutil.virtual_memory().available
-    else:
-        return
-    if needed > free:
-        raise UserError(f"this run needs at least {needed / GB:,.1f} GB of memory ({parameters / 1e6:,.1f}M "
-                        f"parameters, {batch_size:,} x {block_size:,} tokens per micro-batch) but {device.type} has "
-                        f"{free / GB:,.1f} GB free: lower batch_size (raise gradient_accumulation_steps to keep the "
-                        "tokens per iteration) or the model's size")
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "cpu":
+        return psutil.virtual_memory().available
+    return None

@@ -7,7 +7,6 @@ hyperparameters over those a restored state brings back (set_hyperparameters, se
 
 Not here: the network (gpt_train.model), the loop that steps them (gpt_train.train).
 """
-import logging
 import math
 
 import torch
@@ -56,8 +55,6 @@ def adamw_8bit_class(device_type):
     if device_type not in ADAMW_8BIT_DEVICES:
         raise UserError(f"optimizer='adamw_8bit' does not run on {device_type}: bitsandbytes' 8-bit AdamW runs on "
                         "CUDA GPUs and CPUs; use optimizer='adamw'")
-    # Its import warns that an optional 4-bit CPU kernel is missing, which no optimizer uses.
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes
     except ImportError as e:

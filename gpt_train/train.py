@@ -9,7 +9,6 @@ tokens per iteration do not depend on how many processes run.
     accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py
 """
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -24,12 +23,13 @@ from gpt_train import checkpoint, run_lock
 from gpt_train.chat import copy_template
 from gpt_train.data import (IGNORE_INDEX, SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids,
                             open_dataset)
-from gpt_train.device import check_memory, fsdp_compute_dtype, mixed_precision, peer_failure
+from gpt_train.device import free_memory, fsdp_compute_dtype, mixed_precision, peer_failure
 from gpt_train.errors import UserError
 from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
+from gpt_train.memory import GB, Workload, check_fits
 from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
 from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
@@ -91,7 +91,7 @@ def setup(cfg):
         mixed, fsdp_plugin = _precision(cfg, processes.device)
         micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
         set_seed(cfg.seed)  # identical initial weights on every process
-        bins, model, tokenizer = _init_model(start)
+        bins, model, tokenizer = _init_model(start, mixed)
         val_bytes = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))  # unwrapped
         accelerator = Accelerator(
             mixed_precision=mixed,
@@ -191,24 +191,21 @@ def _prepare_hint(cfg):
     return hint
 
 
-def _init_model(start):
-    """(dataset, model, tokenizer): the data and its tokenizer first, once, then the model: a scratch
-    model takes its vocabulary from the data, a loaded one keeps its own and must read the data
-    as the data were written."""
+def _init_model(start, mixed):
+    """(dataset, model, tokenizer): the data and its tokenizer first, once, then whether the run
+    fits in memory, then the model: a scratch model takes its vocabulary from the data, a loaded
+    one keeps its own and must read the data as the data were written."""
     cfg, config, where = start.cfg, start.model_config, start.where
     data_dir = cfg.resolved_data_dir
     bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
     data_tokenizer = dataset_tokenizer(data_dir)
-    fits = functools.partial(check_memory, start.processes.device, cfg.n_layer, cfg.n_embd,
-                             block_size=cfg.block_size, batch_size=cfg.batch_size, training=start.writes,
-                             shards=start.processes.num_processes if launched_with_fsdp() else 1)
     if not start.folder:
         vocab_size = scratch_vocab_size(bins.vocab_size, data_tokenizer)
-        fits(vocab_size=vocab_size)
+        _check_memory(start, mixed, vocab_size)
         model = build_model(cfg, vocab_size, data_tokenizer)
         check_token_ids(bins, model.config.vocab_size)
         return bins, model, data_tokenizer
-    fits(vocab_size=config.vocab_size)
+    _check_memory(start, mixed, config.vocab_size)
     tokenizer = copy_template(data_tokenizer, model_tokenizer(start.folder))  # a chat dataset's template
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
@@ -229,6 +226,20 @@ def _init_model(start):
         return bins, model, tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
     return bins, ready_for_training(model, cfg.dropout), tokenizer
+
+
+def _check_memory(start, mixed, vocab_size):
+    """The run's estimated peak memory against the device's free memory (gpt_train.memory): refused
+    in one line where it does not fit, said at the start on a GPU."""
+    cfg, processes = start.cfg, start.processes
+    free = free_memory(processes.device)
+    if free is None or not cfg.memory_check:
+        return
+    work = Workload(cfg, vocab_size, processes.device.type, fsdp_compute_dtype(mixed), processes.num_processes,
+                    shards=processes.num_processes if launched_with_fsdp() else 1, training=start.writes)
+    need = check_fits(work, free, processes.device.type, pretrained=bool(start.folder), resumed=bool(start.saved))
+    if processes.device.type == "cuda":
+        processes.print(f"memory: {need} of {free / GB:,.1f} GB free")
 
 
 def _encode_with(where):

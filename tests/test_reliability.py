@@ -339,9 +339,9 @@ GUARDED = {
     "out_dir is a file": (["--out_dir=README.md"], None, None, "out_dir README.md is a file, not a folder", False),
     "a micro-batch beyond any memory": (["--batch_size=1000000000", "--overwrite_output_dir=False",
                                          "--out_dir=never-written"], None, None,
-                                        "this run needs at least 4,160.0 GB of memory", False),
+                                        "this run needs ~172,416.0 GB at the peak (weights 0.0, gradients 0.0", False),
     "a model beyond any memory": (["--n_layer=48", "--n_embd=32768", "--n_head=32", "--out_dir=never-written"],
-                                  None, None, "GB free: lower batch_size", False),
+                                  None, None, "no setting here fits it: shard it over several GPUs", False),
     "a new run over a run": (["--overwrite_output_dir=False"], None, None, "holds another training run (a "
                              "checkpoint at iteration 2): continue it with --init_from=resume", True),
 }
