@@ -119,8 +119,9 @@ def _activations(work, evaluation=False):
     if cfg.finetune_method == "lora" and cfg.lora_dropout:
         widths = sum(LORA_INPUT_WIDTHS.get(name, 0) for name in _lora_targets(cfg))
         need += tokens * width * widths * cfg.n_layer * LORA_DROPOUT_BYTES
-    if dtype is not None:
-        need += (12 * cfg.n_layer * width ** 2 + work.vocab_size * width) * WEIGHT_CAST_BYTES
+    if dtype is not None:  # checkpointed blocks keep theirs only while one is recomputed
+        blocks = 1 if cfg.gradient_checkpointing else cfg.n_layer
+        need += (12 * blocks * width ** 2 + work.vocab_size * width) * WEIGHT_CAST_BYTES
     return need
 
 

@@ -2,12 +2,14 @@
 for the same run's step, and the one-line refusal that names settings that fit, each of which then
 runs."""
 import dataclasses
+import os
+import re
 
 import pytest
 import torch
 
 from benchmarks.memory_estimate import CASES, SHAPE, measured_and_estimated, trained_base
-from conftest import forget_the_run, one_line_error, read_metrics
+from conftest import ROOT, forget_the_run, one_line_error, read_metrics
 from gpt_train import train as train_module
 from gpt_train.cli import load_config
 from gpt_train.cli import train as main
@@ -28,7 +30,7 @@ def base(char_data, tmp_path_factory):
 def test_the_estimate_is_within_tolerance_of_the_measured_peak(name, settings, char_data, bpe_data, base, tmp_path):
     argv = [f"--data_dir={char_data}", f"--out_dir={tmp_path / 'out'}", *SHAPE,
             *(setting.format(base=base, bpe=bpe_data) for setting in settings)]
-    peak, need = measured_and_estimated(argv)
+    peak, need, _ = measured_and_estimated(argv)
     assert abs(need.total - peak) <= TOLERANCE * peak, (name, peak, need)
 
 
@@ -80,3 +82,18 @@ def test_the_estimate_is_said_at_the_start_on_a_gpu_only(tiny_run, capsys):
     main([*args, "--max_iters=1", "--eval_interval=1", "--eval_iters=1"])
     assert "memory: ~" not in capsys.readouterr().out  # a CPU: said only when it does not fit
 
+
+
+def test_the_readmes_memory_figures_are_the_estimates():
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme.split("| settings | estimated peak |\n| --- | --- |\n")[1].split("\n\n")[0]
+    for row in table.splitlines():
+        settings, figure = row.strip("|").split("|")
+        change = dict(item.lstrip("-").split("=") for item in re.findall(r"--\w+=\w+", settings))
+        change = {k: {"True": True}.get(v, v) for k, v in change.items()}
+        assert figure.strip() == f"~{estimate(gpt2_xl_fine_tune(**change)).total / GB:,.1f} GB", row
+    gpt2 = load_config(["configs/train_gpt2.py", "--out_dir=never-written"])
+    need = estimate(Workload(gpt2, 50304, "cuda", torch.bfloat16, processes=8))
+    assert f"~{need.total / GB:,.1f} GB estimated, 9.1 GB measured compiled" in readme
+    assert f"`memory: ~{estimate(gpt2_xl_fine_tune()).total / GB:,.1f} GB at the peak" in readme
