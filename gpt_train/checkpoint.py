@@ -65,15 +65,21 @@ def store_weights_once(accelerator):
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
-def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state):
-    """Write model folder and training state; every process must call this (sharded states)."""
+def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state, process_state=None):
+    """Write model folder and training state; every process must call this (sharded states).
+    `process_state(folder)`: what else each process writes into training_state/ (a stream's place)."""
     staging = os.path.join(out_dir, STAGING_DIR)
     if accelerator.is_main_process:
         recover(out_dir)  # a save killed earlier is finished or discarded before we start
         os.makedirs(staging)
     accelerator.wait_for_everyone()
     # every process writes its part of the training state, then the main process the model folder
-    _write_on_every_process(accelerator, out_dir, lambda: accelerator.save_state(os.path.join(staging, STATE_DIR)))
+    def write_state():
+        accelerator.save_state(os.path.join(staging, STATE_DIR))
+        if process_state:
+            process_state(os.path.join(staging, STATE_DIR))
+
+    _write_on_every_process(accelerator, out_dir, write_state)
     state_dict = _full_state_dict(accelerator, model)
     write_folder = functools.partial(_write_model_folder, accelerator.unwrap_model(model, keep_torch_compile=False),
                                      state_dict, tokenizer, staging, trainer_state)

@@ -61,6 +61,14 @@ class TrainConfig:
 
     dataset: str = data("openwebtext", "name of the prepared dataset under data/")
     data_dir: str = data("", "folder with train.bin and val.bin; empty means data/<dataset>")
+    stream_from: str = data("", "train straight from a stream instead of data_dir's bins: a Hub dataset id or local "
+                            ".parquet/.jsonl/.txt files (globs allowed), read by datasets' streaming mode")
+    stream_subset: str = data("", "stream_from's configuration on the Hub, e.g. sample-10BT")
+    stream_text_column: str = data("text", "stream_from's column holding the text")
+    stream_val_documents: int = data(1000, "the stream's first documents held out as val (the next as many are the "
+                                     "train-loss sample)")
+    stream_repeat: bool = data(False, "start the stream over when it ends; False saves and stops there")
+    tokenizer: str = data("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else GPT-2's")
     gradient_accumulation_steps: int = data(5 * 8, "micro-steps per optimizer step, summed over all processes")
     batch_size: int = data(12, "micro-batch size per process")
     block_size: int = data(1024, "context length in tokens")
@@ -136,7 +144,8 @@ class TrainConfig:
         """Reject settings that cannot make a sensible run, before anything is touched."""
         check_choices(self)
         positive = ("eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout", "lora_r")
+                    "batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters", "ddp_timeout", "lora_r",
+                    "stream_val_documents")
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be at least 1, got {getattr(self, name)}")
@@ -165,6 +174,10 @@ class TrainConfig:
                             "float32")
         if not self.out_dir:
             raise UserError("out_dir must not be empty")
+        if not self.stream_from and (self.stream_subset or self.tokenizer):
+            raise UserError(f"{'stream_subset' if self.stream_subset else 'tokenizer'} is for streamed runs: set "
+                            "stream_from too, or prepare the data with data_prep/ (--tokenizer_from for a model's "
+                            "tokenizer)")
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UserError(f"out_dir {self.out_dir} is a file, not a folder: choose another --out_dir")
         if not 0 <= self.seed < 2 ** 32:

@@ -144,7 +144,6 @@ class BlockSampler:
     def __init__(self, bins, block_size, batch_size, seed, device):
         self.bins, self.block_size, self.batch_size = bins, block_size, batch_size
         self.seed, self.device = seed, torch.device(device)
-        self._pin = self.device.type == "cuda"
 
     def iteration_offsets(self, split, iteration, micro_batches, purpose="step"):
         """Start offsets of shape (micro_batches, batch_size) for one iteration of `split`.
@@ -179,6 +178,10 @@ class BlockSampler:
         return max(total, 1) / offsets.shape[0]
 
     def _to_device(self, tokens):
-        if self._pin:  # pinned host memory lets the copy overlap the previous step's compute
-            return tokens.pin_memory().to(self.device, non_blocking=True)
-        return tokens.to(self.device)
+        return to_device(tokens, self.device)
+
+
+def to_device(tokens, device):
+    if device.type == "cuda":  # pinned host memory lets the copy overlap the previous step's compute
+        return tokens.pin_memory().to(device, non_blocking=True)
+    return tokens.to(device)

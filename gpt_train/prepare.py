@@ -113,7 +113,7 @@ def prepare_corpus(argv, cls=CorpusConfig):
         raise UserError("tokenizer and tokenizer_from both given: tokenizer_from encodes with that model's "
                         "vocabulary, so drop --tokenizer")
     corpus, out_dir, files = load_source(cfg, "text_column")
-    split_by = cfg.split_by if cfg.split_by != "auto" else ("tail" if files and _loader(files) == "text"
+    split_by = cfg.split_by if cfg.split_by != "auto" else ("tail" if files and loader_for(files) == "text"
                                                             else "documents")
     splits = _split(corpus, cfg, split_by)
     codec = _codec(cfg, splits)
@@ -125,7 +125,7 @@ def prepare_corpus(argv, cls=CorpusConfig):
 def load_source(cfg, column_setting):
     """(cfg.source's records with the column the setting `column_setting` names alone, the output
     folder, the local files: none for a Hub dataset), for every preparer."""
-    files = _local_files(cfg.source)
+    files = local_files(cfg.source)
     out_dir = cfg.out_dir or os.path.join("data", cfg.name or _default_name(cfg.source, files))
     corpus = _load(cfg, files)
     column = getattr(cfg, column_setting)
@@ -135,7 +135,7 @@ def load_source(cfg, column_setting):
     return corpus.select_columns([column]), out_dir, files
 
 
-def _local_files(source):
+def local_files(source):
     """The files `source` names, or [] if it names a Hub dataset."""
     parts = [p.strip() for p in source.split(",") if p.strip()]
     if not any(os.path.splitext(p)[1].lower() in LOADERS or os.path.exists(p) or any(c in p for c in "*?[")
@@ -157,7 +157,7 @@ def _local_files(source):
     return files
 
 
-def _loader(files):
+def loader_for(files):
     kinds = {LOADERS.get(os.path.splitext(f)[1].lower()) for f in files}
     if None in kinds:
         bad = next(f for f in files if os.path.splitext(f)[1].lower() not in LOADERS)
@@ -177,7 +177,7 @@ def _load(cfg, files):
     from datasets import load_dataset  # deferred (~2 s): `gpt-prepare --help` and convert's meta.pkl need none
 
     if files:
-        kind = _loader(files)
+        kind = loader_for(files)
         # A .txt file is one document (a book, a play), not one document per line.
         options = {"sample_by": "document"} if kind == "text" else {}
         try:

@@ -167,8 +167,9 @@ TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size"
               "muon_momentum", "lr_schedule", "cooldown_iters")
 
 
-# Settings a resume cannot change: what the saved optimizer state and adapter were built for.
-FIXED = ("optimizer", "finetune_method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")
+# Settings a resume cannot change: what the saved optimizer state, adapter and stream position were built for.
+FIXED = ("optimizer", "finetune_method", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules",
+         "stream_from", "stream_subset", "stream_text_column", "stream_val_documents", "tokenizer")
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig)}  # what runs saved before a setting existed had
 
 

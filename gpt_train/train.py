@@ -9,6 +9,7 @@ tokens per iteration do not depend on how many processes run.
     accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py
 """
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -37,11 +38,14 @@ from gpt_train.model import (build_model, count_parameters, crop_block_size, flo
                              use_causal_sdpa)
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.config import tokens_per_iter
-from gpt_train.out_dir import TrainerState, last_checkpoint_note
+from gpt_train.out_dir import STATE_DIR, TrainerState, last_checkpoint_note
 from gpt_train.start import plan
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
 from gpt_train.signals import StopSignals
+from gpt_train.stream import TokenStream, stream_codec
+from gpt_train.stream import load_state as load_stream_state
+from gpt_train.stream import save_state as save_stream_state
 from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer, token_byte_lengths
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
@@ -61,7 +65,7 @@ class Run:
     model: torch.nn.Module
     optimizers: list  # AdamW, and Muon with optimizer='muon'
     schedulers: list  # one LambdaLR per optimizer, the same multiplier
-    sampler: BlockSampler
+    sampler: BlockSampler  # evaluation batches; training ones too unless the run streams
     tokenizer: object
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
@@ -76,6 +80,7 @@ class Run:
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
     judge: Judge | None = None  # benchmarks on each saved checkpoint
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
+    stream: TokenStream | None = None  # stream_from: this process's training batches
 
 
 def setup(cfg):
@@ -91,7 +96,7 @@ def setup(cfg):
         mixed, fsdp_plugin = _precision(cfg, processes.device)
         micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
         set_seed(cfg.seed)  # identical initial weights on every process
-        bins, model, tokenizer = _init_model(start, mixed)
+        bins, stream, model, tokenizer = _init_model(start, mixed)
         val_bytes = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))  # unwrapped
         accelerator = Accelerator(
             mixed_precision=mixed,
@@ -110,7 +115,7 @@ def setup(cfg):
         run = Run(cfg, accelerator, model, optimizers, schedulers,
                   BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device), tokenizer,
                   micro_steps=micro_steps, tokens_per_iter=tokens_per_iter(cfg), writes=start.writes,
-                  bytes_per_token=val_bytes)
+                  bytes_per_token=val_bytes, stream=stream)
         if start.saved:
             _restore(run, start)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
@@ -149,6 +154,8 @@ def _restore(run, start):
     """The saved state on top of what setup built: optimizer, scheduler and RNGs, then the loop's own."""
     cfg, saved = run.cfg, start.saved
     checkpoint.load_training_state(run.accelerator, cfg.out_dir)
+    if run.stream:
+        load_stream_state(run.stream, os.path.join(cfg.out_dir, STATE_DIR))
     for optimizer, scheduler in zip(run.optimizers, run.schedulers, strict=True):
         set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
         set_schedule(optimizer, scheduler.scheduler, cfg)
@@ -192,30 +199,36 @@ def _prepare_hint(cfg):
 
 
 def _init_model(start, mixed):
-    """(dataset, model, tokenizer): the data and its tokenizer first, once, then whether the run
-    fits in memory, then the model: a scratch model takes its vocabulary from the data, a loaded
-    one keeps its own and must read the data as the data were written."""
+    """(evaluation bins, training stream or None, model, tokenizer): the data and its tokenizer
+    first, once, then whether the run fits in memory, then the model: a scratch model takes its
+    vocabulary from the data, a loaded one keeps its own and must read the data as the data were
+    written."""
     cfg, config, where = start.cfg, start.model_config, start.where
-    data_dir = cfg.resolved_data_dir
-    bins = open_dataset(data_dir, cfg.block_size, _prepare_hint(cfg))  # before any weights: data mistakes fail fast
-    data_tokenizer = dataset_tokenizer(data_dir)
+    if cfg.stream_from:  # tokenized with the model's tokenizer unless told otherwise: nothing to disagree
+        stream = TokenStream(cfg, stream_codec(cfg, start.folder), start.processes.process_index,
+                             start.processes.num_processes, start.processes.device)
+        bins, data_tokenizer, data_name = stream.eval_bins, stream.codec.tokenizer(), cfg.stream_from
+    else:
+        data_name = cfg.resolved_data_dir
+        bins = open_dataset(data_name, cfg.block_size, _prepare_hint(cfg))  # before any weights: fail fast
+        stream, data_tokenizer = None, dataset_tokenizer(data_name)
     if not start.folder:
         vocab_size = scratch_vocab_size(bins.vocab_size, data_tokenizer)
         _check_memory(start, mixed, vocab_size)
         model = build_model(cfg, vocab_size, data_tokenizer)
         check_token_ids(bins, model.config.vocab_size)
-        return bins, model, data_tokenizer
+        return bins, stream, model, data_tokenizer
     _check_memory(start, mixed, config.vocab_size)
     tokenizer = copy_template(data_tokenizer, model_tokenizer(start.folder))  # a chat dataset's template
     data_vocab = bins.vocab_size or len(data_tokenizer)
     if data_vocab > config.vocab_size:
-        raise UserError(f"{data_dir} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
-                        f"{config.vocab_size}: {_encode_with(where)}")
+        raise UserError(f"{data_name} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
+                        f"{config.vocab_size}: {_encode_with(where, stream)}")
     disagreement = first_disagreement(data_tokenizer, tokenizer, data_vocab)
     if disagreement:
         i, theirs, ours = disagreement
-        raise UserError(f"{data_dir} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
-                        f"data, {ours!r} in the model): {_encode_with(where)}")
+        raise UserError(f"{data_name} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
+                        f"data, {ours!r} in the model): {_encode_with(where, stream)}")
     check_token_ids(bins, config.vocab_size)
     if start.base_folder:  # LoRA: its frozen base, cropped as the run's model, and the adapters on top
         base = load_pretrained(start.base_folder, read_model_config(start.base_folder, start.base))
@@ -223,9 +236,9 @@ def _init_model(start, mixed):
         model = add_adapters(model, cfg, start.base, start.adapter)
         if start.adapter:
             check_base_unchanged(model, start.folder, start.base)
-        return bins, model, tokenizer
+        return bins, stream, model, tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
-    return bins, ready_for_training(model, cfg.dropout), tokenizer
+    return bins, stream, ready_for_training(model, cfg.dropout), tokenizer
 
 
 def _check_memory(start, mixed, vocab_size):
@@ -242,7 +255,9 @@ def _check_memory(start, mixed, vocab_size):
         processes.print(f"memory: {need} of {free / GB:,.1f} GB free")
 
 
-def _encode_with(where):
+def _encode_with(where, stream):
+    if stream:
+        return f"stream with the model's tokenizer (drop --tokenizer, or --tokenizer={where})"
     return f"prepare the data with the model's tokenizer (data_prep/custom/prepare.py --tokenizer_from={where})"
 
 
@@ -307,12 +322,29 @@ def train_batches(run):
     micro-batch; dividing each one's summed loss by it makes the step's loss and gradient, after
     Accelerate's and DDP's averaging, the mean over every target token of the iteration."""
     acc, iteration = run.accelerator, run.iter_num
+    if run.stream:
+        yield from _streamed_batches(run)
+        return
     while True:
         offsets = run.sampler.iteration_offsets("train", iteration, run.micro_steps * acc.num_processes)
         targets = run.sampler.targets_per_batch("train", offsets)
         with acc.split_between_processes(offsets) as rows:  # each process its own micro_steps rows
             yield from ((*run.sampler.batch("train", row), targets) for row in rows)
         iteration += 1
+
+
+def _streamed_batches(run):
+    """The stream's micro-batches, a whole step at a time; they end, on every process at once, at
+    the first step some process's part of the stream cannot fill (stream_repeat=False)."""
+    acc = run.accelerator
+    while True:
+        batches = run.stream.iteration(run.micro_steps)
+        ended = batches is None
+        if acc.num_processes > 1:
+            ended = bool(acc.reduce(torch.tensor(int(ended), device=acc.device), reduction="sum").item())
+        if ended:
+            return
+        yield from ((x, y, None) for x, y in batches)
 
 
 def save(run, val_loss=None):
@@ -323,7 +355,8 @@ def save(run, val_loss=None):
                          skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
                          config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
-    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state)
+    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state,
+                               run.stream and functools.partial(save_stream_state, run.stream))
     run.judge(run.accelerator, run.iter_num, keep=True)  # before the push: the Hub gets the scores too
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
@@ -333,7 +366,7 @@ def fit(run):
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
     peak = peak_flops(acc.device)
     batches = train_batches(run)
-    x, y, targets = next(batches)
+    batch = next(batches, None)  # (x, y, targets); None once a stream has ended
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
                         flops_per_iter, peak)  # ETA on the log line, summary at the end
     plot = LivePlot(acc, cfg.out_dir if run.writes else None)  # out_dir/loss.png, after each eval
@@ -343,18 +376,22 @@ def fit(run):
         lr = run.schedulers[0].get_last_lr()[0]  # AdamW's; Muon's follows the same multiplier
 
         # evaluate the loss on train/val sets and write checkpoints
-        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or not run.writes:
+        ended = batch is None  # a stream that ran out ends the run as max_iters does
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or not run.writes or ended:
             evaluate_and_checkpoint(run, lr, running_mfu)
             plot.update()
-        if not run.writes or run.iter_num >= cfg.max_iters:  # an evaluation is one eval step
+        if ended and run.writes:
+            acc.print(f"{cfg.stream_from} ended: stopped after iteration {run.iter_num - 1} of {cfg.max_iters} "
+                      "(stream_repeat=True starts it over instead)")
+        if not run.writes or run.iter_num >= cfg.max_iters or ended:  # an evaluation is one eval step
             break
 
         # forward, backward, update; gradients are synchronised only on the last micro-step
         loss_sum = torch.zeros((), device=acc.device)
         for _ in range(run.micro_steps):
             with acc.accumulate(model):
-                loss = forward_loss(model, x, y, targets)
-                x, y, targets = next(batches)  # prefetch while the device is busy
+                loss = forward_loss(model, *batch)
+                batch = next(batches, None)  # prefetch while the device is busy
                 acc.backward(loss)
             loss_sum += loss.detach()
         if cfg.skip_nonfinite_steps and not torch.isfinite(acc.reduce(loss_sum, reduction="sum")).item():

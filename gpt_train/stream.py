@@ -1,0 +1,186 @@
+"""Training straight from a `datasets` stream (stream_from=): documents tokenized as they arrive
+into the same (x, y) blocks the bins give, for corpora that do not fit the disk or that a run
+should start on before any preparation.
+
+Each process reads its own part of the stream (`split_dataset_by_node`: whole shards where the
+shards divide evenly, every N-th document otherwise) and packs its documents, each ended with
+end-of-text, into contiguous blocks, as the preparers write them. The first
+`stream_val_documents` documents of the stream are the validation set, the same on every
+process and never trained on (they are recognised by content, whichever shard holds them); the
+next as many are the sample the "train" loss is estimated on. Both are tokenized once at the
+start and evaluated through the BlockSampler as bins are.
+
+A checkpoint saves each process's place: `IterableDataset.state_dict()` as of the last document
+read, plus the tokens read but not yet trained on, in training_state/stream-<process>.json. A
+resume loads them and reads on from there, so it trains on the batches the uninterrupted run
+would have.
+
+Not here: prepared bins (gpt_train.data), the loop that takes the batches (gpt_train.train).
+"""
+import copy
+import hashlib
+import itertools
+import json
+import os
+
+import numpy as np
+import torch
+from huggingface_hub.utils import logging as hub_logging
+
+from gpt_train.data import TokenBins, to_device
+from gpt_train.errors import UserError, first_line
+from gpt_train.prepare import local_files, loader_for
+
+STATE_FILE = "stream-{process}.json"
+DOCUMENTS_PER_READ = 16  # documents tokenized together: fewer calls, a small unread remainder to save
+
+
+class HeldOutBins(TokenBins):
+    """The stream's evaluation sample as in-memory bins: the BlockSampler reads them as files."""
+
+    def __init__(self, name, arrays):
+        super().__init__(name, {split: len(tokens) for split, tokens in arrays.items()}, None)
+        self.arrays = arrays
+
+    def memmap(self, split):
+        return self.arrays[split]
+
+
+def open_stream(cfg):
+    """The stream cfg.stream_from names, its text column alone, or a one-line error."""
+    from datasets import load_dataset  # deferred (~2 s), as in the preparers
+
+    files = local_files(cfg.stream_from)
+    hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
+    try:
+        if files:
+            kind = loader_for(files)
+            options = {"sample_by": "document"} if kind == "text" else {}
+            stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options)
+        else:
+            stream = load_dataset(cfg.stream_from, cfg.stream_subset or None, split="train", streaming=True)
+        columns = stream.column_names or list(next(iter(stream)))  # some Hub streams name them only when read
+    except (UserError, StopIteration):
+        raise
+    except Exception as e:  # no network, an unknown id or subset, a malformed file: all end here
+        raise UserError(f"could not stream {cfg.stream_from!r}{_subset(cfg)} ({first_line(e)}): check the name, the "
+                        "subset and the network, or stream local files with --stream_from=PATH") from None
+    if cfg.stream_text_column not in columns:
+        raise UserError(f"{cfg.stream_from} has no column {cfg.stream_text_column!r} (columns: {', '.join(columns)}): "
+                        "pass --stream_text_column=NAME")
+    return stream.select_columns([cfg.stream_text_column])
+
+
+def _subset(cfg):
+    return f" (subset {cfg.stream_subset!r})" if cfg.stream_subset else ""
+
+
+class TokenStream:
+    """This process's training micro-batches from the stream, an optimizer step at a time."""
+
+    def __init__(self, cfg, codec, process, processes, device):
+        self.cfg, self.codec, self.device = cfg, codec, torch.device(device)
+        self.process, self.processes = process, processes
+        self.rows, self.block_size = cfg.batch_size, cfg.block_size
+        head = [doc[cfg.stream_text_column]
+                for doc in itertools.islice(open_stream(cfg), 2 * cfg.stream_val_documents)]
+        val, sample = head[:cfg.stream_val_documents], head[cfg.stream_val_documents:]
+        self.held_out = {_digest(text) for text in val}
+        self.eval_bins = HeldOutBins(cfg.stream_from, {"val": self._encode(val), "train": self._encode(sample)})
+        for split, tokens in self.eval_bins.arrays.items():
+            if len(tokens) < cfg.block_size + 1:
+                raise UserError(f"the stream's {split} sample ({len(tokens):,} tokens of the first {len(head):,} "
+                                f"documents) is shorter than block_size+1 = {cfg.block_size + 1}: raise "
+                                "stream_val_documents or lower block_size")
+        self.epoch, self.tokens = 0, np.zeros(0, dtype=np.int64)
+        self._open(None)
+        self._state = self._snapshot()
+
+    def _open(self, dataset_state):
+        from datasets.distributed import split_dataset_by_node
+
+        self.dataset = split_dataset_by_node(open_stream(self.cfg), rank=self.process, world_size=self.processes)
+        if dataset_state is not None:
+            self.dataset.load_state_dict(dataset_state)
+        self.documents = iter(self.dataset)
+
+    def _encode(self, texts):
+        return self.codec.encode_batch(texts, self.codec.eot is not None).astype(np.int64)
+
+    def _read(self):
+        """Tokenize the next few documents onto self.tokens; False at the end of the stream."""
+        texts = [doc[self.cfg.stream_text_column] for doc in itertools.islice(self.documents, DOCUMENTS_PER_READ)]
+        if not texts:
+            return False
+        texts = [text for text in texts if _digest(text) not in self.held_out]
+        if texts:
+            self.tokens = np.concatenate([self.tokens, self._encode(texts)])
+        return True
+
+    def iteration(self, micro_steps):
+        """The (x, y) micro-batches of this process for one optimizer step, or None where the stream
+        ended (with stream_repeat=True it starts over instead)."""
+        self._state = self._snapshot()
+        step_tokens = micro_steps * self.rows * self.block_size
+        while len(self.tokens) < step_tokens + 1:
+            if self._read():
+                continue
+            if not self.cfg.stream_repeat:
+                return None
+            if self._state["epoch"] < self.epoch:  # a whole pass added nothing: the stream is empty here
+                raise UserError(f"process {self.process}'s part of {self.cfg.stream_from} holds too little text for "
+                                "one step: stream more documents or use fewer processes")
+            self.epoch += 1
+            self._open(None)
+        chunk, self.tokens = torch.from_numpy(self.tokens[:step_tokens + 1]), self.tokens[step_tokens:]
+        batches = []
+        for start in range(0, step_tokens, self.rows * self.block_size):
+            rows = chunk[start:start + self.rows * self.block_size + 1]
+            x = rows[:-1].view(self.rows, self.block_size)
+            y = rows[1:].view(self.rows, self.block_size)
+            batches.append((to_device(x, self.device), to_device(y, self.device)))
+        return batches
+
+    def _snapshot(self):
+        return {"epoch": self.epoch, "dataset": copy.deepcopy(self.dataset.state_dict()),
+                "tokens": self.tokens.tolist()}
+
+    def state(self):
+        """This process's place as of the start of the step last taken (the loop reads one ahead)."""
+        return self._state
+
+    def load_state(self, state):
+        self.epoch, self.tokens = state["epoch"], np.array(state["tokens"], dtype=np.int64)
+        self._open(state["dataset"])
+        self._state = self._snapshot()
+
+
+def stream_codec(cfg, folder):
+    """The stream's tokenizer as a codec: `tokenizer` (a model folder or Hub id), else the model's
+    (init_from's folder), else GPT-2's; GPT-2's own through tiktoken, as the preparers encode it."""
+    from gpt_train.model import pretrained_folder
+    from gpt_train.tokenizer import Gpt2Codec, ModelCodec, is_gpt2_bpe, model_tokenizer
+
+    folder = pretrained_folder(cfg.tokenizer) if cfg.tokenizer else folder
+    tokenizer = model_tokenizer(folder) if folder else None
+    return Gpt2Codec() if tokenizer is None or is_gpt2_bpe(tokenizer) else ModelCodec(tokenizer)
+
+
+def save_state(stream, folder):
+    path = os.path.join(folder, STATE_FILE.format(process=stream.process))
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(stream.state(), f)
+
+
+def load_state(stream, folder):
+    """Restore the stream's place from a checkpoint's training state, or a one-line error."""
+    saved = sorted(name for name in os.listdir(folder) if name.startswith("stream-") and name.endswith(".json"))
+    if len(saved) != stream.processes:
+        raise UserError(f"{folder} holds the stream positions of {len(saved)} process(es), not {stream.processes}: "
+                        f"resume a streamed run with the processes it was saved with ({len(saved)})")
+    with open(os.path.join(folder, STATE_FILE.format(process=stream.process)), encoding="utf-8") as f:
+        stream.load_state(json.load(f))
+
+
+def _digest(text):
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
