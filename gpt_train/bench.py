@@ -45,8 +45,9 @@ def benchmark(cfg):
     with tempfile.TemporaryDirectory() as out_dir:
         cfg.out_dir, cfg.max_iters = out_dir, cfg.bench_warmup + cfg.bench_iters
         cfg.eval_interval, cfg.eval_iters, cfg.log_interval = cfg.max_iters, 1, 1
-        # a benchmark logs to metrics.jsonl only: it saves, pushes and reports to wandb nothing
-        cfg.wandb_log, cfg.eval_only, cfg.always_save_checkpoint, cfg.push_to_hub = False, False, False, False
+        # a benchmark logs to metrics.jsonl only: it saves, pushes and reports to wandb or other trackers nothing
+        cfg.wandb_log, cfg.report_to, cfg.eval_only = False, "none", False
+        cfg.always_save_checkpoint, cfg.push_to_hub = False, False
         run = setup(cfg)
         run.best_val_loss = -math.inf  # nothing beats it, so no evaluation saves
         if cfg.profile:

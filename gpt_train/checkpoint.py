@@ -236,9 +236,9 @@ def _check_sharding_matches(accelerator, out_dir):
                         "--out_dir=NEW_DIR")
 
 
-def start_run_folder(out_dir, settings, replace):
-    """On the main process: out_dir created (another run's files removed first if `replace`), and
-    the run's settings written to it."""
+def start_run_folder(out_dir, replace):
+    """On the main process: out_dir created (another run's files removed first if `replace`) and what
+    a killed write left there cleared, before any tracker writes to it (TensorBoard's runs/)."""
     if not PartialState().is_main_process:
         return
     if replace:
@@ -253,7 +253,12 @@ def start_run_folder(out_dir, settings, replace):
     if torn:
         print(f"warning: {METRICS}'s last line was cut short ({torn} bytes, a write that never finished): "
               "dropped it")
-    write_json(os.path.join(out_dir, RUN_CONFIG), settings)
+
+
+def write_run_settings(out_dir, settings):
+    """On the main process: the run's settings, out_dir/training_config.json."""
+    if PartialState().is_main_process:
+        write_json(os.path.join(out_dir, RUN_CONFIG), settings)
 
 
 def remove_previous_run(out_dir):

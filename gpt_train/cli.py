@@ -35,17 +35,25 @@ FIELD_ALIASES = {
     "logging_steps": "log_interval",
     "output_dir": "out_dir",
     "torch_compile": "compile",
+    "run_name": "wandb_run_name",
+    "project": "wandb_project",
 }
 
 
-def _report_to(value):
+def _report_to(assignments, source):
+    """A layer's report_to (TrainingArguments': a name, comma-separated names or a list) as two settings:
+    wandb_log for wandb, report_to for the others, so that a later wandb_log=False still turns wandb off.
+    wandb_log=True in the same layer adds wandb to the list."""
+    value = assignments["report_to"]
     names = [value] if isinstance(value, str) else value
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise UserError(f"report_to must be 'wandb', 'none' or a list of those, got {value!r}")
-    unknown = [n for n in names if n not in ("wandb", "none", "")]
-    if unknown:
-        raise UserError(f"report_to={unknown[0]!r} is not supported: gpt-train reports to 'wandb' or 'none'")
-    return "wandb_log", "wandb" in names
+        raise UserError(f"report_to must be a name, comma-separated names or a list of names, got {value!r} "
+                        f"(in {source})")
+    names = [name.strip() for text in names for name in text.split(",") if name.strip()]
+    if assignments.get("wandb_log") is False and "wandb" in names:
+        raise UserError(f"{source} sets report_to={value!r} and wandb_log=False: keep one")
+    others = ",".join(name for name in names if name != "wandb") or "none"
+    return {**assignments, "report_to": others, "wandb_log": assignments.get("wandb_log") or "wandb" in names}
 
 
 def _precision_flag(dtype):
@@ -58,13 +66,12 @@ def _precision_flag(dtype):
 
 # TrainingArguments names whose values translate into one of our settings.
 VALUE_ALIASES = {
-    "report_to": _report_to,
     "bf16": _precision_flag("bfloat16"),
     "fp16": _precision_flag("float16"),
 }
 
 
-# How --help names the TrainingArguments spellings of VALUE_ALIASES.
+# How --help names the TrainingArguments spellings that translate values (VALUE_ALIASES, report_to).
 VALUE_ALIAS_HELP = {"wandb_log": "report_to='wandb'", "dtype": "bf16=True, fp16=True"}
 
 HELP_FLAGS = ("--help", "-h")
@@ -201,6 +208,9 @@ def _resolve_layer(cls, source, assignments):
     types = {f.name: f.type for f in fields(cls)}
     known = list(types) + [a for a in {**FIELD_ALIASES, **VALUE_ALIASES} if _alias_target(cls, a)]
     resolved, spelled = {}, {}
+    if "report_to" in assignments and {"report_to", "wandb_log"} <= set(types) and \
+            assignments["report_to"] is not BARE_FLAG:
+        assignments = _report_to(assignments, source)
     for key, value in assignments.items():
         if key in types:
             name = key
@@ -226,7 +236,7 @@ def _alias_target(cls, key):
     names = {f.name for f in fields(cls)}
     if key in FIELD_ALIASES and FIELD_ALIASES[key] in names:
         return lambda value: (FIELD_ALIASES[key], value)
-    if key in VALUE_ALIASES and "dtype" in names and "wandb_log" in names:
+    if key in VALUE_ALIASES and "dtype" in names:
         return VALUE_ALIASES[key]
     return None
 

@@ -19,6 +19,7 @@ HUB_STRATEGIES = ("end", "every_save")
 OPTIMIZERS = ("adamw", "adamw_8bit", "muon")
 FINETUNE_METHODS = ("full", "lora")
 LR_SCHEDULES = ("cosine", "wsd")
+REPORT_TO = ("wandb", "tensorboard", "trackio")  # Accelerate's trackers that gpt-train sets up
 
 
 def setting(default, help, group="settings", choices=()):
@@ -55,9 +56,12 @@ class TrainConfig:
     overwrite_output_dir: bool = io(False, "train from scratch or a pretrained model into an out_dir that "
                                     "holds another run, replacing it")
     always_save_checkpoint: bool = io(True, "save at every eval, not only when val loss improves")
+    report_to: str = io("none", "trackers besides metrics.jsonl, comma-separated: 'tensorboard' (event files in "
+                        "out_dir/runs/<wandb_project>/), 'trackio' (Trackio's local store, TRACKIO_DIR), 'wandb' "
+                        "(wandb_log=True); 'none': metrics.jsonl alone")
     wandb_log: bool = io(False, "log to Weights & Biases")
-    wandb_project: str = io("owt", "wandb project")
-    wandb_run_name: str = io("gpt2", "wandb run name")
+    wandb_project: str = io("owt", "project of the wandb and Trackio runs; TensorBoard's folder under out_dir/runs/")
+    wandb_run_name: str = io("gpt2", "name of the wandb and Trackio runs")
 
     dataset: str = data("openwebtext", "name of the prepared dataset under data/")
     data_dir: str = data("", "folder with train.bin and val.bin; empty means data/<dataset>")
@@ -68,7 +72,8 @@ class TrainConfig:
     stream_val_documents: int = data(1000, "the stream's first documents held out as val (the next as many are the "
                                      "train-loss sample)")
     stream_repeat: bool = data(False, "start the stream over when it ends; False saves and stops there")
-    tokenizer: str = data("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else GPT-2's")
+    tokenizer: str = data("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else "
+                          "GPT-2's")
     gradient_accumulation_steps: int = data(5 * 8, "micro-steps per optimizer step, summed over all processes")
     batch_size: int = data(12, "micro-batch size per process")
     block_size: int = data(1024, "context length in tokens")
@@ -182,11 +187,25 @@ class TrainConfig:
             raise UserError(f"out_dir {self.out_dir} is a file, not a folder: choose another --out_dir")
         if not 0 <= self.seed < 2 ** 32:
             raise UserError(f"seed must be between 0 and {2 ** 32 - 1} (numpy's range), got {self.seed}")
+        for name in _names(self.report_to):
+            if name not in (*REPORT_TO, "none"):
+                raise UserError(f"report_to={name!r} is not a tracker gpt-train reports to: choose from none, "
+                                f"{', '.join(REPORT_TO)} (several comma-separated)")
+        plain_name = self.wandb_project not in ("", ".", "..") and not {"/", "\\"} & set(self.wandb_project)
+        if "tensorboard" in self.trackers and not plain_name:
+            raise UserError(f"wandb_project={self.wandb_project!r} names TensorBoard's folder under out_dir/runs/: "
+                            "give a plain name")
         if self.push_to_hub:
             if not self.hub_model_id:
                 raise UserError("push_to_hub=True needs hub_model_id: say where to push, --hub_model_id=user/name")
             check_repo_id(self.hub_model_id)
         return self
+
+    @property
+    def trackers(self):
+        """The trackers this run reports to besides metrics.jsonl: report_to's, and wandb with wandb_log."""
+        names = set(_names(self.report_to)) | ({"wandb"} if self.wandb_log else set())
+        return [name for name in REPORT_TO if name in names]
 
     @property
     def resolved_data_dir(self):
@@ -200,6 +219,10 @@ def tokens_per_iter(settings):
     """Tokens per optimizer step, all processes together, of a TrainConfig or a saved settings dict."""
     get = settings.get if isinstance(settings, dict) else functools.partial(getattr, settings)
     return math.prod(get(name) for name in TOKENS_PER_ITER)
+
+
+def _names(text):
+    return [name.strip() for name in text.split(",") if name.strip()]
 
 
 def with_values(cfg, **changes):

@@ -3,7 +3,7 @@
 What goes up is the model part of a checkpoint folder: the top-level files its manifest lists
 (config.json, model.safetensors, generation_config.json, tokenizer files, the README.md model
 card), a LoRA run's adapter/, and training_config.json, loss.png and eval_results.json; never training_state/ (optimizer
-state is large and only resuming needs it), metrics.jsonl, a user's own files, a symbolic link
+state is large and only resuming needs it), metrics.jsonl, TensorBoard's runs/, a user's own files, a symbolic link
 (whose target could be a token file) or half-written files. Each push uploads a snapshot taken when it is
 queued (hard links, or copies where linking fails): checkpoints replace their files with new
 ones (gpt_train.checkpoint moves them into place), so a later save cannot change what an

@@ -1,16 +1,20 @@
 """Where the loop's numbers go: Accelerate's trackers, one of which is out_dir/metrics.jsonl.
 
-`MetricsFile` is an Accelerate tracker beside wandb, so the loop calls `log` (Accelerate's
-`accelerator.log`) and Accelerate decides that only the main process writes. An evaluation-only
-run has no MetricsFile: it writes nothing. The console goes through `accelerator.print`.
+`MetricsFile` is an Accelerate tracker beside those report_to names (wandb, TensorBoard, Trackio),
+so the loop calls `log` (Accelerate's `accelerator.log`) once and every tracker gets the same names
+at the same steps; Accelerate decides that only the main process writes. An evaluation-only run
+has no MetricsFile and no TensorBoard: it writes nothing to out_dir. The console goes through
+`accelerator.print`.
 
 Not here: computing the numbers (the loop), reading metrics.jsonl (gpt_train.out_dir).
 """
 import json
 import os
 import time
+import traceback
 
 from accelerate.tracking import GeneralTracker
+from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
 
 from gpt_train.errors import UserError, first_line
 from gpt_train.out_dir import METRICS
@@ -18,6 +22,8 @@ from gpt_train.out_dir import METRICS
 TAIL_CHUNK = 1 << 16
 WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
 WANDB_WAY_OUT = "or log locally with WANDB_MODE=offline and upload later with `wandb sync`"
+# Accelerate leaves out a tracker whose package is missing, saying so at debug level only
+INSTALLED = {"wandb": is_wandb_available, "tensorboard": is_tensorboard_available, "trackio": is_trackio_available}
 
 
 class MetricsFile(GeneralTracker):
@@ -66,8 +72,20 @@ def drop_torn_last_line(out_dir):
 
 
 def trackers(cfg, writes):
-    """What a run logs to: metrics.jsonl if it writes out_dir (an evaluation does not), and wandb if asked."""
-    return ([MetricsFile(cfg.out_dir)] if writes else []) + (["wandb"] if cfg.wandb_log else [])
+    """What a run logs to: metrics.jsonl and TensorBoard's runs/ if it writes out_dir (an evaluation
+    does not), and wandb and Trackio as report_to says."""
+    names = [name for name in cfg.trackers if writes or name != "tensorboard"]
+    return ([MetricsFile(cfg.out_dir)] if writes else []) + names
+
+
+def check_trackers(cfg):
+    """Each tracker asked for is installed, and wandb has its key: refused before anything is loaded."""
+    for name in cfg.trackers:
+        if not INSTALLED[name]():
+            raise UserError(f"report_to={name} needs the {name} package, which is not installed: "
+                            "pip install -r requirements.txt")
+    if "wandb" in cfg.trackers:
+        check_wandb_login()
 
 
 def log(accelerator, event, iteration, values):
@@ -84,17 +102,31 @@ def check_wandb_login():
         raise UserError(f"wandb_log=True needs a W&B API key: run `wandb login` or set WANDB_API_KEY, {WANDB_WAY_OUT}")
 
 
-def start_trackers(accelerator, cfg, config, tracker_run_id):
-    """Start the run's trackers (continuing the saved wandb run on a resume); the wandb run's id,
-    on the main process, for the checkpoint. wandb's own failures (no network, a bad key) are one line."""
-    init = {"name": cfg.wandb_run_name}
+def start_trackers(accelerator, cfg, config, tracker_run_id, resumed_at=None):
+    """Start the run's trackers; the wandb run's id, on the main process, for the checkpoint. A
+    resume (`resumed_at`: its iteration) continues the run where the tracker can: wandb the saved
+    run id, TensorBoard the same folder (hiding what the interrupted session logged from that
+    iteration on, which the resumed run logs again), Trackio the latest run of that name in the
+    project. A tracker's own failure (no network, a bad key, a folder it cannot write) is one line."""
+    wandb = {"name": cfg.wandb_run_name}
     if tracker_run_id:
-        init.update(id=tracker_run_id, resume="allow")
+        wandb.update(id=tracker_run_id, resume="allow")
+    init = {"wandb": wandb,
+            "tensorboard": {} if resumed_at is None else {"purge_step": resumed_at},
+            "trackio": {"name": cfg.wandb_run_name, "resume": "never" if resumed_at is None else "allow"}}
     try:
-        accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs={"wandb": init})
+        accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init)
     except Exception as e:  # wandb raises its own types and plain ones (timeouts) alike
-        raise UserError(f"wandb could not start the run ({first_line(e)}): check the network and key, "
-                        f"{WANDB_WAY_OUT}") from None
-    if not cfg.wandb_log:
+        name = _failed_tracker(e)
+        advice = f": check the network and key, {WANDB_WAY_OUT}" if name == "wandb" else ""
+        raise UserError(f"{name} could not start the run ({first_line(e)}){advice}") from None
+    if "wandb" not in cfg.trackers:
         return None
     return getattr(accelerator.get_tracker("wandb", unwrap=True), "id", None)  # None off the main process
+
+
+def _failed_tracker(error):
+    """The name of the Accelerate tracker whose start raised `error`: the innermost method of one."""
+    names = [frame.f_locals["self"].name for frame, _ in traceback.walk_tb(error.__traceback__)
+             if isinstance(frame.f_locals.get("self"), GeneralTracker)]
+    return names[-1] if names else "a tracker"

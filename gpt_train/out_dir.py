@@ -6,6 +6,7 @@
       training_config.json                                                      <- the run's settings
       metrics.jsonl                                                             <- one line per log/eval
       loss.png                                                                  <- the chart of it
+      runs/<project>/   TensorBoard's event files (report_to='tensorboard')     <- the same numbers
       eval_results.json                                                         <- lm-eval's scores, if judged
       training_state/   accelerator.save_state files, and trainer_state.json    <- to resume
 
@@ -28,6 +29,7 @@ MODEL_CARD = "README.md"
 RUN_CONFIG = "training_config.json"
 METRICS = "metrics.jsonl"
 LOSS_CHART = "loss.png"
+TENSORBOARD_DIR = "runs"  # report_to='tensorboard': Accelerate writes <project>/ in it (Trainer's name for it)
 EVAL_RESULTS = "eval_results.json"  # lm-eval's scores (gpt_train.evaluate)
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
@@ -48,9 +50,10 @@ TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "vocab.json", "merges.txt",
 ATOMIC_TEMPORARY = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 SHARDED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)")
 # Any of these in out_dir means a training run wrote there.
-RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR, EVAL_RESULTS)
+RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, TENSORBOARD_DIR, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR,
+             EVAL_RESULTS)
 # What a run leaves before its first checkpoint is committed: a restart may start it again.
-BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
+BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, TENSORBOARD_DIR, STAGING_DIR)
 MODEL_FOLDER_FILES = (*MODEL_FILES, *TOKENIZER_FILES, MODEL_CARD)
 SAVED_FOLDERS_OLD = (OLD_STATE_DIR, ADAPTER_DIR + OLD_SUFFIX)
 # The JSON objects from_pretrained reads when they are there: the older tokenizer files too

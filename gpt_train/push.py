@@ -1,7 +1,7 @@
 """Push an existing model folder to the Hub: `python -m gpt_train.push OUT_DIR REPO_ID [--private]`.
 
 Uploads what a training run with push_to_hub would (gpt_train.hub: the model folder's own files
-and model card, not training_state/, metrics.jsonl, other files or symbolic links), as one
+and model card, not training_state/, metrics.jsonl, runs/, other files or symbolic links), as one
 commit, waits for it and names the files that went up. The token comes
 from HF_TOKEN or `hf auth login`.
 """

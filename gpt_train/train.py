@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import FullyShardedDataParallelPlugin, TorchDynamoPlugin, set_seed
+from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint, run_lock
@@ -32,13 +32,13 @@ from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.memory import GB, Workload, check_fits
 from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
-from gpt_train.metrics import check_wandb_login, log, start_trackers, trackers
+from gpt_train.metrics import check_trackers, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
                              peak_flops, read_model_config, ready_for_training, scratch_vocab_size,
                              use_causal_sdpa)
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.config import tokens_per_iter
-from gpt_train.out_dir import STATE_DIR, TrainerState, last_checkpoint_note
+from gpt_train.out_dir import STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
 from gpt_train.start import plan
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
@@ -89,8 +89,7 @@ def setup(cfg):
     start = plan(cfg)
     with start.released_on_error():
         cfg, processes = start.cfg, start.processes
-        if cfg.wandb_log:
-            check_wandb_login()
+        check_trackers(cfg)
         if schedule_warning(cfg):  # nanoGPT runs such a schedule, so do we
             processes.print(schedule_warning(cfg))
         mixed, fsdp_plugin = _precision(cfg, processes.device)
@@ -103,6 +102,7 @@ def setup(cfg):
             gradient_accumulation_steps=micro_steps,
             step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
             log_with=trackers(cfg, start.writes) or None,
+            project_config=ProjectConfiguration(logging_dir=os.path.join(cfg.out_dir, TENSORBOARD_DIR)),
             dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
             fsdp_plugin=fsdp_plugin,
         )
@@ -120,7 +120,7 @@ def setup(cfg):
             _restore(run, start)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
         run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
-        _start_logging(run, start.replace)
+        _start_logging(run, start.replace, resumed=bool(start.saved))
         return run
 
 
@@ -261,11 +261,14 @@ def _encode_with(where, stream):
     return f"prepare the data with the model's tokenizer (data_prep/custom/prepare.py --tokenizer_from={where})"
 
 
-def _start_logging(run, replace):
+def _start_logging(run, replace, resumed):
     cfg, acc = run.cfg, run.accelerator
-    run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id)
     if run.writes:  # an evaluation leaves the run it reads as it was
-        checkpoint.start_run_folder(cfg.out_dir, dataclasses.asdict(cfg), replace=replace)
+        checkpoint.start_run_folder(cfg.out_dir, replace=replace)  # before TensorBoard writes runs/ there
+    run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id,
+                                        resumed_at=run.iter_num if resumed else None)
+    if run.writes:  # after the trackers: a run whose wandb cannot start leaves no settings behind
+        checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))
     acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     if run.sampler.bins.masked:

@@ -88,7 +88,7 @@ def test_later_layer_may_use_the_other_spelling(tmp_path):
     (["--learning_rate=-0.1"], "learning_rate must not be negative"),
     (["--min_lr=0.1", "--learning_rate=0.01"], "min_lr (0.1) is above learning_rate"),
     (["--dtype=float64"], "dtype must be one of"),
-    (["--report_to=tensorboard"], "not supported"),
+    (["--report_to=tensorbord"], "not a tracker gpt-train reports to"),
     (["no_such_preset.py"], "preset file no_such_preset.py not found"),
 ])
 def test_bad_settings_are_named_in_the_error(argv, message):
