@@ -73,6 +73,7 @@ DATASET_FILES = ("train.bin", "val.bin", "train.mask.bin", "val.mask.bin", "meta
 class CorpusConfig:
     source: str = setting("", "local .txt, .json/.jsonl or .parquet files (comma-separated, globs "
                               "allowed) or a Hub dataset name")
+    subset: str = setting("", "the Hub dataset's configuration, e.g. sample-10BT")
     name: str = setting("", "dataset name, written to data/<name>; empty means the source's name")
     out_dir: str = setting("", "output folder; empty means data/<name>")
     text_column: str = setting("text", "column holding the text (json, parquet, Hub datasets)")
@@ -186,10 +187,11 @@ def _load(cfg, files):
             raise UserError(f"could not read {cfg.source} as {kind}: {first_line(e)}") from None
     hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
     try:
-        return load_dataset(cfg.source, split="train", num_proc=cfg.num_proc)
+        return load_dataset(cfg.source, cfg.subset or None, split="train", num_proc=cfg.num_proc)
     except Exception as e:  # no network, unknown name, gated dataset: all end here
-        raise UserError(f"could not load the Hub dataset {cfg.source!r} ({first_line(e)}); check the name and "
-                        "the network, or pass local files with --source=PATH") from None
+        subset = f" (subset {cfg.subset!r})" if cfg.subset else ""
+        raise UserError(f"could not load the Hub dataset {cfg.source!r}{subset} ({first_line(e)}); check the name, "
+                        "the subset and the network, or pass local files with --source=PATH") from None
 
 
 def _split(corpus, cfg, split_by):
@@ -344,9 +346,24 @@ class OpenWebTextConfig(CorpusConfig):
     split_by: str = setting("documents", "a seeded random share of the documents is val, as in nanoGPT")
 
 
+@dataclass
+class FineWebEduConfig(OpenWebTextConfig):
+    source: str = setting("HuggingFaceFW/fineweb-edu", "Hub dataset name, or local files with the same 'text' column")
+    subset: str = setting("sample-10BT", "sample-10BT (~10B GPT-2 tokens), sample-100BT, sample-350BT, or a CC-MAIN "
+                                         "dump")
+    name: str = setting("fineweb_edu", "dataset name, written to data/<name>")
+
+
+@dataclass
+class FineWebConfig(FineWebEduConfig):
+    source: str = setting("HuggingFaceFW/fineweb", "Hub dataset name, or local files with the same 'text' column")
+    name: str = setting("fineweb", "dataset name, written to data/<name>")
+
+
 # `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
 PREPARERS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig,
-             "openwebtext": OpenWebTextConfig, "custom": CorpusConfig}
+             "openwebtext": OpenWebTextConfig, "fineweb_edu": FineWebEduConfig, "fineweb": FineWebConfig,
+             "custom": CorpusConfig}
 
 
 @exit_on_user_error

@@ -79,6 +79,34 @@ def test_openwebtext_preparer_matches_nanogpts_recipe_on_a_local_corpus(tmp_path
     assert not [n for n in os.listdir(out) if n.startswith(".")]  # no staging left behind
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["fineweb_edu", "fineweb"])
+def test_the_fineweb_preparers_write_the_openwebtext_preparers_bins_from_fineweb_shaped_parquet(tmp_path, script):
+    """FineWeb's columns (text, id, dump, url, ...) in parquet, as the Hub's sample subsets hold them."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = documents(2500)
+    corpus = tmp_path / "000_00000.parquet"
+    pq.write_table(pa.table({"text": texts, "id": [f"<urn:{i}>" for i in range(len(texts))],
+                             "dump": ["CC-MAIN-2024-10"] * len(texts), "token_count": [0] * len(texts)}), corpus)
+    out = tmp_path / script
+    run_script(f"data_prep/{script}/prepare.py", f"--source={corpus}", f"--out_dir={out}", "--num_proc=2")
+    expected = nanogpt_openwebtext(write_jsonl(tmp_path / "same.jsonl", texts))
+    for split in ("train", "val"):
+        np.testing.assert_array_equal(tokens(out, split), expected[split])
+
+
+@pytest.mark.slow
+def test_an_offline_hub_subset_is_one_line(tmp_path):
+    result = run_script("data_prep/fineweb_edu/prepare.py", f"--out_dir={tmp_path / 'fw'}", check=False,
+                        env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error: could not load the Hub dataset 'HuggingFaceFW/fineweb-edu' "
+                                            "(subset 'sample-10BT') (")
+    assert not (tmp_path / "fw").exists()
+
+
 @pytest.mark.parametrize("kind", ["txt", "jsonl", "parquet"])
 def test_custom_preparer_reads_txt_jsonl_and_parquet(tmp_path, kind):
     texts = documents(300, seed=1)
