@@ -1,4 +1,5 @@
-"""Tokens per second of the OpenWebText preparer against nanoGPT's recipe, on a generated corpus.
+"""Tokens per second of the OpenWebText preparer against nanoGPT's recipe, on a generated corpus,
+and beside them the FineWeb-Edu preparer and training's stream (stream_from=).
 
 Writes a corpus of `--mb` megabytes of JSON lines (documents of Shakespeare's words in random
 order, lengths spread like web pages), loads it once so both methods start from the same
@@ -10,6 +11,10 @@ times, at the same worker count:
   nanoGPT    its data/openwebtext/prepare.py recipe: per-document encode_ordinary inside
              map (token lists returned through Arrow), then 1024 shards concatenated into
              an np.memmap. Same BPE (tiktoken, the bundled GPT-2 files), same split.
+  fineweb   data_prep/fineweb_edu/prepare.py with --source=<corpus>: must write the same bins.
+  stream    stream_from=<corpus>: one process reading the corpus through datasets' streaming
+            mode, tokenizing and packing it into GPT-2's 12 x 1024-token batches until it ends
+            (no bins: what one training process gets from the stream, in tokens/s of one core).
 
 Each timing runs from load_dataset to the last byte of val.bin. Both must write identical
 bins. Peak memory is the largest resident set of any process of the run (main or worker),
@@ -82,9 +87,31 @@ def nanogpt_recipe(corpus, out_dir, num_proc):
         arr.flush()
 
 
-def ours(corpus, out_dir, num_proc):
-    from gpt_train.prepare import OpenWebTextConfig, prepare_corpus
-    prepare_corpus([f"--source={corpus}", f"--out_dir={out_dir}", f"--num_proc={num_proc}"], OpenWebTextConfig)
+def ours(corpus, out_dir, num_proc, preparer="OpenWebTextConfig"):
+    from gpt_train import prepare
+    prepare.prepare_corpus([f"--source={corpus}", f"--out_dir={out_dir}", f"--num_proc={num_proc}"],
+                           getattr(prepare, preparer))
+
+
+def fineweb(corpus, out_dir, num_proc):
+    ours(corpus, out_dir, num_proc, "FineWebEduConfig")
+
+
+def stream(corpus, out_dir, num_proc):
+    """Every batch of the corpus, as one process of a streamed GPT-2 run takes them; writes the token
+    count to out_dir/tokens."""
+    from gpt_train.cli import load_config
+    from gpt_train.stream import TokenStream
+    from gpt_train.tokenizer import Gpt2Codec
+
+    cfg = load_config([f"--stream_from={corpus}", "--out_dir=unused", "--stream_val_documents=10"])
+    tokens = TokenStream(cfg, Gpt2Codec(), 0, 1, "cpu")
+    steps = 0
+    while tokens.iteration(1) is not None:
+        steps += 1
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "tokens"), "w") as f:
+        f.write(str(steps * cfg.batch_size * cfg.block_size))
 
 
 def run_method(method, corpus, out_dir, num_proc, script=__file__, extra=()):
@@ -100,6 +127,9 @@ def run_method(method, corpus, out_dir, num_proc, script=__file__, extra=()):
             errors.seek(0)
             raise SystemExit(f"{method} failed:\n{errors.read()[-3000:]}")
     seconds = float(out.strip().splitlines()[-1])
+    if os.path.exists(os.path.join(out_dir, "tokens")):  # the stream writes no bins, only its count
+        with open(os.path.join(out_dir, "tokens")) as f:
+            return seconds, usage.ru_maxrss / 1024, int(f.read()), None
     digest = hashlib.sha256()
     n_tokens = 0
     for split in ("train", "val"):
@@ -120,7 +150,9 @@ def child(method, corpus, out_dir, num_proc):
     import gpt_train.prepare  # noqa: F401
     import gpt_train.tokenizer  # noqa: F401
     start = time.perf_counter()
-    {"nanogpt": nanogpt_recipe, "gpt-train": ours}[method](corpus, out_dir, num_proc)
+    import pyarrow  # noqa: F401
+    {"nanogpt": nanogpt_recipe, "gpt-train": ours, "fineweb": fineweb, "stream": stream}[method](corpus, out_dir,
+                                                                                               num_proc)
     print(time.perf_counter() - start)
 
 
@@ -146,24 +178,27 @@ def main():
         corpora = {k: generate_corpus(os.path.join(tmp, f"{k}.jsonl"), mb) for k, mb in sizes.items()}
         for path in corpora.values():
             load_dataset("json", data_files=path, split="train")  # warm cache for both methods
-        times = {"gpt-train": [], "nanogpt": []}
+        times = {"gpt-train": [], "nanogpt": [], "fineweb": [], "stream": []}
+        tokens = {}
         peak = {}
         for r in range(a.rounds):
             for method in times:
                 seconds, rss, n_tokens, digest = run_method(method, corpora["full"], os.path.join(tmp, method), a.num_proc)
                 times[method].append(seconds)
+                tokens[method] = n_tokens
                 peak[(method, "full")] = rss
                 print(f"round {r + 1} {method}: {seconds:.2f} s, {n_tokens / seconds / 1e6:.2f}M tokens/s, "
-                      f"peak RSS {rss:.0f} MB, bins sha256 {digest[:12]}", flush=True)
-            digests = {m: run_digest(os.path.join(tmp, m)) for m in times}
+                      f"peak RSS {rss:.0f} MB" + (f", bins sha256 {digest[:12]}" if digest else ""), flush=True)
+            digests = {m: run_digest(os.path.join(tmp, m)) for m in times if m != "stream"}
             assert len(set(digests.values())) == 1, "the two methods wrote different bins"
         for method in times:
             peak[(method, "half")] = run_method(method, corpora["half"], os.path.join(tmp, method + "-half"), a.num_proc)[1]
-        print(f"corpus: {sizes['full']} MB of JSON lines, {n_tokens:,} tokens; num_proc={a.num_proc}; "
-              f"{os.cpu_count()} CPUs visible")
+        n_tokens = tokens["gpt-train"]
+        print(f"corpus: {sizes['full']} MB of JSON lines, {n_tokens:,} tokens; num_proc={a.num_proc} (the stream: "
+              f"one process); {os.cpu_count()} CPUs visible")
         for method, ts in times.items():
             t = statistics.median(ts)
-            print(f"{method:9s}: median {t:.2f} s, {n_tokens / t / 1e6:.2f}M tokens/s, peak RSS "
+            print(f"{method:9s}: median {t:.2f} s, {tokens[method] / t / 1e6:.2f}M tokens/s, peak RSS "
                   f"{peak[(method, 'half')]:.0f} MB at {sizes['half']} MB, {peak[(method, 'full')]:.0f} MB at {sizes['full']} MB")
         print(f"speedup gpt-train over nanoGPT: {statistics.median(times['nanogpt']) / statistics.median(times['gpt-train']):.2f}x")
 
