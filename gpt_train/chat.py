@@ -114,11 +114,12 @@ def encode(tokenizer, messages):
 
 
 def prepare_chat(argv):
-    from gpt_train.prepare import commit_dataset, load_source  # deferred: training imports this module, not them
-    from gpt_train.tokenizer import save_tokenizer
+    from gpt_train.prepare import commit_dataset, load_source, progress_bars  # deferred: training imports this
+    from gpt_train.tokenizer import save_tokenizer  # module, not them
 
     cfg = load_config(argv, ChatConfig)
-    corpus, out_dir, _ = load_source(cfg, "messages_column")
+    with progress_bars(cfg.source):
+        corpus, out_dir, _ = load_source(cfg, "messages_column")
     if len(corpus) < 2:
         raise UserError(f"{cfg.source} holds {len(corpus)} conversation(s): a train and a val split need at least 2")
     tokenizer = chat_tokenizer(cfg.tokenizer_from)

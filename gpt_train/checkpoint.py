@@ -242,9 +242,11 @@ def start_run_folder(out_dir, replace):
     if not PartialState().is_main_process:
         return
     if replace:
+        previous = TrainerState.read_if_any(out_dir) if os.path.isdir(out_dir) else None
         removed = remove_previous_run(out_dir)
         if removed:
-            print(f"overwrite_output_dir: removed {', '.join(removed)} from {out_dir}")
+            which = f" (its checkpoint at iteration {previous.iter_num:,})" if previous else ""
+            print(f"overwrite_output_dir: removed the previous run in {out_dir}{which}: {', '.join(removed)}")
     os.makedirs(out_dir, exist_ok=True)
     for name in os.listdir(out_dir):  # a write killed half-way (loss.png, say) left its temporary
         if ATOMIC_TEMPORARY.fullmatch(name) and written_by_gpt_train(name):

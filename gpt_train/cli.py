@@ -157,14 +157,17 @@ def _program_name():
 
 def _layers(argv):
     """Yield (source, {name: value}) for each preset file, then one layer for all --key=value."""
-    overrides = {}
+    overrides, bare = {}, None
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             overrides.pop(key, None)  # a repeated flag wins, as in nanoGPT's configurator
             overrides[key] = _parse_cli_value(raw) if eq else BARE_FLAG
+            bare = None if eq else key
         elif "=" in arg:
             raise UserError(f"'{arg}' looks like a setting: write --{arg}")
+        elif bare and not arg.endswith(".py"):  # argparse's habit: `--max_iters 200`
+            raise UserError(f"'--{bare} {arg}': settings take --key=value, without a space: write --{bare}={arg}")
         else:
             yield arg, _read_preset(arg)
     yield "the command line", overrides

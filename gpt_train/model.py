@@ -19,6 +19,7 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 from transformers import AttentionInterface, GPT2Config, GPT2LMHeadModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface
+from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
 
@@ -159,7 +160,13 @@ def pretrained_folder(init_from):
 
 
 def load_pretrained(folder, config):
-    return GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation="sdpa")
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar at every start and resume is noise
+    try:
+        return GPT2LMHeadModel.from_pretrained(folder, config=config, attn_implementation="sdpa")
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
 
 
 def read_model_config(folder, where):

@@ -13,8 +13,10 @@ worker, whatever the corpus size.
 
 Not here: reading datasets (gpt_train.data), tokenizers themselves (gpt_train.tokenizer).
 """
+import contextlib
 import difflib
 import glob
+import json
 import os
 import pickle
 import shutil
@@ -57,6 +59,7 @@ def write_meta(out_dir, meta):
 OWT_VAL_FRACTION = 0.0005  # nanoGPT's held-out share of OpenWebText documents (~4M val tokens)
 OWT_SPLIT_SEED = 2357  # nanoGPT's seed for that split: the same documents end up in val
 DOCS_PER_BATCH = 1000  # documents per worker task: bounds worker memory whatever the corpus size
+QUIET_BELOW_BYTES = 100 << 20  # local corpora smaller than this prepare in seconds: no progress bars
 COPY_BUFFER = 16 * 1024 * 1024
 LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_MODES = ("auto", "documents", "tail")
@@ -110,6 +113,11 @@ class CorpusConfig:
 def prepare_corpus(argv, cls=CorpusConfig):
     """Load, split, tokenize and write one dataset folder; the whole of every corpus preparer."""
     cfg = load_config(argv, cls)
+    with progress_bars(cfg.source):
+        return _prepare_corpus(cfg)
+
+
+def _prepare_corpus(cfg):
     if cfg.tokenizer_from and "tokenizer" in cfg.explicit:
         raise UserError("tokenizer and tokenizer_from both given: tokenizer_from encodes with that model's "
                         "vocabulary, so drop --tokenizer")
@@ -121,6 +129,24 @@ def prepare_corpus(argv, cls=CorpusConfig):
     write_dataset(splits, codec, cfg.text_column, out_dir, cfg.num_proc,
                   append_eot=cfg.append_eot and codec.eot is not None)
     return out_dir
+
+
+@contextlib.contextmanager
+def progress_bars(source):
+    """datasets' progress bars (and ours) only for a corpus that takes a while: a Hub dataset or
+    local files of QUIET_BELOW_BYTES or more; a small one would print a bar per phase and split."""
+    from datasets.utils import logging as datasets_logging  # deferred with datasets (see _load)
+
+    files = local_files(source) if source else []
+    quiet = bool(files) and sum(os.path.getsize(f) for f in files) < QUIET_BELOW_BYTES
+    shown = datasets_logging.is_progress_bar_enabled()
+    if quiet:
+        datasets_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if quiet and shown:
+            datasets_logging.enable_progress_bar()
 
 
 def load_source(cfg, column_setting):
@@ -184,7 +210,8 @@ def _load(cfg, files):
         try:
             return load_dataset(kind, data_files=files, split="train", **options)
         except Exception as e:  # malformed json/parquet: name the file problem in one line
-            raise UserError(f"could not read {cfg.source} as {kind}: {first_line(e)}") from None
+            raise UserError(f"could not read {cfg.source} as {kind}: "
+                            f"{_first_bad_file(files, kind) or first_line(e)}") from None
     hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
     try:
         return load_dataset(cfg.source, cfg.subset or None, split="train", num_proc=cfg.num_proc)
@@ -192,6 +219,44 @@ def _load(cfg, files):
         subset = f" (subset {cfg.subset!r})" if cfg.subset else ""
         raise UserError(f"could not load the Hub dataset {cfg.source!r}{subset} ({first_line(e)}); check the name, "
                         "the subset and the network, or pass local files with --source=PATH") from None
+
+
+def _first_bad_file(files, kind):
+    """What is wrong with the first of `files` that cannot be read as `kind`, naming it (datasets'
+    own error names neither the file nor the cause), or None."""
+    for path in files:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            try:
+                pq.read_metadata(path)
+            except Exception as e:
+                return f"{path} is not a parquet file ({first_line(e)})"
+            continue
+        lines_problem = None
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return (f"{path} is not UTF-8 text (line {number}, byte {line[e.start]:#04x}): convert it, "
+                            "e.g. iconv -f latin1 -t utf-8, or leave it out")
+                if kind == "json" and text.strip() and lines_problem is None:
+                    try:
+                        json.loads(text)
+                    except ValueError as e:
+                        lines_problem = f"{path} line {number} is not a JSON object ({e})"
+        if lines_problem and not _one_json_document(path):  # a .json file may be one document, not lines
+            return lines_problem
+    return None
+
+
+def _one_json_document(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            json.load(f)
+        return True
+    except ValueError:
+        return False
 
 
 def _split(corpus, cfg, split_by):
@@ -284,6 +349,8 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
     Everything is staged in a hidden folder inside out_dir and moved into place at the end,
     so an interrupted or failed run leaves an existing dataset as it was.
     """
+    from datasets.utils.logging import is_progress_bar_enabled
+
     from gpt_train.tokenizer import save_tokenizer  # deferred with the codecs (see _codec)
 
     os.makedirs(out_dir, exist_ok=True)
@@ -297,7 +364,8 @@ def write_dataset(splits, codec, text_column, out_dir, num_proc, append_eot):
                               desc=f"tokenizing {split}")
             chunks = sorted(os.listdir(chunk_dir))  # zero-padded first document index: corpus order
             with open(os.path.join(staging, f"{split}.bin"), "wb") as out:
-                for chunk in tqdm(chunks, desc=f"writing {split}.bin", unit="chunk"):
+                shown = is_progress_bar_enabled()  # quiet for small corpora, as datasets' are
+                for chunk in tqdm(chunks, desc=f"writing {split}.bin", unit="chunk", disable=not shown):
                     with open(os.path.join(chunk_dir, chunk), "rb") as f:
                         shutil.copyfileobj(f, out, COPY_BUFFER)
                     os.remove(os.path.join(chunk_dir, chunk))

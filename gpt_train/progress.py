@@ -77,10 +77,10 @@ class Progress:
         if self.step_seconds and wall > 0:
             # The median step leaves out compilation and the steps that carried an evaluation.
             step = statistics.median(self.step_seconds[1:] or self.step_seconds)
-            mfu = self.flops_per_iter / step / self.peak_flops
+            mfu = f", MFU {self.flops_per_iter / step / self.peak_flops * 100:.2f}%" if self.peak_flops else ""
             lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
                          f"(evals included); median step {step * 1000:.1f} ms = "
-                         f"{self.tokens_per_iter / step:,.0f} tok/s, MFU {mfu * 100:.2f}%")
+                         f"{self.tokens_per_iter / step:,.0f} tok/s{mfu}")
         if is_model_folder(self.out_dir):
             held = f" (iteration {iter_num:,}, saved on {stopped_by} without an evaluation)" if stopped_by else ""
             lines.append(f"model folder: {os.path.abspath(self.out_dir)}{held}")

@@ -38,7 +38,7 @@ from gpt_train.model import (build_model, count_parameters, crop_block_size, flo
                              use_causal_sdpa)
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.config import tokens_per_iter
-from gpt_train.out_dir import STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
+from gpt_train.out_dir import RUN_CONFIG, STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
 from gpt_train.start import plan
 from gpt_train.plot import LivePlot
 from gpt_train.progress import Progress, bar
@@ -269,7 +269,10 @@ def _start_logging(run, replace, resumed):
                                         resumed_at=run.iter_num if resumed else None)
     if run.writes:  # after the trackers: a run whose wandb cannot start leaves no settings behind
         checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))
-    acc.print("settings: " + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(cfg).items()))
+    where = os.path.join(cfg.out_dir, RUN_CONFIG) if run.writes else "--print_config"
+    changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
+    acc.print(f"settings not at their defaults (all of them: {where}): "
+              + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     if run.sampler.bins.masked:
         share = float(run.sampler.bins.mask("train").mean())
@@ -367,7 +370,8 @@ def save(run, val_loss=None):
 def fit(run):
     cfg, acc, model = run.cfg, run.accelerator, run.model
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
-    peak = peak_flops(acc.device)
+    # a CPU's peak is unknown, and nanoGPT's A100 yardstick would read 0.01%: no MFU on a CPU
+    peak = peak_flops(acc.device) if acc.device.type != "cpu" else None
     batches = train_batches(run)
     batch = next(batches, None)  # (x, y, targets); None once a stream has ended
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
@@ -419,12 +423,13 @@ def fit(run):
             lossf = acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps
             if not cfg.skip_nonfinite_steps:
                 check_finite(run, lossf, "loss")
-            if local_iter_num >= MFU_WARMUP_ITERS:
+            if local_iter_num >= MFU_WARMUP_ITERS and peak:
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
+            mfu_text = f"mfu {_percent(running_mfu)}, " if peak else ""
             acc.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                      f"mfu {_percent(running_mfu)}, {tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
+                      f"{mfu_text}{tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
             log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
                                              "tokens_per_sec": tokens_per_sec, **_mfu_record(running_mfu)})
         run.iter_num += 1

@@ -96,9 +96,9 @@ def test_overwrite_deletes_only_gpt_train_files_inside_out_dir_whatever_the_fold
     assert not os.path.islink(os.path.join(out_dir, "loss.png"))
     assert checkpoint.read_trainer_state(out_dir).iter_num == 2
     printed = capsys.readouterr().out
-    assert f"overwrite_output_dir: removed README.md, config.json, generation_config.json, loss.png, metrics.jsonl, " \
-           f"model.safetensors, tokenizer.json, tokenizer_config.json, training_config.json, training_state, " \
-           f"training_state.old from {out_dir}" in printed
+    assert f"overwrite_output_dir: removed the previous run in {out_dir}: " \
+           "README.md, config.json, generation_config.json, loss.png, metrics.jsonl, model.safetensors, " \
+           "tokenizer.json, tokenizer_config.json, training_config.json, training_state, training_state.old" in printed
 
 
 def test_a_manifest_naming_paths_outside_out_dir_is_refused_at_resume(run_copy, capsys):

@@ -151,13 +151,14 @@ def test_every_file_of_a_model_folder_is_readable_by_others(tiny_run):
         assert stat.S_IMODE(os.stat(os.path.join(out_dir, name)).st_mode) == 0o644, name
 
 
-def test_mfu_is_not_reported_before_it_is_measured(tiny_run, capsys):
+def test_a_cpu_run_reports_no_mfu(tiny_run, capsys):
+    """MFU is against a GPU's peak; nanoGPT's A100 yardstick for a CPU would read ~0.01%."""
     out_dir, args = tiny_run
     run([*args, *SHORT])
     printed = capsys.readouterr().out
-    assert "mfu -100" not in printed and "iter 0: loss" in printed and "mfu n/a" in printed
-    train_events = read_metrics(out_dir, "train")
-    assert "mfu" not in train_events[0] and "mfu" in train_events[-1] and train_events[-1]["mfu"] >= 0
+    lines = [line for line in printed.splitlines() if line.startswith(("iter ", "step ", "throughput"))]
+    assert "iter 0: loss" in printed and lines and not [line for line in lines if "mfu" in line.lower()]
+    assert not [e for event in ("train", "eval") for e in read_metrics(out_dir, event) if "mfu" in e]
 
 
 @pytest.mark.slow
