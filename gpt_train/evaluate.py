@@ -7,6 +7,10 @@ lm-eval's Python API runs on the folder as any lm-eval user would run it (its `h
 lm-eval's table, writes the results to OUT_DIR/eval_results.json and adds them to the model card's
 `model-index`, so the Hub shows them. The card and the checkpoint's manifest change together, so
 the run still resumes; the next checkpoint's card drops the scores, which described older weights.
+Tasks whose data is a Hub dataset (HellaSwag, ARC, PIQA, LAMBADA...) also get
+OUT_DIR/.eval_results/<task>.yaml, the Hub's format for benchmark leaderboards (its
+EvalResultEntry); a run on part of a benchmark (--limit) writes none, and the next checkpoint
+removes them (gpt_train.checkpoint).
 A char vocabulary has no BOS/EOS: its scoring tasks start from its newline (lm-eval's
 prefix_token_id); its generation tasks are refused, as there is no end-of-text token to stop at.
 
@@ -15,16 +19,20 @@ Needs `pip install -r requirements-eval.txt` (or `pip install -e .[eval]`).
 Not here: training-time losses (gpt_train.train); the model card's other sections (gpt_train.model_card).
 """
 import contextlib
+import datetime
 import functools
+import importlib.metadata
 import os
 import random
+import re
+import shutil
 import sys
 
 import numpy
 import torch
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, eval_result_entries_to_yaml
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import get_session
+from huggingface_hub.utils import get_session, yaml_dump
 
 from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
@@ -33,10 +41,16 @@ from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
 from gpt_train.metrics import log
-from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files, check_model_folder
+from gpt_train.out_dir import (EVAL_RESULTS, HUB_EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files,
+                               check_model_folder)
 from gpt_train.tokenizer import model_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 5
+# The one score a benchmark's leaderboard gets: length-normalised accuracy where the task has it
+# (HellaSwag, ARC, PIQA, as GPT-2-sized models are compared), else accuracy (LAMBADA), else its first metric
+HEADLINE_METRICS = ("acc_norm", "acc")
+HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "owner/name"; lm-eval's local tasks say "json", "csv" or a path
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"  # the source the Hub links each score to
 
 
 class NotInstalled(UserError):
@@ -143,19 +157,23 @@ def during_training(cfg, folder, device, keep=True):
         why = str(e) if isinstance(e, UserError) else first_line(e)
         print(f"warning: lm-eval on {folder} failed ({why}); the run goes on", file=sys.stderr)
         return None
-    scores = save_results(folder, results) if keep else scores_of(results)
+    scores = save_results(folder, results)[0] if keep else scores_of(results)
     print(make_table(results))
     return {f"lm_eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
 
 
 def scores_of(results):
-    """{task: {metric: value}} from lm-eval's results, without filters' suffixes and standard errors."""
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and "_stderr" not in k}
+    """{task: {metric: value}} from lm-eval's results, without filters' suffixes and standard errors.
+    Plain floats: some metrics come as numpy's, which YAML (the card's model-index) writes as a
+    Python object that no YAML reader, the Hub's included, will load."""
+    return {task: {k.split(",")[0]: float(v) for k, v in metrics.items()
+                   if isinstance(v, float) and "_stderr" not in k}
             for task, metrics in results["results"].items()}
 
 
 def save_results(out_dir, results):
-    """OUT_DIR/eval_results.json and the model card's model-index, written atomically."""
+    """OUT_DIR/eval_results.json, the model card's model-index and the Hub benchmarks' .eval_results/,
+    each file written atomically; returns the scores and the .eval_results/ files written."""
     scores = scores_of(results)
     state = TrainerState.read_if_any(out_dir)  # None: a folder not trained by gpt-train
     iteration = state.iter_num if state else None
@@ -171,7 +189,54 @@ def save_results(out_dir, results):
         with atomic_path(card_path) as tmp:
             card.save(tmp)
         refresh_manifest(out_dir, [MODEL_CARD])
-    return scores
+    return scores, save_hub_results(out_dir, results, scores)
+
+
+def hub_results(results, scores):
+    """{task: EvalResultEntry} for the tasks whose data is a dataset on the Hub, as the Hub's
+    .eval_results/ format reads them: the dataset, the task, its headline score, date and source."""
+    entries = {}
+    date = datetime.datetime.fromtimestamp(results.get("date") or datetime.datetime.now().timestamp(),
+                                           datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        harness = f"lm-evaluation-harness {importlib.metadata.version('lm_eval')}"
+    except importlib.metadata.PackageNotFoundError:  # results made elsewhere
+        harness = "lm-evaluation-harness"
+    for task, metrics in scores.items():
+        config = results.get("configs", {}).get(task) or {}  # groups have none: their tasks are listed
+        dataset = config.get("dataset_path")
+        if not (metrics and isinstance(dataset, str) and HUB_DATASET_ID.fullmatch(dataset)
+                and not os.path.exists(dataset)):  # datasets reads an existing folder before asking the Hub
+            continue
+        metric = next((m for m in HEADLINE_METRICS if m in metrics), next(iter(metrics)))
+        shots = results.get("n-shot", {}).get(task, config.get("num_fewshot") or 0)
+        revision = (config.get("dataset_kwargs") or {}).get("revision")
+        entries[task] = EvalResultEntry(dataset_id=dataset, task_id=task, value=metrics[metric],
+                                        dataset_revision=revision, date=date, source_url=LM_EVAL_URL,
+                                        source_name=f"{harness} via gpt-train", notes=f"{metric}, {shots}-shot")
+    return entries
+
+
+def save_hub_results(out_dir, results, scores):
+    """OUT_DIR/.eval_results/<task>.yaml for each Hub benchmark scored, replacing those of an earlier
+    evaluation; none for a run limited to part of each benchmark, which leaderboards would take
+    for the whole. Returns the paths written, relative to out_dir."""
+    entries = hub_results(results, scores)
+    limit = results.get("config", {}).get("limit")
+    if entries and limit:
+        print(f"note: no {HUB_EVAL_RESULTS}/ for the Hub's leaderboards: scored on {limit} examples per task, not "
+              "the whole benchmark")
+        entries = {}
+    folder = os.path.join(out_dir, HUB_EVAL_RESULTS)
+    if os.path.islink(folder):  # never write through a link: its target is not ours
+        os.remove(folder)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier evaluation's tasks no longer describe the model
+    written = []
+    for task, entry in entries.items():
+        with atomic_path(os.path.join(folder, f"{task}.yaml")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(yaml_dump(eval_result_entries_to_yaml([entry]), sort_keys=False))
+        written.append(f"{HUB_EVAL_RESULTS}/{task}.yaml")
+    return written
 
 
 @contextlib.contextmanager
@@ -227,8 +292,9 @@ def main(argv=None):
         results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
                            args.include_path)
         print(make_table(results))
-        save_results(args.out_dir, results)
-    print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)} and the model card's model-index")
+        _, hub_files = save_results(args.out_dir, results)
+    also = f", {', '.join(hub_files)}" if hub_files else ""
+    print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)}{also} and the model card's model-index")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@
       metrics.jsonl                                                             <- one line per log/eval
       loss.png                                                                  <- the chart of it
       eval_results.json                                                         <- lm-eval's scores, if judged
+      .eval_results/<task>.yaml                                                 <- the Hub benchmarks among them
       training_state/   accelerator.save_state files, and trainer_state.json    <- to resume
 
 Light on purpose (no torch): the plot command, the Hub push and the progress summary read an
@@ -29,6 +30,7 @@ RUN_CONFIG = "training_config.json"
 METRICS = "metrics.jsonl"
 LOSS_CHART = "loss.png"
 EVAL_RESULTS = "eval_results.json"  # lm-eval's scores (gpt_train.evaluate)
+HUB_EVAL_RESULTS = ".eval_results"  # the scores of benchmarks on the Hub, one YAML file each, in the Hub's format
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"  # a LoRA run's adapter, as peft writes it (gpt_train.lora)
@@ -48,7 +50,8 @@ TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG, "vocab.json", "merges.txt",
 ATOMIC_TEMPORARY = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 SHARDED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)")
 # Any of these in out_dir means a training run wrote there.
-RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR, EVAL_RESULTS)
+RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR, EVAL_RESULTS,
+             HUB_EVAL_RESULTS)
 # What a run leaves before its first checkpoint is committed: a restart may start it again.
 BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, STAGING_DIR)
 MODEL_FOLDER_FILES = (*MODEL_FILES, *TOKENIZER_FILES, MODEL_CARD)
