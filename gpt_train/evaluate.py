@@ -86,17 +86,19 @@ def check_tasks(tasks, include_path=None):
     return manager
 
 
-def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
-    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None, gen_kwargs=None):
+    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics).
+    `gen_kwargs`: lm-eval's --gen_kwargs string ("temperature=0,max_gen_toks=32"), for generation tasks."""
     check_model_folder(out_dir)  # before indexing lm-eval's tasks (~20 s): a broken folder fails at once
     check_model_files(out_dir)
+    generation = parse_gen_kwargs(gen_kwargs)
     manager = check_tasks(tasks, include_path)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     with _offline_unless_the_hub_answers():
-        try:
-            loaded = manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
+        try:  # lm-eval's own objects, loaded once: simple_evaluate runs them with the changes made here
+            requested, loaded = _load_tasks(manager, tasks)  # the data from the cache when offline
         except (ConnectionError, OSError) as e:  # neither cached nor reachable
             raise UserError(f"lm-eval could not load a task's data ({first_line(e)}): run it once with network "
                             "so the datasets cache holds it, or use local tasks with --include_path") from None
@@ -109,9 +111,55 @@ def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_pat
                                 "end-of-text token to stop at: score it with perplexity or multiple-choice tasks")
             model_args["prefix_token_id"] = tokenizer.get_vocab().get("\n", 0)  # a text starts after a newline
         model = HFLM(pretrained=out_dir, batch_size=batch_size, device=device, **model_args)
+        generation = _fit_generation(loaded, generation, model.max_length, model.max_gen_toks)
         with _random_state_kept():
-            return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
-                                           log_samples=False, verbosity="ERROR")
+            return lm_eval.simple_evaluate(model=model, tasks=requested, task_manager=manager, limit=limit,
+                                           gen_kwargs=generation or None, log_samples=False, verbosity="ERROR")
+
+
+def parse_gen_kwargs(text):
+    """lm-eval's --gen_kwargs ("temperature=0,max_gen_toks=32") as the dict its simple_evaluate takes."""
+    if not text:
+        return {}
+    if any("=" not in pair for pair in text.split(",") if pair):
+        raise UserError(f"--gen_kwargs={text}: give key=value pairs separated by commas, as lm-eval's --gen_kwargs "
+                        "(temperature=0,max_gen_toks=32)")
+    try:
+        from lm_eval.utils import simple_parse_args_string  # deferred: an optional extra
+    except ImportError:
+        raise NotInstalled("lm-eval is not installed: pip install -r requirements-eval.txt") from None
+    return simple_parse_args_string(text)
+
+
+def _load_tasks(manager, names):
+    """The tasks and groups asked for as lm-eval objects (a tag: its tasks), and every leaf task by name."""
+    requested, leaves = [], {}
+    for name in names:
+        loaded = manager.load(name)
+        requested += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+        leaves.update(loaded["tasks"])
+    return requested, leaves
+
+
+def _fit_generation(tasks, gen_kwargs, context, default_max_gen_toks):
+    """lm-eval stops with an assertion (a traceback) where a generation task's max_gen_toks (--gen_kwargs',
+    the task's own, else lm-eval's default of 256) is not below the model's context: those generate
+    half the context, the prompt keeping the rest, said in one line. Returns the gen_kwargs to pass on."""
+    cap, capped, most = context // 2, [], 0
+    for name, task in tasks.items():
+        if task.OUTPUT_TYPE != "generate_until":
+            continue
+        own = task.config.generation_kwargs or {}
+        asked = int(gen_kwargs.get("max_gen_toks") or own.get("max_gen_toks") or default_max_gen_toks)
+        if asked >= context:
+            capped.append(name)
+            most = max(most, asked)
+            task.set_config("generation_kwargs", {**own, "max_gen_toks": cap})
+    if not capped:
+        return gen_kwargs
+    print(f"note: {', '.join(capped)} would generate up to {most} tokens, past the model's context of {context}: "
+          f"max_gen_toks={cap} there (half the context; the prompt keeps the rest)")
+    return {**gen_kwargs, "max_gen_toks": cap} if "max_gen_toks" in gen_kwargs else gen_kwargs
 
 
 class Judge:
@@ -177,7 +225,9 @@ def save_results(out_dir, results):
     scores = scores_of(results)
     state = TrainerState.read_if_any(out_dir)  # None: a folder not trained by gpt-train
     iteration = state.iter_num if state else None
-    record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
+    settings = results.get("config", {})
+    record = {"iteration": iteration, "limit": settings.get("limit"), "gen_kwargs": settings.get("gen_kwargs"),
+              "results": scores}
     write_json(os.path.join(out_dir, EVAL_RESULTS), record)
     card_path = os.path.join(out_dir, MODEL_CARD)
     if os.path.isfile(card_path):
@@ -283,6 +333,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or name one")
     parser.add_argument("--limit", type=int, help="only the first N examples of each task (a quick look)")
     parser.add_argument("--include_path", help="a folder of your own task YAML files")
+    parser.add_argument("--gen_kwargs", help="generation settings for generation tasks, as lm-eval's: "
+                                             "'temperature=0,max_gen_toks=32'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from lm_eval.utils import make_table
 
@@ -290,7 +342,7 @@ def main(argv=None):
     check_model_folder(args.out_dir)
     with run_lock.hold(args.out_dir):  # it writes into the folder: never beside a training run
         results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
-                           args.include_path)
+                           args.include_path, args.gen_kwargs)
         print(make_table(results))
         _, hub_files = save_results(args.out_dir, results)
     also = f", {', '.join(hub_files)}" if hub_files else ""
