@@ -40,7 +40,7 @@ from gpt_train.model import COMPILED_PREFIX
 from gpt_train.metrics import drop_torn_last_line
 from gpt_train.model_card import write_model_card
 from gpt_train.lora import is_adapted, merged_state_dict
-from gpt_train.out_dir import (ADAPTER_DIR, ATOMIC_TEMPORARY, COMMITTED_DIR, METRICS, OLD_SUFFIX,
+from gpt_train.out_dir import (ADAPTER_DIR, ATOMIC_TEMPORARY, COMMITTED_DIR, HUB_EVAL_RESULTS, METRICS, OLD_SUFFIX,
                                RUN_CONFIG, SAVED_FOLDERS_OLD, STAGING_DIR, STATE_DIR, TRAINER_STATE, TrainerState,
                                check_model_folder, last_checkpoint_note, written_by_gpt_train)
 from gpt_train.tokenizer import save_tokenizer
@@ -85,11 +85,22 @@ def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state, proce
                                      state_dict, tokenizer, staging, trainer_state)
     _write_on_every_process(accelerator, out_dir, write_folder if accelerator.is_main_process else None)
     if accelerator.is_main_process:
+        _drop_hub_results(out_dir)
         committed = os.path.join(out_dir, COMMITTED_DIR)
         os.rename(staging, committed)  # the commit point
         _fsync_dir(out_dir)
         _move_into_place(committed, out_dir)
     accelerator.wait_for_everyone()
+
+
+def _drop_hub_results(out_dir):
+    """The Hub benchmarks' scores (gpt_train.evaluate) describe the weights they were measured on: gone
+    before new weights are committed, so no push publishes them with others (a crash in between
+    loses scores, never misattributes them). The card's model-index goes with the card it is in."""
+    path = os.path.join(out_dir, HUB_EVAL_RESULTS)
+    if os.path.islink(path):
+        os.remove(path)
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):

@@ -101,7 +101,8 @@ def load_config(argv, cls=TrainConfig):
 
 class _OneLineErrors(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(f"{message}: usage: {self.format_usage().strip().removeprefix('usage: ')}")
+        usage = " ".join(self.format_usage().split())  # argparse wraps a long usage over several lines
+        raise UserError(f"{message}: usage: {usage.removeprefix('usage: ')}")
 
 
 def command_parser(prog, description):

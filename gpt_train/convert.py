@@ -1,9 +1,10 @@
-"""nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back; and older
-model folders brought up to date for other clients.
+"""nanoGPT interop: a nanoGPT ckpt.pt becomes a Hugging Face model folder, and back; older
+model folders brought up to date for other clients; a folder as a GGUF file for llama.cpp.
 
     python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-char [--meta=data/shakespeare_char]
     python -m gpt_train.convert to-nanogpt hf-char nanogpt/ckpt.pt
     python -m gpt_train.convert upgrade out-shakespeare-char
+    python -m gpt_train.convert to-gguf out-shakespeare-char [out.gguf] [--outtype=f16]
 
 The two networks are the same GPT-2; only the storage differs. nanoGPT keeps nn.Linear
 weights (out x in) where GPT-2 has Conv1D (in x out), `torch.compile` prefixes every name with
@@ -15,7 +16,8 @@ The checkpoint is read with `torch.load(weights_only=True)`: tensors, numbers, s
 plain containers, plus numpy number scalars in case a config value was one. A ckpt.pt that
 needs anything else is refused rather than unpickled.
 
-Not here: training state. The optimizer moments are not carried across; the folder is a
+Not here: writing GGUF (gpt_train.gguf_export; this module only gives it its command), and
+training state. The optimizer moments are not carried across; the folder is a
 model to sample from, evaluate or fine-tune (`init_from=FOLDER`), and the ckpt.pt written
 back is one nanoGPT's sample.py loads (nanoGPT's init_from='resume' also wants an optimizer).
 """
@@ -35,6 +37,7 @@ from gpt_train.checkpoint import refresh_manifest
 from gpt_train.cli import command_parser
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.files import atomic_path
+from gpt_train.gguf_export import OUTTYPES, to_gguf
 from gpt_train.model import COMPILED_PREFIX, gpt2_config, read_model_config, set_generation_defaults
 from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, check_model_files, check_model_folder, read_run_config
 from gpt_train.prepare import write_meta
@@ -239,7 +242,8 @@ def upgrade(folder):
 @exit_on_user_error
 def main(argv=None):
     parser = command_parser("python -m gpt_train.convert", __doc__.split("\n\n")[2])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{from-nanogpt,to-nanogpt,upgrade}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{from-nanogpt,to-nanogpt,upgrade,to-gguf}")
     from_ = commands.add_parser("from-nanogpt", help="a nanoGPT ckpt.pt to a model folder")
     from_.add_argument("ckpt", metavar="CKPT_PT")
     from_.add_argument("out_dir", metavar="OUT_DIR")
@@ -250,8 +254,17 @@ def main(argv=None):
     up = commands.add_parser("upgrade", help="an older model folder's config, generation and tokenizer files, "
                                              "rewritten as gpt-train writes them today")
     up.add_argument("out_dir", metavar="OUT_DIR")
+    gg = commands.add_parser("to-gguf", help="a model folder as one GGUF file (llama.cpp, Ollama, LM Studio)")
+    gg.add_argument("out_dir", metavar="OUT_DIR")
+    gg.add_argument("gguf", metavar="GGUF_FILE", nargs="?", help="default: OUT_DIR-OUTTYPE.gguf beside the folder")
+    gg.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="how the weight matrices are stored")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    if args.command == "upgrade":
+    if args.command == "to-gguf":
+        path, notes = to_gguf(args.out_dir, args.gguf, args.outtype)
+        for note in notes:
+            print(f"note: {note}")
+        print(f"wrote {path}")
+    elif args.command == "upgrade":
         changed = upgrade(args.out_dir)
         print(f"upgraded {args.out_dir}: {', '.join(changed)}" if changed else f"{args.out_dir} is up to date")
     elif args.command == "from-nanogpt":

@@ -7,6 +7,10 @@ lm-eval's Python API runs on the folder as any lm-eval user would run it (its `h
 lm-eval's table, writes the results to OUT_DIR/eval_results.json and adds them to the model card's
 `model-index`, so the Hub shows them. The card and the checkpoint's manifest change together, so
 the run still resumes; the next checkpoint's card drops the scores, which described older weights.
+Tasks whose data is a Hub dataset (HellaSwag, ARC, PIQA, LAMBADA...) also get
+OUT_DIR/.eval_results/<task>.yaml, the Hub's format for benchmark leaderboards (its
+EvalResultEntry); a run on part of a benchmark (--limit) writes none, and the next checkpoint
+removes them (gpt_train.checkpoint).
 A char vocabulary has no BOS/EOS: its scoring tasks start from its newline (lm-eval's
 prefix_token_id); its generation tasks are refused, as there is no end-of-text token to stop at.
 
@@ -15,16 +19,20 @@ Needs `pip install -r requirements-eval.txt` (or `pip install -e .[eval]`).
 Not here: training-time losses (gpt_train.train); the model card's other sections (gpt_train.model_card).
 """
 import contextlib
+import datetime
 import functools
+import importlib.metadata
 import os
 import random
+import re
+import shutil
 import sys
 
 import numpy
 import torch
-from huggingface_hub import EvalResult, ModelCard
+from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, eval_result_entries_to_yaml
 from huggingface_hub import constants as hub_constants
-from huggingface_hub.utils import get_session
+from huggingface_hub.utils import get_session, yaml_dump
 
 from gpt_train import run_lock
 from gpt_train.checkpoint import refresh_manifest
@@ -33,10 +41,16 @@ from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
 from gpt_train.metrics import log
-from gpt_train.out_dir import EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files, check_model_folder
+from gpt_train.out_dir import (EVAL_RESULTS, HUB_EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files,
+                               check_model_folder)
 from gpt_train.tokenizer import model_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 5
+# The one score a benchmark's leaderboard gets: length-normalised accuracy where the task has it
+# (HellaSwag, ARC, PIQA, as GPT-2-sized models are compared), else accuracy (LAMBADA), else its first metric
+HEADLINE_METRICS = ("acc_norm", "acc")
+HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "owner/name"; lm-eval's local tasks say "json", "csv" or a path
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"  # the source the Hub links each score to
 
 
 class NotInstalled(UserError):
@@ -72,17 +86,19 @@ def check_tasks(tasks, include_path=None):
     return manager
 
 
-def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None):
-    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics)."""
+def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_path=None, gen_kwargs=None):
+    """lm-eval's results for the folder (simple_evaluate's dict: "results" holds each task's metrics).
+    `gen_kwargs`: lm-eval's --gen_kwargs string ("temperature=0,max_gen_toks=32"), for generation tasks."""
     check_model_folder(out_dir)  # before indexing lm-eval's tasks (~20 s): a broken folder fails at once
     check_model_files(out_dir)
+    generation = parse_gen_kwargs(gen_kwargs)
     manager = check_tasks(tasks, include_path)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
     with _offline_unless_the_hub_answers():
-        try:
-            loaded = manager.load(list(tasks))["tasks"]  # every leaf task, its data from the cache when offline
+        try:  # lm-eval's own objects, loaded once: simple_evaluate runs them with the changes made here
+            requested, loaded = _load_tasks(manager, tasks)  # the data from the cache when offline
         except (ConnectionError, OSError) as e:  # neither cached nor reachable
             raise UserError(f"lm-eval could not load a task's data ({first_line(e)}): run it once with network "
                             "so the datasets cache holds it, or use local tasks with --include_path") from None
@@ -95,9 +111,55 @@ def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_pat
                                 "end-of-text token to stop at: score it with perplexity or multiple-choice tasks")
             model_args["prefix_token_id"] = tokenizer.get_vocab().get("\n", 0)  # a text starts after a newline
         model = HFLM(pretrained=out_dir, batch_size=batch_size, device=device, **model_args)
+        generation = _fit_generation(loaded, generation, model.max_length, model.max_gen_toks)
         with _random_state_kept():
-            return lm_eval.simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit,
-                                           log_samples=False, verbosity="ERROR")
+            return lm_eval.simple_evaluate(model=model, tasks=requested, task_manager=manager, limit=limit,
+                                           gen_kwargs=generation or None, log_samples=False, verbosity="ERROR")
+
+
+def parse_gen_kwargs(text):
+    """lm-eval's --gen_kwargs ("temperature=0,max_gen_toks=32") as the dict its simple_evaluate takes."""
+    if not text:
+        return {}
+    if any("=" not in pair for pair in text.split(",") if pair):
+        raise UserError(f"--gen_kwargs={text}: give key=value pairs separated by commas, as lm-eval's --gen_kwargs "
+                        "(temperature=0,max_gen_toks=32)")
+    try:
+        from lm_eval.utils import simple_parse_args_string  # deferred: an optional extra
+    except ImportError:
+        raise NotInstalled("lm-eval is not installed: pip install -r requirements-eval.txt") from None
+    return simple_parse_args_string(text)
+
+
+def _load_tasks(manager, names):
+    """The tasks and groups asked for as lm-eval objects (a tag: its tasks), and every leaf task by name."""
+    requested, leaves = [], {}
+    for name in names:
+        loaded = manager.load(name)
+        requested += [loaded["groups"][name]] if name in loaded["groups"] else list(loaded["tasks"].values())
+        leaves.update(loaded["tasks"])
+    return requested, leaves
+
+
+def _fit_generation(tasks, gen_kwargs, context, default_max_gen_toks):
+    """lm-eval stops with an assertion (a traceback) where a generation task's max_gen_toks (--gen_kwargs',
+    the task's own, else lm-eval's default of 256) is not below the model's context: those generate
+    half the context, the prompt keeping the rest, said in one line. Returns the gen_kwargs to pass on."""
+    cap, capped, most = context // 2, [], 0
+    for name, task in tasks.items():
+        if task.OUTPUT_TYPE != "generate_until":
+            continue
+        own = task.config.generation_kwargs or {}
+        asked = int(gen_kwargs.get("max_gen_toks") or own.get("max_gen_toks") or default_max_gen_toks)
+        if asked >= context:
+            capped.append(name)
+            most = max(most, asked)
+            task.set_config("generation_kwargs", {**own, "max_gen_toks": cap})
+    if not capped:
+        return gen_kwargs
+    print(f"note: {', '.join(capped)} would generate up to {most} tokens, past the model's context of {context}: "
+          f"max_gen_toks={cap} there (half the context; the prompt keeps the rest)")
+    return {**gen_kwargs, "max_gen_toks": cap} if "max_gen_toks" in gen_kwargs else gen_kwargs
 
 
 class Judge:
@@ -143,23 +205,29 @@ def during_training(cfg, folder, device, keep=True):
         why = str(e) if isinstance(e, UserError) else first_line(e)
         print(f"warning: lm-eval on {folder} failed ({why}); the run goes on", file=sys.stderr)
         return None
-    scores = save_results(folder, results) if keep else scores_of(results)
+    scores = save_results(folder, results)[0] if keep else scores_of(results)
     print(make_table(results))
     return {f"lm_eval/{task}/{metric}": value for task, metrics in scores.items() for metric, value in metrics.items()}
 
 
 def scores_of(results):
-    """{task: {metric: value}} from lm-eval's results, without filters' suffixes and standard errors."""
-    return {task: {k.split(",")[0]: v for k, v in metrics.items() if isinstance(v, float) and "_stderr" not in k}
+    """{task: {metric: value}} from lm-eval's results, without filters' suffixes and standard errors.
+    Plain floats: some metrics come as numpy's, which YAML (the card's model-index) writes as a
+    Python object that no YAML reader, the Hub's included, will load."""
+    return {task: {k.split(",")[0]: float(v) for k, v in metrics.items()
+                   if isinstance(v, float) and "_stderr" not in k}
             for task, metrics in results["results"].items()}
 
 
 def save_results(out_dir, results):
-    """OUT_DIR/eval_results.json and the model card's model-index, written atomically."""
+    """OUT_DIR/eval_results.json, the model card's model-index and the Hub benchmarks' .eval_results/,
+    each file written atomically; returns the scores and the .eval_results/ files written."""
     scores = scores_of(results)
     state = TrainerState.read_if_any(out_dir)  # None: a folder not trained by gpt-train
     iteration = state.iter_num if state else None
-    record = {"iteration": iteration, "limit": results.get("config", {}).get("limit"), "results": scores}
+    settings = results.get("config", {})
+    record = {"iteration": iteration, "limit": settings.get("limit"), "gen_kwargs": settings.get("gen_kwargs"),
+              "results": scores}
     write_json(os.path.join(out_dir, EVAL_RESULTS), record)
     card_path = os.path.join(out_dir, MODEL_CARD)
     if os.path.isfile(card_path):
@@ -171,7 +239,54 @@ def save_results(out_dir, results):
         with atomic_path(card_path) as tmp:
             card.save(tmp)
         refresh_manifest(out_dir, [MODEL_CARD])
-    return scores
+    return scores, save_hub_results(out_dir, results, scores)
+
+
+def hub_results(results, scores):
+    """{task: EvalResultEntry} for the tasks whose data is a dataset on the Hub, as the Hub's
+    .eval_results/ format reads them: the dataset, the task, its headline score, date and source."""
+    entries = {}
+    date = datetime.datetime.fromtimestamp(results.get("date") or datetime.datetime.now().timestamp(),
+                                           datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    try:
+        harness = f"lm-evaluation-harness {importlib.metadata.version('lm_eval')}"
+    except importlib.metadata.PackageNotFoundError:  # results made elsewhere
+        harness = "lm-evaluation-harness"
+    for task, metrics in scores.items():
+        config = results.get("configs", {}).get(task) or {}  # groups have none: their tasks are listed
+        dataset = config.get("dataset_path")
+        if not (metrics and isinstance(dataset, str) and HUB_DATASET_ID.fullmatch(dataset)
+                and not os.path.exists(dataset)):  # datasets reads an existing folder before asking the Hub
+            continue
+        metric = next((m for m in HEADLINE_METRICS if m in metrics), next(iter(metrics)))
+        shots = results.get("n-shot", {}).get(task, config.get("num_fewshot") or 0)
+        revision = (config.get("dataset_kwargs") or {}).get("revision")
+        entries[task] = EvalResultEntry(dataset_id=dataset, task_id=task, value=metrics[metric],
+                                        dataset_revision=revision, date=date, source_url=LM_EVAL_URL,
+                                        source_name=f"{harness} via gpt-train", notes=f"{metric}, {shots}-shot")
+    return entries
+
+
+def save_hub_results(out_dir, results, scores):
+    """OUT_DIR/.eval_results/<task>.yaml for each Hub benchmark scored, replacing those of an earlier
+    evaluation; none for a run limited to part of each benchmark, which leaderboards would take
+    for the whole. Returns the paths written, relative to out_dir."""
+    entries = hub_results(results, scores)
+    limit = results.get("config", {}).get("limit")
+    if entries and limit:
+        print(f"note: no {HUB_EVAL_RESULTS}/ for the Hub's leaderboards: scored on {limit} examples per task, not "
+              "the whole benchmark")
+        entries = {}
+    folder = os.path.join(out_dir, HUB_EVAL_RESULTS)
+    if os.path.islink(folder):  # never write through a link: its target is not ours
+        os.remove(folder)
+    shutil.rmtree(folder, ignore_errors=True)  # an earlier evaluation's tasks no longer describe the model
+    written = []
+    for task, entry in entries.items():
+        with atomic_path(os.path.join(folder, f"{task}.yaml")) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            f.write(yaml_dump(eval_result_entries_to_yaml([entry]), sort_keys=False))
+        written.append(f"{HUB_EVAL_RESULTS}/{task}.yaml")
+    return written
 
 
 @contextlib.contextmanager
@@ -218,6 +333,8 @@ def main(argv=None):
     parser.add_argument("--device", default="auto", help="'auto' (cuda, then mps, then cpu), or name one")
     parser.add_argument("--limit", type=int, help="only the first N examples of each task (a quick look)")
     parser.add_argument("--include_path", help="a folder of your own task YAML files")
+    parser.add_argument("--gen_kwargs", help="generation settings for generation tasks, as lm-eval's: "
+                                             "'temperature=0,max_gen_toks=32'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     from lm_eval.utils import make_table
 
@@ -225,10 +342,11 @@ def main(argv=None):
     check_model_folder(args.out_dir)
     with run_lock.hold(args.out_dir):  # it writes into the folder: never beside a training run
         results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
-                           args.include_path)
+                           args.include_path, args.gen_kwargs)
         print(make_table(results))
-        save_results(args.out_dir, results)
-    print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)} and the model card's model-index")
+        _, hub_files = save_results(args.out_dir, results)
+    also = f", {', '.join(hub_files)}" if hub_files else ""
+    print(f"wrote {os.path.join(args.out_dir, EVAL_RESULTS)}{also} and the model card's model-index")
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 What goes up is the model part of a checkpoint folder: the top-level files its manifest lists
 (config.json, model.safetensors, generation_config.json, tokenizer files, the README.md model
-card), a LoRA run's adapter/, and training_config.json, loss.png and eval_results.json; never training_state/ (optimizer
-state is large and only resuming needs it), metrics.jsonl, TensorBoard's runs/, a user's own files, a symbolic link
+card), a LoRA run's adapter/, and training_config.json, loss.png, eval_results.json and the Hub
+benchmarks' .eval_results/*.yaml; never training_state/ (optimizer state is large and only resuming
+needs it), metrics.jsonl, TensorBoard's runs/, a user's own files, a symbolic link
 (whose target could be a token file) or half-written files. Each push uploads a snapshot taken when it is
 queued (hard links, or copies where linking fails): checkpoints replace their files with new
 ones (gpt_train.checkpoint moves them into place), so a later save cannot change what an
@@ -22,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from huggingface_hub import HfApi, get_token
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.out_dir import (ADAPTER_DIR, EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART, MODEL_FOLDER_FILES,
-                               RUN_CONFIG, SHARDED_WEIGHTS, TrainerState, is_model_folder)
+from gpt_train.out_dir import (ADAPTER_DIR, EVAL_RESULTS, HUB_EVAL_RESULTS, HUB_SNAPSHOT_PREFIX, LOSS_CHART,
+                               MODEL_FOLDER_FILES, RUN_CONFIG, SHARDED_WEIGHTS, TrainerState, is_model_folder)
 
 RUN_EXTRAS = (RUN_CONFIG, LOSS_CHART, EVAL_RESULTS)  # published beside the model: how it was made
 
@@ -37,13 +38,17 @@ def check_login():
 def published_files(folder):
     """The files of `folder` that make the published model: the model folder's own (those its
     checkpoint's manifest lists, or the names transformers writes when it has none), the run's
-    settings, chart and scores. Never the log, never a symbolic link (its target may be anything)."""
+    settings, chart and scores (the Hub benchmarks' in .eval_results/, where the Hub reads them). Never
+    the log, never a symbolic link (its target may be anything)."""
     state = TrainerState.read_if_any(folder)
     if state:  # the model folder's own files, and a LoRA run's adapter/ (gpt_train.lora) beside them
         names = {name for name in state.files if "/" not in name or name.startswith(ADAPTER_DIR + "/")}
     else:  # a model folder saved without gpt-train's checkpoint
         names = {name for name in os.listdir(folder) if name in MODEL_FOLDER_FILES or SHARDED_WEIGHTS.fullmatch(name)}
     names |= set(RUN_EXTRAS)
+    hub_results = os.path.join(folder, HUB_EVAL_RESULTS)
+    if os.path.isdir(hub_results):
+        names |= {f"{HUB_EVAL_RESULTS}/{name}" for name in os.listdir(hub_results) if name.endswith(".yaml")}
     inside = os.path.realpath(folder) + os.sep  # adapter/ itself a link: its files are not ours either
     return sorted(name for name in names if os.path.isfile(os.path.join(folder, name))
                   and not os.path.islink(os.path.join(folder, name))

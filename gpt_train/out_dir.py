@@ -8,6 +8,7 @@
       loss.png                                                                  <- the chart of it
       runs/<project>/   TensorBoard's event files (report_to='tensorboard')     <- the same numbers
       eval_results.json                                                         <- lm-eval's scores, if judged
+      .eval_results/<task>.yaml                                                 <- the Hub benchmarks among them
       training_state/   accelerator.save_state files, and trainer_state.json    <- to resume
 
 Light on purpose (no torch): the plot command, the Hub push and the progress summary read an
@@ -31,6 +32,7 @@ METRICS = "metrics.jsonl"
 LOSS_CHART = "loss.png"
 TENSORBOARD_DIR = "runs"  # report_to='tensorboard': Accelerate writes <project>/ in it (Trainer's name for it)
 EVAL_RESULTS = "eval_results.json"  # lm-eval's scores (gpt_train.evaluate)
+HUB_EVAL_RESULTS = ".eval_results"  # the scores of benchmarks on the Hub, one YAML file each, in the Hub's format
 STATE_DIR = "training_state"
 TRAINER_STATE = "trainer_state.json"
 ADAPTER_DIR = "adapter"  # a LoRA run's adapter, as peft writes it (gpt_train.lora)
@@ -51,7 +53,7 @@ ATOMIC_TEMPORARY = re.compile(r"(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
 SHARDED_WEIGHTS = re.compile(r"model(-\d{5}-of-\d{5}\.safetensors|\.safetensors\.index\.json)")
 # Any of these in out_dir means a training run wrote there.
 RUN_FILES = (METRICS, RUN_CONFIG, LOSS_CHART, TENSORBOARD_DIR, STATE_DIR, WEIGHTS, STAGING_DIR, COMMITTED_DIR,
-             EVAL_RESULTS)
+             EVAL_RESULTS, HUB_EVAL_RESULTS)
 # What a run leaves before its first checkpoint is committed: a restart may start it again.
 BEFORE_FIRST_CHECKPOINT = (METRICS, RUN_CONFIG, LOSS_CHART, TENSORBOARD_DIR, STAGING_DIR)
 MODEL_FOLDER_FILES = (*MODEL_FILES, *TOKENIZER_FILES, MODEL_CARD)

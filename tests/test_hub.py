@@ -6,14 +6,19 @@ them (settings, the training loop, snapshots, the background thread, the push co
 import os
 import threading
 
+import numpy as np
 import pytest
+import yaml
+from huggingface_hub import ModelCard, parse_eval_result_entries
 from transformers import AutoModelForCausalLM
 
 from conftest import TOKEN, run_script
-from gpt_train import push
+from gpt_train import checkpoint, push
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
+from gpt_train.evaluate import save_results
 from gpt_train.hub import HubPusher
+from gpt_train.out_dir import written_by_gpt_train
 from gpt_train.train import train
 
 PUBLISHED = {"README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
@@ -154,3 +159,73 @@ def test_push_command_errors_are_one_line(tmp_path):
     assert result.stderr.startswith(f"error: {tmp_path / 'missing'} does not exist")
     with pytest.raises(UserError, match="is not a model folder"):
         push.push(str(tmp_path), "someone/x")
+
+
+def lm_eval_results(limit=None):
+    """simple_evaluate's dict as lm-eval 0.4.13 returns it, the parts gpt-train reads: three benchmarks
+    whose data are Hub datasets (as lm-eval's own task files name them) and a task on local files."""
+    return {
+        "results": {
+            "hellaswag": {"alias": "hellaswag", "acc,none": 0.2891, "acc_stderr,none": 0.0045,
+                          "acc_norm,none": np.float64(0.3114), "acc_norm_stderr,none": 0.0046},  # numpy's mean
+            "arc_easy": {"alias": "arc_easy", "acc,none": 0.4381, "acc_norm,none": 0.3948},
+            "lambada_openai": {"alias": "lambada_openai", "perplexity,none": 40.06, "acc,none": 0.3256},
+            "my_ppl": {"alias": "my_ppl", "bits_per_byte,none": 2.747},
+        },
+        "configs": {
+            "hellaswag": {"task": "hellaswag", "dataset_path": "Rowan/hellaswag", "num_fewshot": 0},
+            "arc_easy": {"task": "arc_easy", "dataset_path": "allenai/ai2_arc", "dataset_name": "ARC-Easy",
+                         "num_fewshot": 0},
+            "lambada_openai": {"task": "lambada_openai", "dataset_path": "EleutherAI/lambada_openai",
+                               "dataset_name": "default", "num_fewshot": 0},
+            "my_ppl": {"task": "my_ppl", "dataset_path": "json", "dataset_kwargs": {"data_files": {"test": "d.jsonl"}},
+                       "num_fewshot": 0},
+        },
+        "n-shot": {"hellaswag": 0, "arc_easy": 0, "lambada_openai": 0, "my_ppl": 0},
+        "config": {"model": "hf", "limit": limit, "gen_kwargs": None},
+        "date": 1764547200.5,  # 2025-12-01, when lm-eval started
+    }
+
+
+def test_hub_benchmarks_scores_are_written_in_the_hubs_format_pushed_and_dropped_by_the_next_checkpoint(
+        tiny_run, hub, capsys):
+    out_dir, args = tiny_run
+    train(load_config([*args, "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
+    scores, written = save_results(out_dir, lm_eval_results())
+    assert written == [".eval_results/hellaswag.yaml", ".eval_results/arc_easy.yaml",
+                       ".eval_results/lambada_openai.yaml"]  # my_ppl's data are local files: no leaderboard
+    assert sorted(os.listdir(os.path.join(out_dir, ".eval_results"))) == \
+        ["arc_easy.yaml", "hellaswag.yaml", "lambada_openai.yaml"]
+    read = {}
+    for name in written:
+        with open(os.path.join(out_dir, name), encoding="utf-8") as f:
+            (read[name],) = parse_eval_result_entries(yaml.safe_load(f))  # the Hub's own reader of the format
+    hellaswag = read[".eval_results/hellaswag.yaml"]
+    assert (hellaswag.dataset_id, hellaswag.task_id, hellaswag.value) == ("Rowan/hellaswag", "hellaswag", 0.3114)
+    assert hellaswag.date == "2025-12-01T00:00:00Z" and hellaswag.notes == "acc_norm, 0-shot"
+    assert hellaswag.source_url == "https://github.com/EleutherAI/lm-evaluation-harness"
+    assert hellaswag.source_name.startswith("lm-evaluation-harness 0.4.13")  # requirements-eval.txt's
+    arc = read[".eval_results/arc_easy.yaml"]
+    assert (arc.dataset_id, arc.task_id, arc.value) == ("allenai/ai2_arc", "arc_easy", 0.3948)
+    lambada = read[".eval_results/lambada_openai.yaml"]
+    assert (lambada.dataset_id, lambada.value, lambada.notes) == ("EleutherAI/lambada_openai", 0.3256, "acc, 0-shot")
+    assert scores["my_ppl"] == {"bits_per_byte": 2.747}  # still in eval_results.json and the card
+    card = ModelCard.load(os.path.join(out_dir, "README.md"))
+    assert {r.dataset_name for r in card.data.eval_results} == {"hellaswag", "arc_easy", "lambada_openai", "my_ppl"}
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 2  # the manifest follows the card
+
+    push.main([out_dir, "someone/pushed"])
+    (upload,) = hub.uploads()
+    assert set(upload[3]) == PUBLISHED | {"eval_results.json", *written}
+    with open(os.path.join(out_dir, written[0]), "rb") as f:
+        assert upload[3][written[0]] == f.read()
+
+    # part of each benchmark is no benchmark score: none for the leaderboards, and the earlier ones go
+    save_results(out_dir, lm_eval_results(limit=100))
+    assert "note: no .eval_results/ for the Hub's leaderboards: scored on 100 examples per task" in \
+        capsys.readouterr().out
+    assert not os.path.exists(os.path.join(out_dir, ".eval_results"))
+    save_results(out_dir, lm_eval_results())
+    train(load_config(["--init_from=resume", f"--out_dir={out_dir}", "--max_iters=4", "--lr_decay_iters=4"]))
+    assert not os.path.exists(os.path.join(out_dir, ".eval_results"))  # they described the older weights
+    assert written_by_gpt_train(".eval_results")  # so overwrite_output_dir removes them with the run

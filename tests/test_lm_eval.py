@@ -49,6 +49,11 @@ def tasks(tmp_path_factory):
         "output_type: generate_until\ndoc_to_text: '{{text}}'\ndoc_to_target: 'x'\n"
         f"generation_kwargs:\n  until: ['\\n\\n']\n  max_gen_toks: {MAX_GEN_TOKS}\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
+    (folder / "gen_default.yaml").write_text(  # lm-eval's default max_gen_toks (256): 8x the tiny context
+        f"task: shakespeare_gen_default\n{common}dataset_kwargs:\n  data_files:\n    test: {folder / 'docs.jsonl'}\n"
+        "output_type: generate_until\ndoc_to_text: '{{text}}'\ndoc_to_target: 'x'\n"
+        "generation_kwargs:\n  until: ['\\n\\n']\n  do_sample: false\n"
+        "metric_list:\n  - metric: exact_match\n    aggregation: mean\n    higher_is_better: true\n")
     TASK_FOLDER[:] = [str(folder)]
     return TaskManager(include_path=str(folder))
 
@@ -115,6 +120,33 @@ def test_gpt_train_evaluate_prints_the_table_and_writes_results_beside_the_model
     assert sha256(os.path.join(folder, "model.safetensors")) == weights
 
 
+def test_a_generation_task_asking_more_tokens_than_the_context_is_capped_in_one_line(bpe_folder, tasks, tmp_path,
+                                                                                    capsys):
+    """lm-eval asserted (a traceback) where the context (32 here) is not above max_gen_toks (256 by default)."""
+    folder = str(tmp_path / "judged")
+    shutil.copytree(bpe_folder, folder)
+    judge(["shakespeare_gen_default", "shakespeare_gen"], folder, tasks)
+    out = capsys.readouterr().out
+    notes = [line for line in out.splitlines() if line.startswith("note: ")]
+    assert notes == ["note: shakespeare_gen_default would generate up to 256 tokens, past the model's context of 32: "
+                     "max_gen_toks=16 there (half the context; the prompt keeps the rest)"]
+    assert "|shakespeare_gen_default" in out and "|shakespeare_gen " in out  # the other task kept its 10 tokens
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        assert json.load(f)["gen_kwargs"] is None
+
+    judge(["shakespeare_gen"], folder, tasks, "--gen_kwargs=temperature=0,max_gen_toks=40")  # lm-eval's syntax
+    out = capsys.readouterr().out
+    assert "note: shakespeare_gen would generate up to 40 tokens, past the model's context of 32: max_gen_toks=16" in out
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        assert json.load(f)["gen_kwargs"] == {"temperature": 0, "max_gen_toks": 16}  # passed on to lm-eval
+    judge(["shakespeare_gen"], folder, tasks, "--gen_kwargs=max_gen_toks=4")
+    assert "note:" not in capsys.readouterr().out
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        assert json.load(f)["gen_kwargs"] == {"max_gen_toks": 4}
+    assert one_line(["shakespeare_gen"], folder, tasks, capsys, "--gen_kwargs=temperature").startswith(
+        "error: --gen_kwargs=temperature: ")
+
+
 def test_gpt_train_evaluate_starts_a_char_model_after_a_newline_and_refuses_its_generation(char_folder, tasks,
                                                                                           capsys):
     judge(["shakespeare_ppl"], char_folder, tasks)
@@ -158,15 +190,15 @@ def test_an_unreachable_hub_makes_datasets_read_its_cache_for_the_evaluation_alo
     assert not datasets.config.HF_HUB_OFFLINE
 
 
-def judge(task_names, folder, tasks):
+def judge(task_names, folder, tasks, *options):
     include = tasks if isinstance(tasks, str) else TASK_FOLDER[0]
     evaluate_main([folder, f"--tasks={','.join(task_names)}", "--batch_size=2", "--device=cpu",
-                   f"--include_path={include}"])
+                   f"--include_path={include}", *options])
 
 
-def one_line(task_names, folder, tasks, capsys):
+def one_line(task_names, folder, tasks, capsys, *options):
     with pytest.raises(SystemExit) as exited:
-        judge(task_names, folder, tasks)
+        judge(task_names, folder, tasks, *options)
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     return err
