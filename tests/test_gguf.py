@@ -1,7 +1,8 @@
 """Model folders as GGUF files for llama.cpp (`convert to-gguf`): read back with `gguf`, the format's
 own library, into a GPT-2 with the same logits, and a vocabulary that llama.cpp's BPE reads to the
-folder tokenizer's ids. In the full suite llama.cpp itself (built from source once, or $LLAMA_CPP_BIN)
-tokenizes and scores text as gpt-train does."""
+folder tokenizer's ids. With llama.cpp at hand ($LLAMA_CPP_BIN, an earlier build, or
+GPT_TRAIN_BUILD_LLAMA_CPP=1 to build it from source: 4-10 minutes on 2 cores, too long for every
+CI run) llama.cpp itself tokenizes and scores text as gpt-train does."""
 import json
 import math
 import os
@@ -247,13 +248,15 @@ LLAMA_CPP_TOOLS = ("llama-tokenize", "llama-perplexity")
 
 @pytest.fixture(scope="session")
 def llama_cpp_bin(tmp_path_factory):
-    """A folder with llama.cpp's llama-tokenize and llama-perplexity: $LLAMA_CPP_BIN, or built once
-    from source (about 4 minutes on 2 cores; cached between runs). Skips where it cannot be built."""
+    """A folder with llama.cpp's llama-tokenize and llama-perplexity: $LLAMA_CPP_BIN, an earlier build, or
+    built from source when GPT_TRAIN_BUILD_LLAMA_CPP=1 (cached between runs). Skips otherwise."""
     if os.environ.get("LLAMA_CPP_BIN"):
         return os.environ["LLAMA_CPP_BIN"]
     target = os.path.join(tempfile.gettempdir(), f"gpt-train-tests-{LLAMA_CPP_PYTHON.replace('==', '-')}")
     if os.path.isdir(target):
         return target
+    if os.environ.get("GPT_TRAIN_BUILD_LLAMA_CPP") != "1":
+        pytest.skip("no llama.cpp: set LLAMA_CPP_BIN to its binaries, or GPT_TRAIN_BUILD_LLAMA_CPP=1 to build it")
     if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++"))):
         pytest.skip("llama.cpp cannot be built here: cmake and a C++ compiler are needed")
     work = tmp_path_factory.mktemp("llama.cpp")
