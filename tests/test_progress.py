@@ -39,7 +39,7 @@ def test_training_shows_eta_a_summary_and_redraws_loss_png(tiny_run, capsys):
     assert "done: 20 iterations in " in summary and "(iter 0 -> 20)" in summary
     assert f"{20 * 2 * 4 * 32:,} tokens seen" in summary  # iterations x accumulation x batch x block
     assert f"best val loss {best['val/loss']:.4f} at iter {best['iter']}" in summary
-    assert re.search(r"median step [\d.]+ ms = [\d,]+ tok/s, MFU [\d.]+%", summary)
+    assert re.search(r"median step [\d.]+ ms = [\d,]+ tok/s$", summary, re.MULTILINE)  # no MFU on a CPU
     assert f"model folder: {os.path.abspath(out_dir)}" in summary
     assert f"sample from it: python sample.py --out_dir={out_dir}" in summary
     with open(os.path.join(out_dir, "loss.png"), "rb") as f:
