@@ -29,21 +29,16 @@ import shutil
 import sys
 
 import numpy
-import torch
 from huggingface_hub import EvalResult, EvalResultEntry, ModelCard, eval_result_entries_to_yaml
 from huggingface_hub import constants as hub_constants
 from huggingface_hub.utils import get_session, yaml_dump
 
 from gpt_train import run_lock
-from gpt_train.checkpoint import refresh_manifest
 from gpt_train.cli import command_parser
-from gpt_train.device import resolve_device
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
-from gpt_train.metrics import log
 from gpt_train.out_dir import (EVAL_RESULTS, HUB_EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files,
                                check_model_folder)
-from gpt_train.tokenizer import model_tokenizer
 
 HUB_PROBE_TIMEOUT_S = 5
 # The one score a benchmark's leaderboard gets: length-normalised accuracy where the task has it
@@ -95,6 +90,8 @@ def evaluate(out_dir, tasks, batch_size=8, device="cpu", limit=None, include_pat
     manager = check_tasks(tasks, include_path)
     import lm_eval
     from lm_eval.models.huggingface import HFLM
+
+    from gpt_train.tokenizer import model_tokenizer
 
     with _offline_unless_the_hub_answers():
         try:  # lm-eval's own objects, loaded once: simple_evaluate runs them with the changes made here
@@ -188,6 +185,7 @@ class Judge:
             return
         scores = accelerator.on_main_process(during_training)(self.cfg, self.folder, str(accelerator.device), keep)
         if scores:
+            from gpt_train.metrics import log  # deferred, as the module's other heavy imports (see main)
             log(accelerator, "lm_eval", iter_num, scores)
 
 
@@ -238,6 +236,7 @@ def save_results(out_dir, results):
                                   for task, metrics in scores.items() for metric, value in metrics.items()]
         with atomic_path(card_path) as tmp:
             card.save(tmp)
+        from gpt_train.checkpoint import refresh_manifest  # deferred: it imports transformers and peft
         refresh_manifest(out_dir, [MODEL_CARD])
     return scores, save_hub_results(out_dir, results, scores)
 
@@ -315,6 +314,8 @@ def _hub_answers():
 def _random_state_kept():
     """lm-eval seeds Python's, numpy's and torch's generators (for reproducible few-shot
     examples); a training run's dropout and sampling must go on as if it had not run."""
+    import torch
+
     states = random.getstate(), numpy.random.get_state()
     try:
         with torch.random.fork_rng(devices=[torch.cuda.current_device()] if torch.cuda.is_available() else []):
@@ -336,10 +337,11 @@ def main(argv=None):
     parser.add_argument("--gen_kwargs", help="generation settings for generation tasks, as lm-eval's: "
                                              "'temperature=0,max_gen_toks=32'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    check_model_folder(args.out_dir)  # mistakes first: torch, transformers and lm-eval take seconds to import
     from lm_eval.utils import make_table
 
+    from gpt_train.device import resolve_device
     device = str(resolve_device(args.device))
-    check_model_folder(args.out_dir)
     with run_lock.hold(args.out_dir):  # it writes into the folder: never beside a training run
         results = evaluate(args.out_dir, task_names(args.tasks), args.batch_size, device, args.limit,
                            args.include_path, args.gen_kwargs)

@@ -8,7 +8,8 @@ end-of-text, into contiguous blocks, as the preparers write them. The first
 `stream_val_documents` documents of the stream are the validation set, the same on every
 process and never trained on (they are recognised by content, whichever shard holds them); the
 next as many are the sample the "train" loss is estimated on. Both are tokenized once at the
-start and evaluated through the BlockSampler as bins are.
+start and evaluated through the BlockSampler as bins are. Training batches are tokenized by a
+thread of each process, about two steps ahead of the loop.
 
 A checkpoint saves each process's place: `IterableDataset.state_dict()` as of the last document
 read, plus the tokens read but not yet trained on, in training_state/stream-<process>.json. A
@@ -22,6 +23,8 @@ import hashlib
 import itertools
 import json
 import os
+import queue
+import threading
 
 import numpy as np
 import torch
@@ -33,6 +36,7 @@ from gpt_train.prepare import local_files, loader_for
 
 STATE_FILE = "stream-{process}.json"
 DOCUMENTS_PER_READ = 16  # documents tokenized together: fewer calls, a small unread remainder to save
+QUEUE_POLL_S = 0.1  # how soon a closed stream's producer notices
 
 
 class HeldOutBins(TokenBins):
@@ -94,7 +98,8 @@ class TokenStream:
                                 "stream_val_documents or lower block_size")
         self.epoch, self.tokens = 0, np.zeros(0, dtype=np.int64)
         self._open(None)
-        self._state = self._snapshot()
+        self._state = self._last = self._snapshot()
+        self._thread, self._queue, self._closed = None, None, threading.Event()
 
     def _open(self, dataset_state):
         from datasets.distributed import split_dataset_by_node
@@ -117,42 +122,82 @@ class TokenStream:
             self.tokens = np.concatenate([self.tokens, self._encode(texts)])
         return True
 
-    def iteration(self, micro_steps):
-        """The (x, y) micro-batches of this process for one optimizer step, or None where the stream
-        ended (with stream_repeat=True it starts over instead)."""
-        self._state = self._snapshot()
-        step_tokens = micro_steps * self.rows * self.block_size
-        while len(self.tokens) < step_tokens + 1:
+    def _next_batch(self):
+        """One (x, y) micro-batch off the stream, or None at its end (with stream_repeat=True it starts
+        over instead). Only the producer thread calls it once that runs."""
+        tokens, epoch_started = self.rows * self.block_size, self.epoch
+        while len(self.tokens) < tokens + 1:
             if self._read():
                 continue
             if not self.cfg.stream_repeat:
                 return None
-            if self._state["epoch"] < self.epoch:  # a whole pass added nothing: the stream is empty here
+            if self.epoch > epoch_started:  # a whole pass added too little: it never will
                 raise UserError(f"process {self.process}'s part of {self.cfg.stream_from} holds too little text for "
-                                "one step: stream more documents or use fewer processes")
+                                "one micro-batch: stream more documents or use fewer processes")
             self.epoch += 1
             self._open(None)
-        chunk, self.tokens = torch.from_numpy(self.tokens[:step_tokens + 1]), self.tokens[step_tokens:]
-        batches = []
-        for start in range(0, step_tokens, self.rows * self.block_size):
-            rows = chunk[start:start + self.rows * self.block_size + 1]
-            x = rows[:-1].view(self.rows, self.block_size)
-            y = rows[1:].view(self.rows, self.block_size)
-            batches.append((to_device(x, self.device), to_device(y, self.device)))
-        return batches
+        rows, self.tokens = torch.from_numpy(self.tokens[:tokens + 1]), self.tokens[tokens:]
+        return rows[:-1].view(self.rows, self.block_size), rows[1:].view(self.rows, self.block_size)
 
     def _snapshot(self):
-        return {"epoch": self.epoch, "dataset": copy.deepcopy(self.dataset.state_dict()),
-                "tokens": self.tokens.tolist()}
+        return {"epoch": self.epoch, "dataset": copy.deepcopy(self.dataset.state_dict()), "tokens": self.tokens.copy()}
+
+    def _produce(self):
+        """The producer thread: micro-batches into the queue, each with the stream's place after it,
+        until the stream ends or the run closes it. Tokenizing (tiktoken, tokenizers) releases the
+        GIL, so it runs beside the loop instead of between its steps."""
+        try:
+            while not self._closed.is_set():
+                batch = self._next_batch()
+                self._put((batch, self._snapshot() if batch else None))
+                if batch is None:
+                    return
+        except BaseException as e:  # raised in the loop's thread, where it can stop the run
+            self._put((e, None))
+
+    def _put(self, item):
+        while not self._closed.is_set():
+            try:
+                return self._queue.put(item, timeout=QUEUE_POLL_S)
+            except queue.Full:
+                continue
+
+    def iteration(self, micro_steps):
+        """This process's (x, y) micro-batches for one optimizer step, or None where the stream ended
+        first. A producer thread keeps about two steps' batches ready."""
+        if self._thread is None:
+            self._queue = queue.Queue(maxsize=2 * micro_steps)
+            self._thread = threading.Thread(target=self._produce, name="gpt-train stream", daemon=True)
+            self._thread.start()
+        self._state = self._last  # the place before this step's first batch
+        batches = []
+        for _ in range(micro_steps):
+            batch, after = self._queue.get()
+            if isinstance(batch, BaseException):
+                raise batch
+            if batch is None:
+                self._queue.put((None, None))  # the end stays the end for a later call
+                return None
+            self._last = after
+            batches.append(tuple(to_device(t, self.device) for t in batch))
+        return batches
 
     def state(self):
-        """This process's place as of the start of the step last taken (the loop reads one ahead)."""
-        return self._state
+        """This process's place as of the start of the step last taken (the loop reads one ahead),
+        as JSON."""
+        return {**self._state, "tokens": self._state["tokens"].tolist()}
 
     def load_state(self, state):
+        assert self._thread is None, "the stream's place is restored before it starts"
         self.epoch, self.tokens = state["epoch"], np.array(state["tokens"], dtype=np.int64)
         self._open(state["dataset"])
-        self._state = self._snapshot()
+        self._state = self._last = self._snapshot()
+
+    def close(self):
+        """Stop the producer thread (the run is over): it would hold the stream open."""
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def stream_codec(cfg, folder):

@@ -443,6 +443,8 @@ def fit(run):
             acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                       "continue with --init_from=resume")
             break
+    if run.stream:
+        run.stream.close()
     if run.writes:
         progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
