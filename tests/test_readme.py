@@ -1,4 +1,5 @@
-"""The README's commands stay true: every script, preset, module and setting they name exists.
+"""The README's and docs/'s commands stay true: every script, preset, module and setting they name
+exists; and no figure is stated twice with two values.
 
 Running them all would take hours (OpenWebText, 8 GPUs); resolving each one's settings through
 the same loader the scripts use catches what goes stale: a renamed setting, a moved preset, a
@@ -20,9 +21,19 @@ from gpt_train.sample import SampleConfig
 SCRIPT_SETTINGS = {"train.py": TrainConfig, "sample.py": SampleConfig, "bench.py": BenchConfig}
 
 
+DOCUMENTS = ["README.md", *sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")))]
+
+
+def documentation():
+    texts = {}
+    for name in DOCUMENTS:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            texts[name] = f.read()
+    return texts
+
+
 def readme_commands():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+    text = "\n".join(documentation().values())
     blocks = re.findall(r"```sh\n(.*?)```", text, flags=re.S)
     commands = []
     for block in blocks:
@@ -78,3 +89,23 @@ def test_readme_command_names_real_files_and_valid_settings(words):
         load_config(presets_present, settings)
     finally:
         os.chdir(cwd)
+
+
+# The figures a reader checks first, each by a pattern that finds every statement of it.
+FIGURES = {
+    "the quick start's val loss at iteration 2000": r"val loss at iter(?:ation)? 2000[^|\n]*\| (?:\*\*)?(\d\.\d+)",
+    "the quick start's val loss over its own 500 eval batches": r"(\d\.\d+) over the run's own 500 eval batches",
+    "lm-eval's bits per byte on the quick start's model": r"rolling `bits_per_byte` over the first 200[^.]*?is (\d\.\d+)",
+    "GPT-2 124M's tokens/s on one H200": r"GPT-2 124M[^\n]*?(\d{3},\d{3}) tokens/s",
+    "the OpenWebText preparer against nanoGPT's recipe": r"OpenWebText preparer[^\n]*?\b(\d\.\d+)x faster",
+    "the speedrun's share of the recipe's wall time": r"\*\*(0\.\d+)x\*\* the recipe's wall time|speedrun[^|\n]*\| (0\.\d+)x \|",
+}
+
+
+@pytest.mark.parametrize("name", FIGURES)
+def test_a_figure_stated_in_several_places_has_one_value(name):
+    found = {}
+    for document, text in documentation().items():
+        for match in re.finditer(FIGURES[name], text):
+            found.setdefault(next(g for g in match.groups() if g), []).append(document)
+    assert len(found) == 1, f"{name}: {found}"

@@ -3,6 +3,7 @@ each process its own documents, the val documents never trained on, exact resume
 on one and two processes, the stream's end, and one-line refusals."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,7 +104,8 @@ def test_a_streamed_run_resumes_exactly_after_a_kill(corpus, tmp_path, source, p
     proc.wait()
     resumed = subprocess.run([*launch, *common, f"--out_dir={killed}", "--init_from=resume"], cwd=ROOT, env=env,
                              text=True, capture_output=True, check=True)
-    assert "resuming from iteration 8" in resumed.stdout
+    # a checkpoint every 4 iterations: which one the kill left depends on how far the launcher's relayed output lags
+    assert int(re.search(r"resuming from iteration (\d+)", resumed.stdout).group(1)) in (8, 12)
     assert sorted(n for n in os.listdir(os.path.join(killed, "training_state")) if n.startswith("stream-")) == \
         [f"stream-{i}.json" for i in range(processes)]
     losses = {e["iter"]: e["train/step_loss"] for e in read_metrics(killed, "train")}
