@@ -1,12 +1,13 @@
-"""The README's commands, run as a new user runs them: in a fresh copy of the repository, in the
-README's order, exactly as written, with settings appended only to make training runs short. The
-commands on your own data (my_corpus.txt) share no file with the others and run beside them.
+"""The README's and docs/'s commands, run as a new user runs them: in a fresh copy of the
+repository, in order (the README, then each docs page), exactly as written, with settings
+appended only to make training runs short. The commands on your own data (my_corpus.txt and the
+like) and the chat chain share no file with the others and run beside them.
 
-Every command in the sections a newcomer follows (the quick start, usage patterns, scaling out,
-installing the commands) is listed in PLAN with what it needs here: the settings appended, or why
-it cannot run on a CPU machine without network. A command added to those sections and not to
-PLAN fails the test, so the README cannot grow commands nobody ran.
+Every command of the README and of docs/ is listed in PLAN with what it needs here: the settings
+appended, or why it cannot run on a CPU machine without network. A command added to them and
+not to PLAN fails the test, so the documentation cannot grow commands nobody ran.
 """
+import json
 import os
 import re
 import shlex
@@ -16,6 +17,8 @@ import sys
 import threading
 import tomllib
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from conftest import ACCELERATE, ROOT, free_port
@@ -23,7 +26,7 @@ from gpt_train.checkpoint import RUN_CONFIG
 
 pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
 
-SECTIONS = ("Quick start", "Usage patterns", "Scaling out with accelerate launch", "Installing the commands")
+DOCUMENTS = ["README.md", *sorted(os.path.join("docs", name) for name in os.listdir(os.path.join(ROOT, "docs")))]
 SHORT_TRAINING = ["--max_iters=20", "--lr_decay_iters=20", "--eval_interval=10", "--eval_iters=2"]
 SHORT_SAMPLING = ["--max_new_tokens=20"]
 NO_COMPILE = ["--compile=False"]  # the GPU presets compile; on a CPU that costs ~30 s a run
@@ -34,26 +37,106 @@ class Skip(str):
 
 
 PLAN = {
+    # README.md
     "pip install -r requirements.txt": Skip("installs the environment these tests run in"),
     "python data_prep/shakespeare_char/prepare.py": [],
-    "python train.py configs/train_shakespeare_char_cpu.py": SHORT_TRAINING,
+    "python train.py configs/train_shakespeare_char_cpu.py --resume_from_checkpoint=True": SHORT_TRAINING,
     "python sample.py --out_dir=out-shakespeare-char": SHORT_SAMPLING,
     "pip install -r requirements-dev.txt": Skip("installs the environment these tests run in"),
     "python -m pytest -q": Skip("this test suite"),
-    "python sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=200": [],
     "python data_prep/openwebtext/prepare.py --num_proc=16": Skip("downloads OpenWebText (54 GB)"),
     "accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py "
     "--wandb_run_name=gpt2-124M-short --max_iters=100000 --lr_decay_iters=100000": Skip("needs 8 GPUs"),
+    "python sample.py --out_dir=out-shakespeare-char --num_samples=3 --max_new_tokens=200": [],
+    "python -c \"from transformers import pipeline; print(pipeline('text-generation', model='out-shakespeare-char')"
+    "('ROMEO:', max_length=56))\"": [],
     "python data_prep/custom/prepare.py --source=my_corpus.txt --name=mine": [],
     "python train.py configs/finetune_shakespeare.py --dataset=mine --init_from=gpt2 --out_dir=out-mine":
         ["--max_iters=2", "--gradient_accumulation_steps=2", "--eval_iters=2", *NO_COMPILE],
     'python sample.py --out_dir=out-mine --start="Once upon a time"': SHORT_SAMPLING,
     "python train.py configs/eval_gpt2.py": ["--eval_iters=2", *NO_COMPILE],
-    "accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/eval_gpt2_xl.py":
-        Skip("needs 8 GPUs"),
+    "python -m gpt_train.evaluate out-shakespeare-char --tasks=shakespeare_val --include_path=lm_eval_tasks": [],
     "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train.py "
     "configs/train_shakespeare_char_cpu.py --gradient_accumulation_steps=2 --batch_size=6 --out_dir=out-ddp":
         SHORT_TRAINING,
+    "python train.py configs/train_shakespeare_char_cpu.py --out_dir=out-logged --report_to=tensorboard "
+    "--max_iters=200": SHORT_TRAINING,
+    "python -m gpt_train.convert to-gguf out-shakespeare-char": [],
+    "python train.py --help": [],
+    "python train.py configs/train_shakespeare_char.py --max_iters=1000 --out_dir=out-my-run --print_config > "
+    "my_run.py": [],
+    "python train.py my_run.py": [*SHORT_TRAINING, *NO_COMPILE],
+    "pip install -e .": Skip("console commands are run through their pyproject.toml entry points instead"),
+    "gpt-prepare shakespeare_char": [],
+    "gpt-train configs/train_shakespeare_char_cpu.py --out_dir=out-installed": SHORT_TRAINING,
+    "gpt-sample --out_dir=out-installed": SHORT_SAMPLING,
+    "gpt-bench configs/train_shakespeare_char_cpu.py --bench_iters=20": ["--bench_warmup=2"],
+    # docs/benchmarks.md
+    "python bench.py configs/train_shakespeare_char_cpu.py --bench_iters=50": ["--bench_warmup=2"],
+    "python bench.py configs/train_gpt2.py --dataset=openwebtext": Skip("needs OpenWebText (54 GB) and a GPU"),
+    # docs/clients.md
+    "python -m gpt_train.convert upgrade out-shakespeare-char": [],
+    "lm_eval --model hf --model_args pretrained=out-bpe --tasks hellaswag --device cpu":
+        Skip("a BPE model of your own, and HellaSwag from the Hub"),
+    "lm_eval --model hf --model_args pretrained=out-shakespeare-char,prefix_token_id=0 --include_path lm_eval_tasks "
+    "--tasks shakespeare_val": ["--limit", "20"],
+    "python -m gpt_train.evaluate out-gpt2 --tasks=hellaswag,arc_easy,piqa,lambada_openai --batch_size=16":
+        Skip("a GPT-2 folder of your own, and its tasks' data from the Hub"),
+    "gpt-eval out-shakespeare-char --tasks=shakespeare_val --include_path=lm_eval_tasks --limit=100": [],
+    "gpt-eval out-bpe --tasks=my_generation --include_path=my_tasks --gen_kwargs=temperature=0,max_gen_toks=32":
+        Skip("a BPE model and a generation task of your own (tests/test_lm_eval.py runs one)"),
+    "python -m gpt_train.convert to-gguf out-bpe model.gguf --outtype=q8_0":
+        Skip("a BPE model of your own (tests/test_gguf.py converts one)"),
+    # docs/configuration.md
+    "python train.py configs/train_shakespeare_char.py --per_device_train_batch_size=32 --max_steps=2000":
+        ["--print_config"],  # a GPU run, its 2000 steps spelled --max_steps: resolved only
+    # docs/data.md
+    "python train.py configs/train_gpt2.py --stream_from=HuggingFaceFW/fineweb-edu --stream_subset=sample-10BT":
+        Skip("streams FineWeb-Edu from the Hub (tests/test_stream.py streams local files)"),
+    "python train.py configs/train_gpt2.py --stream_from='/data/fineweb/*.parquet'":
+        Skip("FineWeb's parquet files on your disk (tests/test_stream.py streams files it writes)"),
+    "python data_prep/custom/prepare.py --source=my_book.txt": [],
+    "python data_prep/custom/prepare.py --source='logs/*.jsonl' --text_column=body --name=logs": [],
+    "python data_prep/custom/prepare.py --source=notes.parquet --tokenizer=char --val_fraction=0.05": [],
+    "python data_prep/custom/prepare.py --source='wiki_fr/*.txt' --tokenizer=bpe --vocab_size=8192": [],
+    "python data_prep/custom/prepare.py --source=roneneldan/TinyStories --val_fraction=0.01":
+        Skip("downloads TinyStories from the Hub"),
+    "python train.py --dataset=my_book --init_from=gpt2 ...": Skip("a sketch: '...' stands for your settings"),
+    # docs/evaluation.md
+    "python train.py configs/train_gpt2.py --lm_eval_tasks=hellaswag --lm_eval_limit=1000":
+        Skip("needs OpenWebText, a GPU and HellaSwag from the Hub"),
+    # docs/fine-tuning.md
+    "python train.py configs/finetune_shakespeare_lora.py":
+        Skip("gpt2-xl from the Hub (tests/test_lora.py runs this preset on a cached stand-in)"),
+    "python data_prep/chat/prepare.py --source=data_prep/chat/tiny_chats.jsonl --tokenizer_from=gpt2": [],
+    "python train.py configs/finetune_chat.py": ["--max_iters=4", "--eval_interval=2", "--eval_iters=2",
+                                                 "--block_size=64"],  # the stand-in gpt2's context
+    'echo "What is 7 plus 5?" | python sample.py --out_dir=out-chat --chat': SHORT_SAMPLING,
+    # docs/hub.md
+    "hf auth login": Skip("the Hub (tests/test_hub.py pushes to a stand-in)"),
+    "python train.py configs/train_shakespeare_char.py --push_to_hub=True --hub_model_id=you/shakespeare-char":
+        Skip("the Hub"),
+    "python -m gpt_train.push out-shakespeare-char you/shakespeare-char [--private]": Skip("the Hub"),
+    # docs/logging.md
+    "python -m gpt_train.plot out-shakespeare-char": [],
+    "python -m gpt_train.plot out-a out-b out-c --output=compare.png": Skip("three runs of your own"),
+    "python -m gpt_train.plot out-char out-bpe --bits_per_byte": Skip("a char and a BPE run of your own"),
+    "python train.py configs/train_shakespeare_char_cpu.py --out_dir=out-logged --report_to=tensorboard,trackio":
+        Skip("the README's TensorBoard run already holds out-logged (tests/test_trackers.py runs both)"),
+    "tensorboard --logdir out-logged/runs": Skip("a server"),
+    "trackio show --project shakespeare-char": Skip("a server"),
+    "WANDB_MODE=offline python train.py configs/train_shakespeare_char_cpu.py --out_dir=out-wandb --wandb_log=True":
+        SHORT_TRAINING,
+    "wandb sync wandb/offline-run-*": Skip("uploads to wandb's servers"),
+    # docs/nanogpt.md
+    "python -m gpt_train.convert from-nanogpt ../nanoGPT/out-shakespeare-char/ckpt.pt hf-shakespeare-char "
+    "--meta=data/shakespeare_char": Skip("a nanoGPT checkpoint (tests/test_convert.py converts one it makes)"),
+    "python -m gpt_train.convert to-nanogpt hf-shakespeare-char ../nanoGPT/out-converted/ckpt.pt":
+        Skip("follows from-nanogpt (tests/test_convert.py runs both ways)"),
+    # docs/sampling.md
+    'python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200': [],
+    "python sample.py --init_from=gpt2-xl --start=FILE:prompt.txt --top_p=0.9": SHORT_SAMPLING,
+    # docs/scaling.md
     "accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py":
         Skip("needs 8 GPUs"),
     "accelerate launch --config_file accelerate_configs/2x8xa100.yaml --machine_rank 0 --main_process_ip 10.0.0.1 "
@@ -63,23 +146,18 @@ PLAN = {
     "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 accelerate launch --config_file accelerate_configs/2x8xa100.yaml "
     "--main_process_ip 10.0.0.1 --rdzv_backend c10d --max_restarts=3 train.py configs/train_gpt2.py "
     "--gradient_accumulation_steps=32 --batch_size=15": Skip("needs two 8-GPU nodes"),
-    "pip install -e .": Skip("console commands are run through their pyproject.toml entry points instead"),
-    "gpt-prepare shakespeare_char": [],
-    "gpt-train configs/train_shakespeare_char_cpu.py --overwrite_output_dir=True": SHORT_TRAINING,
-    "gpt-sample --out_dir=out-shakespeare-char": SHORT_SAMPLING,
-    "gpt-bench configs/train_shakespeare_char_cpu.py --bench_iters=20": ["--bench_warmup=2"],
+    # docs/time-to-target.md
+    "python train.py configs/speedrun_shakespeare_char_cpu.py": ["--max_iters=20", "--eval_iters=2"],
 }
 
 
-def readme_section_commands():
-    """Each shell command of the SECTIONS' code blocks, in README order ('\\' continuations joined)."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
+def documented_commands():
+    """Each shell command of the README's and docs/'s code blocks, in order ('\\' continuations joined)."""
     commands = []
-    for section in re.split(r"^## ", text, flags=re.M)[1:]:
-        if not section.startswith(SECTIONS):
-            continue
-        for block in re.findall(r"```sh\n(.*?)```", section, flags=re.S):
+    for name in DOCUMENTS:
+        with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+            text = f.read()
+        for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S):
             for line in block.replace("\\\n", " ").splitlines():
                 line = re.sub(r"\s+#.*$", "", line).strip()
                 if line and not line.startswith("#"):
@@ -87,8 +165,8 @@ def readme_section_commands():
     return commands
 
 
-def test_every_readme_command_of_the_walk_is_planned():
-    commands = readme_section_commands()
+def test_every_documented_command_is_planned():
+    commands = documented_commands()
     assert set(commands) == set(PLAN), (set(commands) ^ set(PLAN))
 
 
@@ -105,11 +183,24 @@ def fresh_clone(tmp_path, tiny_gpt2):
             os.makedirs(clone / os.path.dirname(name), exist_ok=True)
             shutil.copy2(os.path.join(ROOT, name), clone / name)
     with open(clone / "data_prep" / "tinyshakespeare" / "input.txt", encoding="utf-8") as f:
-        (clone / "my_corpus.txt").write_text(f.read()[:200_000])
-    snapshot = tmp_path / "hub" / "models--openai-community--gpt2"
-    shutil.copytree(tiny_gpt2, snapshot / "snapshots" / "0123abc")
-    (snapshot / "refs").mkdir()
-    (snapshot / "refs" / "main").write_text("0123abc")
+        text = f.read()
+    (clone / "my_corpus.txt").write_text(text[:200_000])
+    # the files the docs' own-data examples name
+    (clone / "my_book.txt").write_text(text[200_000:400_000])
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    (clone / "logs").mkdir()
+    for i in range(2):
+        (clone / "logs" / f"day{i}.jsonl").write_text("".join(json.dumps({"body": p}) + "\n" for p in paragraphs[i::2]))
+    pq.write_table(pa.table({"text": paragraphs[:3000]}), clone / "notes.parquet")
+    (clone / "wiki_fr").mkdir()
+    for i in range(2):
+        (clone / "wiki_fr" / f"page{i}.txt").write_text("\n\n".join(paragraphs[i * 1000:(i + 1) * 1000]))
+    (clone / "prompt.txt").write_text("ROMEO:")
+    for name in ("gpt2", "gpt2-xl"):  # stand-ins in the HF cache: no network here
+        snapshot = tmp_path / "hub" / f"models--openai-community--{name}"
+        shutil.copytree(tiny_gpt2, snapshot / "snapshots" / "0123abc")
+        (snapshot / "refs").mkdir()
+        (snapshot / "refs" / "main").write_text("0123abc")
     return clone
 
 
@@ -121,7 +212,17 @@ def console_script(name):
 
 
 def run(command, clone, env):
-    words = shlex.split(command) + PLAN[command]
+    """The command as a shell would run it: VAR=value prefixes, `echo TEXT | ...`, `> FILE`; the plan's
+    settings go before any redirection."""
+    stdin, rest = None, command
+    if rest.startswith("echo ") and " | " in rest:
+        echo, rest = rest.split(" | ", 1)
+        stdin = shlex.split(echo)[1] + "\n"
+    words = shlex.split(rest)
+    output = None
+    if ">" in words:
+        words, output = words[:words.index(">")], words[words.index(">") + 1]
+    words += PLAN[command]
     extra_env = {}
     while "=" in words[0]:
         key, _, value = words.pop(0).partition("=")
@@ -132,19 +233,26 @@ def run(command, clone, env):
         words[0:2] = [ACCELERATE, "launch", "--main_process_port", free_port()]
     elif words[0].startswith("gpt-"):
         words[0:1] = console_script(words[0])
-    return subprocess.run(words, cwd=clone, env={**env, **extra_env}, capture_output=True, text=True, timeout=600)
+    elif words[0] == "lm_eval":
+        words[0] = os.path.join(os.path.dirname(sys.executable), "lm_eval")
+    result = subprocess.run(words, cwd=clone, env={**env, **extra_env}, capture_output=True, text=True, timeout=600,
+                            input=stdin)
+    if output:
+        (clone / output).write_text(result.stdout)
+    return result
 
 
 def own_data(command):
     """Whether a command belongs to the "your own data" chain: it shares no file with the others."""
-    return "mine" in command or "my_corpus" in command or "eval_gpt2.py" in command
+    return any(name in command for name in ("mine", "my_corpus", "eval_gpt2.py", "my_book", "logs/", "notes.parquet",
+                                            "wiki_fr", "chat", "gpt2-xl"))
 
 
 def test_the_readme_walk(fresh_clone, tmp_path):
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "HF_ENDPOINT": "http://127.0.0.1:9", "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
            "OMP_NUM_THREADS": "1"}
-    commands = list(dict.fromkeys(c for c in readme_section_commands() if not isinstance(PLAN[c], Skip)))
+    commands = list(dict.fromkeys(c for c in documented_commands() if not isinstance(PLAN[c], Skip)))
     # the CPU laptop pattern repeats the quick start's commands: they run once. The two chains
     # share no file, so they run side by side (one thread each, on the 2-core machine), each in
     # README order.
@@ -187,8 +295,17 @@ def check_output(command, result, clone):
         assert not (clone / "out").exists()  # an evaluation writes nothing
     if command.startswith("gpt-bench"):
         assert "ms/iter (median of 20)" in result.stdout
-    if command.startswith("gpt-train"):  # the re-run replaced the quick start's run: its log is one run's
-        with open(clone / "out-shakespeare-char" / "metrics.jsonl", encoding="utf-8") as f:
+    if command.startswith("gpt-train"):  # its own folder, beside the quick start's
+        with open(clone / "out-installed" / "metrics.jsonl", encoding="utf-8") as f:
             evals = [line for line in f if '"event": "eval"' in line]
-        assert len(evals) == 3  # iterations 0, 10, 20: nothing of the earlier run left in it
-        assert (clone / "out-shakespeare-char" / RUN_CONFIG).is_file()
+        assert len(evals) == 3  # iterations 0, 10, 20
+        assert (clone / "out-installed" / RUN_CONFIG).is_file()
+    if "--print_config > my_run.py" in command:
+        assert "max_iters = 1000" in (clone / "my_run.py").read_text()
+    if "shakespeare_val" in command:
+        assert "bits_per_byte" in result.stdout and "Warning" not in result.stderr, result.stderr[-2000:]
+    if "--report_to=tensorboard" in command:
+        assert any(name.startswith("events.out.tfevents") for _, _, files in os.walk(clone / "out-logged" / "runs")
+                   for name in files)
+    if command.startswith("echo"):  # a chat turn answered
+        assert result.stdout.strip(), result.stderr[-2000:]
