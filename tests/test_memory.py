@@ -84,8 +84,8 @@ def test_the_estimate_is_said_at_the_start_on_a_gpu_only(tiny_run, capsys):
 
 
 
-def test_the_readmes_memory_figures_are_the_estimates():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+def test_the_documented_memory_figures_are_the_estimates():
+    with open(os.path.join(ROOT, "docs", "fine-tuning.md"), encoding="utf-8") as f:
         readme = f.read()
     table = readme.split("| settings | estimated peak |\n| --- | --- |\n")[1].split("\n\n")[0]
     for row in table.splitlines():
