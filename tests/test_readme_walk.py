@@ -65,7 +65,8 @@ PLAN = {
     "python train.py --help": [],
     "python train.py configs/train_shakespeare_char.py --max_iters=1000 --out_dir=out-my-run --print_config > "
     "my_run.py": [],
-    "python train.py my_run.py": [*SHORT_TRAINING, *NO_COMPILE],
+    "python train.py my_run.py": ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--batch_size=8",
+                                  *NO_COMPILE],  # the GPU preset's 6 x 384 model: a few small steps
     "pip install -e .": Skip("console commands are run through their pyproject.toml entry points instead"),
     "gpt-prepare shakespeare_char": [],
     "gpt-train configs/train_shakespeare_char_cpu.py --out_dir=out-installed": SHORT_TRAINING,
@@ -82,7 +83,6 @@ PLAN = {
     "--tasks shakespeare_val": ["--limit", "20"],
     "python -m gpt_train.evaluate out-gpt2 --tasks=hellaswag,arc_easy,piqa,lambada_openai --batch_size=16":
         Skip("a GPT-2 folder of your own, and its tasks' data from the Hub"),
-    "gpt-eval out-shakespeare-char --tasks=shakespeare_val --include_path=lm_eval_tasks --limit=100": [],
     "gpt-eval out-bpe --tasks=my_generation --include_path=my_tasks --gen_kwargs=temperature=0,max_gen_toks=32":
         Skip("a BPE model and a generation task of your own (tests/test_lm_eval.py runs one)"),
     "python -m gpt_train.convert to-gguf out-bpe model.gguf --outtype=q8_0":
