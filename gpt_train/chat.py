@@ -48,6 +48,7 @@ class ChatConfig:
                               "or a Hub dataset name")
     tokenizer_from: str = setting("", "the model to fine-tune (a model folder, gpt2*, or a Hub id): its tokenizer "
                                       "encodes the conversations")
+    subset: str = setting("", "the Hub dataset's configuration, if it has several")
     name: str = setting("", "dataset name, written to data/<name>; empty means the source's name")
     out_dir: str = setting("", "output folder; empty means data/<name>")
     messages_column: str = setting("messages", "column holding each conversation's list of {role, content}")

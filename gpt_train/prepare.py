@@ -200,22 +200,31 @@ def _default_name(source, files):
     return source.rstrip("/").split("/")[-1]
 
 
-def _load(cfg, files):
+def load_data(source, subset, files, **options):
+    """datasets' `load_dataset` of a source: `files` (local) by their kind, else the Hub id and its
+    subset; its train split, streamed with streaming=True. Its errors are the caller's to word."""
     from datasets import load_dataset  # deferred (~2 s): `gpt-prepare --help` and convert's meta.pkl need none
 
     if files:
         kind = loader_for(files)
         # A .txt file is one document (a book, a play), not one document per line.
-        options = {"sample_by": "document"} if kind == "text" else {}
-        try:
-            return load_dataset(kind, data_files=files, split="train", **options)
-        except Exception as e:  # malformed json/parquet: name the file problem in one line
+        return load_dataset(kind, data_files=files, split="train", **options,
+                            **({"sample_by": "document"} if kind == "text" else {}))
+    hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
+    return load_dataset(source, subset or None, split="train", **options)
+
+
+def _load(cfg, files):
+    try:
+        return load_data(cfg.source, cfg.subset, files, **({} if files else {"num_proc": cfg.num_proc}))
+    except UserError:
+        raise
+    except Exception as e:
+        if files:  # malformed json/parquet: name the file problem in one line
+            kind = loader_for(files)
             raise UserError(f"could not read {cfg.source} as {kind}: "
                             f"{_first_bad_file(files, kind) or first_line(e)}") from None
-    hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
-    try:
-        return load_dataset(cfg.source, cfg.subset or None, split="train", num_proc=cfg.num_proc)
-    except Exception as e:  # no network, unknown name, gated dataset: all end here
+        # no network, unknown name, gated dataset: all end here
         subset = f" (subset {cfg.subset!r})" if cfg.subset else ""
         raise UserError(f"could not load the Hub dataset {cfg.source!r}{subset} ({first_line(e)}); check the name, "
                         "the subset and the network, or pass local files with --source=PATH") from None

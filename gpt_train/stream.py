@@ -18,7 +18,6 @@ would have.
 
 Not here: prepared bins (gpt_train.data), the loop that takes the batches (gpt_train.train).
 """
-import copy
 import hashlib
 import itertools
 import json
@@ -28,11 +27,10 @@ import threading
 
 import numpy as np
 import torch
-from huggingface_hub.utils import logging as hub_logging
 
 from gpt_train.data import TokenBins, to_device
 from gpt_train.errors import UserError, first_line
-from gpt_train.prepare import local_files, loader_for
+from gpt_train.prepare import load_data, local_files
 
 STATE_FILE = "stream-{process}.json"
 DOCUMENTS_PER_READ = 16  # documents tokenized together: fewer calls, a small unread remainder to save
@@ -52,19 +50,10 @@ class HeldOutBins(TokenBins):
 
 def open_stream(cfg):
     """The stream cfg.stream_from names, its text column alone, or a one-line error."""
-    from datasets import load_dataset  # deferred (~2 s), as in the preparers
-
-    files = local_files(cfg.stream_from)
-    hub_logging.set_verbosity_error()  # its retry warnings would bury the one-line error
     try:
-        if files:
-            kind = loader_for(files)
-            options = {"sample_by": "document"} if kind == "text" else {}
-            stream = load_dataset(kind, data_files=files, split="train", streaming=True, **options)
-        else:
-            stream = load_dataset(cfg.stream_from, cfg.stream_subset or None, split="train", streaming=True)
-        columns = stream.column_names or list(next(iter(stream)))  # some Hub streams name them only when read
-    except (UserError, StopIteration):
+        stream = load_data(cfg.stream_from, cfg.stream_subset, local_files(cfg.stream_from), streaming=True)
+        columns = stream.column_names or list(next(iter(stream), {}))  # some Hub streams name them only when read
+    except UserError:
         raise
     except Exception as e:  # no network, an unknown id or subset, a malformed file: all end here
         raise UserError(f"could not stream {cfg.stream_from!r}{_subset(cfg)} ({first_line(e)}): check the name, the "
@@ -140,7 +129,8 @@ class TokenStream:
         return rows[:-1].view(self.rows, self.block_size), rows[1:].view(self.rows, self.block_size)
 
     def _snapshot(self):
-        return {"epoch": self.epoch, "dataset": copy.deepcopy(self.dataset.state_dict()), "tokens": self.tokens.copy()}
+        # state_dict() is a copy already; the tokens array is only ever replaced, never written to
+        return {"epoch": self.epoch, "dataset": self.dataset.state_dict(), "tokens": self.tokens}
 
     def _produce(self):
         """The producer thread: micro-batches into the queue, each with the stream's place after it,
