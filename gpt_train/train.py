@@ -443,8 +443,6 @@ def fit(run):
             acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                       "continue with --init_from=resume")
             break
-    if run.stream:
-        run.stream.close()
     if run.writes:
         progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
@@ -510,6 +508,8 @@ def train(cfg):
                 raise
             raise UserError(f"{why}: {last_checkpoint_note(run.cfg.out_dir)}") from None
         finally:
+            if run.stream:
+                run.stream.close()  # its producer thread, also when the run failed
             if run.lock:
                 run.lock.release()  # the process's end would too; in-process callers need it now
 
