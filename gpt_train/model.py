@@ -12,6 +12,7 @@ and resuming (gpt_train.checkpoint).
 """
 import json
 import os
+import re
 
 import torch
 from huggingface_hub import snapshot_download
@@ -26,10 +27,17 @@ from gpt_train.errors import UserError, first_line
 VOCAB_MULTIPLE = 64  # vocabularies rounded up to a multiple of it, as nanoGPT does for GPT-2: faster matmuls
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257, so rounded
 
-# Peak dense bf16 FLOP/s for MFU. Anything unrecognised (CPU included) is measured against the
-# A100, as nanoGPT does, so numbers stay comparable with its logs.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
-DEFAULT_PEAK_FLOPS = PEAK_FLOPS["A100"]
+# Peak dense (not 2:4 sparse) bf16 tensor FLOP/s with float32 accumulation, from NVIDIA's data
+# sheets, for MFU: (a word of torch.cuda.get_device_name, compute capability, FLOP/s). The first
+# match wins, so a card's variants come before its plain name (an H100 in a name is the SXM part).
+# Anything else, and a CPU, has no MFU: nanoGPT measures every device against an A100, which reads
+# 0.01% on a laptop and ~3x too high on a B200.
+PEAK_FLOPS = (
+    ("H100 PCIe", (9, 0), 756e12), ("H100 NVL", (9, 0), 835e12), ("H100", (9, 0), 989e12),
+    ("H200 NVL", (9, 0), 835e12), ("H200", (9, 0), 989e12), ("GH200", (9, 0), 989e12),
+    ("A100", (8, 0), 312e12), ("A800", (8, 0), 312e12), ("L40S", (8, 9), 362e12), ("L4", (8, 9), 121e12),
+    ("RTX 4090", (8, 9), 165e12), ("RTX 5090", (12, 0), 209.5e12), ("B200", (10, 0), 2250e12),
+)
 
 # OpenAI's checkpoints under the short names nanoGPT uses for them.
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -208,9 +216,16 @@ def flops_per_token(model):
 
 
 def peak_flops(device):
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for chip, flops in PEAK_FLOPS.items():
-            if chip in name:
-                return flops
-    return DEFAULT_PEAK_FLOPS
+    """The device's peak dense bf16 FLOP/s from PEAK_FLOPS, or None where it is not known (MFU n/a)."""
+    if device.type != "cuda":
+        return None
+    return gpu_peak_flops(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
+
+
+def gpu_peak_flops(name, capability):
+    """PEAK_FLOPS' entry for a GPU by name, as a whole word ('L4' is not 'L40S'), and compute
+    capability (a renamed or cut-down part with another architecture is not guessed at); else None."""
+    for chip, chip_capability, flops in PEAK_FLOPS:
+        if re.search(rf"(^|[\s-]){re.escape(chip)}($|[\s-])", name) and tuple(capability) == chip_capability:
+            return flops
+    return None

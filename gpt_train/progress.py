@@ -41,13 +41,19 @@ def bar(enabled, iterable, desc):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, main_process_only=True)
 
 
+def mfu_text(flops_per_sec, peak_flops):
+    """'36.52%', or 'n/a' where the device's peak is not known (gpt_train.model.PEAK_FLOPS)."""
+    return f"{flops_per_sec / peak_flops * 100:.2f}%" if peak_flops else "n/a"
+
+
 class Progress:
     """Rate, time left and the end-of-run summary for one call of the training loop."""
 
-    def __init__(self, accelerator, out_dir, max_iters, start_iter, tokens_per_iter, flops_per_iter, peak_flops):
+    def __init__(self, accelerator, out_dir, max_iters, start_iter, tokens_per_iter, flops_per_iter, peak_flops,
+                 mfu_shown=True):
         self.print, self.out_dir, self.max_iters = accelerator.print, out_dir, max_iters
         self.start_iter, self.tokens_per_iter = start_iter, tokens_per_iter
-        self.flops_per_iter, self.peak_flops = flops_per_iter, peak_flops
+        self.flops_per_iter, self.peak_flops, self.mfu_shown = flops_per_iter, peak_flops, mfu_shown
         self.started = time.time()
         self.mark = None  # (iteration, time) after the first logged step: compilation stays out of the rate
         self.step_seconds = []
@@ -77,7 +83,7 @@ class Progress:
         if self.step_seconds and wall > 0:
             # The median step leaves out compilation and the steps that carried an evaluation.
             step = statistics.median(self.step_seconds[1:] or self.step_seconds)
-            mfu = f", MFU {self.flops_per_iter / step / self.peak_flops * 100:.2f}%" if self.peak_flops else ""
+            mfu = f", MFU {mfu_text(self.flops_per_iter / step, self.peak_flops)}" if self.mfu_shown else ""
             lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
                          f"(evals included); median step {step * 1000:.1f} ms = "
                          f"{self.tokens_per_iter / step:,.0f} tok/s{mfu}")

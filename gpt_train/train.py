@@ -370,12 +370,12 @@ def save(run, val_loss=None):
 def fit(run):
     cfg, acc, model = run.cfg, run.accelerator, run.model
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
-    # a CPU's peak is unknown, and nanoGPT's A100 yardstick would read 0.01%: no MFU on a CPU
-    peak = peak_flops(acc.device) if acc.device.type != "cpu" else None
+    peak = peak_flops(acc.device)  # None: a GPU not in the table says "mfu n/a", a CPU's lines leave it out
+    mfu_shown = acc.device.type != "cpu"
     batches = train_batches(run)
     batch = next(batches, None)  # (x, y, targets); None once a stream has ended
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
-                        flops_per_iter, peak)  # ETA on the log line, summary at the end
+                        flops_per_iter, peak, mfu_shown)  # ETA on the log line, summary at the end
     plot = LivePlot(acc, cfg.out_dir if run.writes else None)  # out_dir/loss.png, after each eval
     t0 = time.time()
     local_iter_num, running_mfu = 0, -1.0
@@ -427,7 +427,7 @@ def fit(run):
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
-            mfu_text = f"mfu {_percent(running_mfu)}, " if peak else ""
+            mfu_text = f"mfu {_percent(running_mfu)}, " if mfu_shown else ""
             acc.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
                       f"{mfu_text}{tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
             log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,

@@ -11,6 +11,8 @@ from conftest import ROOT, TINY_MODEL, read_metrics, run_script
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.device import mixed_precision, process_group_kwargs, resolve_device, torch_dtype
+from gpt_train.model import gpu_peak_flops, peak_flops
+from gpt_train.progress import mfu_text
 from gpt_train.train import micro_steps_per_process, setup, train
 
 
@@ -152,5 +154,23 @@ def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, t
     assert "torch.compile: 2 graph(s) (training, evaluation), 0 graph break(s)" in lines
     summary = lines[-2]
     assert summary.startswith("cpu x1: ") and "ms/iter (median of 5)" in summary
-    assert "tokens/s, MFU " in summary and "peak memory" in summary
+    assert "tokens/s, MFU n/a, peak memory" in summary  # a CPU's peak is not known
     assert os.path.getsize(tmp_path / "trace.json") > 1000
+
+
+@pytest.mark.parametrize("name, capability, tflops", [
+    ("NVIDIA H100 80GB HBM3", (9, 0), 989), ("NVIDIA H100 PCIe", (9, 0), 756), ("NVIDIA H100 NVL", (9, 0), 835),
+    ("NVIDIA H200", (9, 0), 989), ("NVIDIA H200 NVL", (9, 0), 835), ("NVIDIA GH200 480GB", (9, 0), 989),
+    ("NVIDIA A100-SXM4-80GB", (8, 0), 312), ("NVIDIA A100 80GB PCIe", (8, 0), 312), ("NVIDIA L4", (8, 9), 121),
+    ("NVIDIA L40S", (8, 9), 362), ("NVIDIA GeForce RTX 4090", (8, 9), 165), ("NVIDIA GeForce RTX 5090", (12, 0), 209.5),
+    ("NVIDIA B200", (10, 0), 2250),
+    ("NVIDIA L40", (8, 9), None), ("NVIDIA GeForce RTX 3090", (8, 6), None), ("Tesla V100-SXM2-16GB", (7, 0), None),
+    ("NVIDIA H100 80GB HBM3", (8, 0), None),  # a name with another architecture's capability is not guessed at
+])
+def test_peak_flops_by_name_and_compute_capability(name, capability, tflops):
+    assert gpu_peak_flops(name, capability) == (tflops * 1e12 if tflops else None)
+
+
+def test_no_peak_and_so_no_mfu_on_a_cpu():
+    assert peak_flops(torch.device("cpu")) is None
+    assert mfu_text(1e12, None) == "n/a" and mfu_text(1e12, 4e12) == "25.00%"
