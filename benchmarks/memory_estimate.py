@@ -45,6 +45,10 @@ CASES = [
     ("GPT-2's vocabulary (logits)", ["--data_dir={bpe}", "--n_layer=2", "--n_embd=64", "--n_head=2", "--batch_size=4"]),
     ("GPT-2's vocabulary, bf16", ["--data_dir={bpe}", "--n_layer=2", "--n_embd=64", "--n_head=2", "--batch_size=4",
                                   "--dtype=bfloat16"]),
+    ("GPT-2's vocabulary, chunked loss", ["--data_dir={bpe}", "--n_layer=2", "--n_embd=64", "--n_head=2",
+                                          "--batch_size=16", "--chunked_loss=True"]),
+    ("GPT-2's vocabulary, chunked loss, bf16", ["--data_dir={bpe}", "--n_layer=2", "--n_embd=64", "--n_head=2",
+                                                "--batch_size=16", "--chunked_loss=True", "--dtype=bfloat16"]),
 ]
 GPT2 = ["--data_dir={bpe}", "--block_size=1024", "--dtype=bfloat16", "--device=cuda"]
 GPT2_XL = [*GPT2, "--n_layer=48", "--n_head=25", "--n_embd=1600", "--batch_size=1", "--gradient_accumulation_steps=2"]

@@ -125,6 +125,9 @@ class TrainConfig:
     dtype: str = system("auto", "'auto' is bfloat16 on GPUs that support it, float16 on others, float32 on CPU "
                                 "and MPS; or float32/bfloat16/float16", choices=DTYPES)
     compile: bool = system(True, "torch.compile the model")
+    chunked_loss: bool = system(False, "compute the LM head and loss a chunk of tokens at a time with their gradients, "
+                                "never holding the micro-batch's float32 logits (GPT-2's vocabulary: ~12 bytes per "
+                                "token and entry less); the same loss and model folder")
     memory_check: bool = system(True, "refuse, before loading, a run whose estimated peak memory exceeds the "
                                 "device's free memory, naming settings that would fit")
     ddp_timeout: int = system(1800, "seconds a process waits for the others at a collective before it gives up "

@@ -18,6 +18,7 @@ import math
 import torch
 
 from gpt_train.errors import UserError
+from gpt_train.loss import chunk_tokens
 
 GB = 1e9
 FLOAT32 = 4
@@ -36,6 +37,11 @@ DROPOUT_BYTES = 10  # a block's dropout masks and outputs
 # The loss: per token and vocabulary entry, log-softmax's float32 output and two float32 gradients
 # of that size at the start of backward (whatever the compute dtype: the loss upcasts the logits).
 LOGIT_BYTES = 12
+# chunked_loss (gpt_train.loss): per token of one chunk and vocabulary entry, its float32 logits
+# (turned into their gradient in place) and logsumexp's temporary, and under autocast the 16-bit
+# logits and gradient; besides, the gradients it keeps for backward, the LM head's (float32) and
+# the hidden states' (the compute dtype).
+CHUNK_LOGIT_BYTES = {None: 8, torch.bfloat16: 12, torch.float16: 12}
 # Without CUDA's fused attention kernels, attention with dropout falls back to SDPA's math path,
 # which keeps the scores, their dropout mask and the dropped scores: per head and query-key pair.
 ATTENTION_SCORE_BYTES = 12
@@ -109,10 +115,10 @@ def _activations(work, evaluation=False):
     tokens, width = cfg.batch_size * cfg.block_size, cfg.n_embd
     block = BLOCK_BYTES[dtype] + (DROPOUT_BYTES if cfg.dropout and not evaluation else 0)
     if evaluation:  # nothing kept for a backward: one block's tensors and the loss at a time
-        return tokens * (width * block + work.vocab_size * LOGIT_BYTES)
+        return tokens * width * block + _loss(work, tokens, evaluation=True)
     kept = cfg.n_layer * block if not cfg.gradient_checkpointing else \
         cfg.n_layer * CHECKPOINTED_BLOCK_BYTES + block  # and one block's own, recomputed
-    need = tokens * (width * (kept + EMBEDDING_BYTES[dtype]) + work.vocab_size * LOGIT_BYTES)
+    need = tokens * width * (kept + EMBEDDING_BYTES[dtype]) + _loss(work, tokens)
     if cfg.dropout and work.device_type != "cuda":
         layers = 1 if cfg.gradient_checkpointing else cfg.n_layer
         need += cfg.batch_size * cfg.n_head * cfg.block_size ** 2 * layers * ATTENTION_SCORE_BYTES
@@ -122,6 +128,16 @@ def _activations(work, evaluation=False):
     if dtype is not None:  # checkpointed blocks keep theirs only while one is recomputed
         blocks = 1 if cfg.gradient_checkpointing else cfg.n_layer
         need += (12 * blocks * width ** 2 + work.vocab_size * width) * WEIGHT_CAST_BYTES
+    return need
+
+
+def _loss(work, tokens, evaluation=False):
+    cfg, vocab = work.cfg, work.vocab_size
+    if not cfg.chunked_loss:
+        return tokens * vocab * LOGIT_BYTES
+    need = min(tokens, chunk_tokens(vocab)) * vocab * CHUNK_LOGIT_BYTES[work.compute_dtype]
+    if not evaluation:
+        need += vocab * cfg.n_embd * FLOAT32 + tokens * cfg.n_embd * (2 if work.compute_dtype else FLOAT32)
     return need
 
 
@@ -148,6 +164,8 @@ def alternatives(work, free, pretrained, resumed):
         changes.append({"optimizer": "adamw_8bit"})
     if work.training and not cfg.gradient_checkpointing:
         changes.append({"gradient_checkpointing": True})
+    if not cfg.chunked_loss and chunk_tokens(work.vocab_size) < cfg.batch_size * cfg.block_size:
+        changes.append({"chunked_loss": True})
     fits = [(change, need) for change in changes if (need := estimate(work.but(**change)).total) <= free]
     smaller = _smaller_batch(work, free)
     if smaller:

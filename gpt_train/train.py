@@ -31,6 +31,7 @@ from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
 from gpt_train.memory import GB, Workload, check_fits
+from gpt_train.loss import use_chunked_loss
 from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
 from gpt_train.metrics import check_trackers, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
@@ -147,6 +148,8 @@ def _ready_to_train(model, cfg):
     use_causal_sdpa(model)
     if cfg.gradient_checkpointing:
         model.activation_checkpointing_enable()
+    if cfg.chunked_loss:
+        use_chunked_loss(model.get_base_model() if is_adapted(model) else model)
     return model
 
 
