@@ -76,6 +76,8 @@ class TrainConfig:
                           "GPT-2's")
     gradient_accumulation_steps: int = data(5 * 8, "micro-steps per optimizer step, summed over all processes")
     batch_size: int = data(12, "micro-batch size per process")
+    auto_find_batch_size: bool = data(False, "before training, probe for the largest micro-batch up to batch_size "
+                                      "that fits the device, with the micro-steps that keep the tokens per iteration")
     block_size: int = data(1024, "context length in tokens")
 
     n_layer: int = model_shape(12, "transformer blocks")
@@ -186,6 +188,9 @@ class TrainConfig:
             raise UserError(f"{'stream_subset' if self.stream_subset else 'tokenizer'} is for streamed runs: set "
                             "stream_from too, or prepare the data with data_prep/ (--tokenizer_from for a model's "
                             "tokenizer)")
+        if self.auto_find_batch_size and self.stream_from:
+            raise UserError("auto_find_batch_size does not run with stream_from (the stream packs its batches ahead): "
+                            "set batch_size and gradient_accumulation_steps yourself")
         if os.path.exists(self.out_dir) and not os.path.isdir(self.out_dir):
             raise UserError(f"out_dir {self.out_dir} is a file, not a folder: choose another --out_dir")
         if not 0 <= self.seed < 2 ** 32:

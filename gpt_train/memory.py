@@ -195,12 +195,17 @@ def _smaller_batch(work, free):
     return None
 
 
-def check_fits(work, free, device_name, pretrained, resumed):
+def check_fits(work, free, device_name, pretrained, resumed, smaller_batch_ok=False):
     """Refuse, in one line, a run whose estimated peak exceeds `free` bytes, naming what would fit;
-    else return the estimate's description."""
+    else return the estimate's description. `smaller_batch_ok` (auto_find_batch_size): a run
+    that would fit with a smaller micro-batch goes ahead, and its probe finds which."""
     need = estimate(work)
     if need.total <= free:
         return describe(need, work)
+    smaller = _smaller_batch(work, free) if smaller_batch_ok else None
+    if smaller:
+        return (f"{describe(need, work)}, more than is free; auto_find_batch_size will try smaller micro-batches "
+                f"(~{smaller[1] / GB:,.1f} GB at {smaller[0]['batch_size']})")
     fits = alternatives(work, free, pretrained, resumed)
     if fits:
         advice = "these would fit: " + "; ".join(

@@ -21,6 +21,7 @@ from accelerate.utils import FullyShardedDataParallelPlugin, ProjectConfiguratio
 from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint, run_lock
+from gpt_train.auto_batch import find_batch_size
 from gpt_train.chat import copy_template
 from gpt_train.data import (IGNORE_INDEX, SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids,
                             open_dataset)
@@ -30,7 +31,7 @@ from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
 from gpt_train.launch import launched_with_fsdp
-from gpt_train.memory import GB, Workload, check_fits
+from gpt_train.memory import GB, Workload, check_fits, estimate
 from gpt_train.loss import use_chunked_loss
 from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
 from gpt_train.metrics import check_trackers, log, start_trackers, trackers
@@ -119,6 +120,10 @@ def setup(cfg):
                   bytes_per_token=val_bytes, stream=stream)
         if start.saved:
             _restore(run, start)
+        if cfg.auto_find_batch_size and start.writes:  # after the restore: a resumed optimizer state is in memory
+            vocab_size = accelerator.unwrap_model(model, keep_torch_compile=False).config.vocab_size
+            state = 0 if start.saved else estimate(_workload(start, mixed, vocab_size)).optimizer
+            find_batch_size(run, forward_loss, cfg.batch_size, reserve_bytes=state)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
         run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
         _start_logging(run, start.replace, resumed=bool(start.saved))
@@ -137,6 +142,9 @@ def _precision(cfg, device):
     if fsdp_plugin and cfg.optimizer == "adamw_8bit":
         raise UserError("optimizer='adamw_8bit' does not run under FSDP here: FSDP already shards AdamW's state; use "
                         "optimizer='adamw', or DDP (accelerate_configs/8xa100.yaml) with adamw_8bit")
+    if fsdp_plugin and cfg.auto_find_batch_size:
+        raise UserError("auto_find_batch_size does not run under FSDP (its forward gathers weights across processes, "
+                        "where one process's out-of-memory error would stall the rest): set batch_size")
     if fsdp_plugin and cfg.finetune_method == "lora":
         raise UserError("finetune_method='lora' does not run under FSDP here: LoRA's optimizer state is small "
                         "enough for DDP (accelerate_configs/8xa100.yaml) or one GPU")
@@ -251,11 +259,16 @@ def _check_memory(start, mixed, vocab_size):
     free = free_memory(processes.device)
     if free is None or not cfg.memory_check:
         return
-    work = Workload(cfg, vocab_size, processes.device.type, fsdp_compute_dtype(mixed), processes.num_processes,
-                    shards=processes.num_processes if launched_with_fsdp() else 1, training=start.writes)
-    need = check_fits(work, free, processes.device.type, pretrained=bool(start.folder), resumed=bool(start.saved))
+    need = check_fits(_workload(start, mixed, vocab_size), free, processes.device.type, pretrained=bool(start.folder),
+                      resumed=bool(start.saved), smaller_batch_ok=cfg.auto_find_batch_size)
     if processes.device.type == "cuda":
         processes.print(f"memory: {need} of {free / GB:,.1f} GB free")
+
+
+def _workload(start, mixed, vocab_size):
+    processes = start.processes
+    return Workload(start.cfg, vocab_size, processes.device.type, fsdp_compute_dtype(mixed), processes.num_processes,
+                    shards=processes.num_processes if launched_with_fsdp() else 1, training=start.writes)
 
 
 def _encode_with(where, stream):
@@ -372,7 +385,8 @@ def save(run, val_loss=None):
 
 def fit(run):
     cfg, acc, model = run.cfg, run.accelerator, run.model
-    flops_per_iter = flops_per_token(acc.unwrap_model(model)) * cfg.batch_size * cfg.block_size * run.micro_steps
+    rows_per_iter = run.sampler.batch_size * run.micro_steps  # auto_find_batch_size may have changed the split
+    flops_per_iter = flops_per_token(acc.unwrap_model(model)) * rows_per_iter * cfg.block_size
     peak = peak_flops(acc.device)  # None: a GPU not in the table says "mfu n/a", a CPU's lines leave it out
     mfu_shown = acc.device.type != "cpu"
     batches = train_batches(run)

@@ -77,6 +77,23 @@ def test_a_run_that_does_not_fit_is_refused_in_one_line_and_each_setting_it_name
     assert read_metrics(out_dir, "eval")
 
 
+def test_with_auto_find_batch_size_a_run_that_fits_a_smaller_micro_batch_goes_ahead(tiny_run, capsys, monkeypatch):
+    """The estimate says 16 rows do not fit but fewer would: no refusal; the probe decides (here
+    nothing runs out of memory, so the asked micro-batch stays)."""
+    out_dir, args = tiny_run
+    args = [*args, "--batch_size=16", "--gradient_accumulation_steps=2", "--max_iters=2", "--eval_interval=2",
+            "--eval_iters=1", "--auto_find_batch_size=True"]
+    need = estimate(Workload(load_config(args), 65, "cpu", None)).total
+    monkeypatch.setattr(train_module, "free_memory", lambda device: need * 0.8)
+    main(args)
+    assert "auto_find_batch_size: micro-batch 16 fits" in capsys.readouterr().out
+    assert read_metrics(out_dir, "eval")
+    monkeypatch.setattr(train_module, "free_memory", lambda device: need * 0.01)  # not even one row would fit
+    forget_the_run()
+    assert "but cpu has 0.0 GB free; no setting here fits it" in one_line_error(main, [*args, "--overwrite_output_dir=True"],
+                                                                                capsys)
+
+
 def test_the_estimate_is_said_at_the_start_on_a_gpu_only(tiny_run, capsys):
     _, args = tiny_run
     main([*args, "--max_iters=1", "--eval_interval=1", "--eval_iters=1"])
