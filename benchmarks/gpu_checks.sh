@@ -1,45 +1,66 @@
 #!/usr/bin/env bash
-# The GPU checks of one short device session, in order of importance; each step has its own
-# time limit so one hang cannot eat the rest. Run from the repository root on a CUDA machine:
+# The GPU checks of one short device session (issue 24's goals), most important first, within
+# GPU_CHECKS_BUDGET seconds in all (default 480): each step gets its own limit, cut to what is left,
+# and writes its log as it ends, so a cut run still reports the first goals. Run from the
+# repository root on a CUDA machine, with .carry/ from benchmarks/gpu_carry.sh beside it:
 #   bash benchmarks/gpu_checks.sh [OUT_DIR]
-# Logs (and a profiler trace) go to OUT_DIR (default gpu-checks/).
+# Logs (and a profiler trace) go to OUT_DIR (default gpu-checks/); summary.md gathers the tables.
 set -u
 OUT=${1:-${OUT:-gpu-checks}}
+BUDGET=${GPU_CHECKS_BUDGET:-480}
+NANOGPT=${NANOGPT:-.carry/nanoGPT}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ls .carry/wheels/*.whl >/dev/null 2>&1; then  # the pinned packages the device's image lacks
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .carry/wheels/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2
-    echo "=== $name ($(date -u +%T))"
+    local left=$((BUDGET - SECONDS))
+    if [ "$left" -lt 30 ]; then echo "=== $name: skipped, $left s of the budget left"; return; fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name ($(date -u +%T), limit $limit s)"
     local t0=$SECONDS
     timeout "$limit" "$@" >"$OUT/$name.log" 2>&1
     local rc=$?
-    tail -n 25 "$OUT/$name.log"
+    tail -n 12 "$OUT/$name.log"
+    grep -h "^|" "$OUT/$name.log" >>"$OUT/summary.md"
     echo "=== $name: exit $rc in $((SECONDS - t0)) s"
 }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/device.txt"
+python3 -c "import torch, transformers, accelerate, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)" | tee -a "$OUT/device.txt"
+date -u +%F >>"$OUT/device.txt"
 
-step prepare 120 bash -c "python3 data_prep/shakespeare_char/prepare.py && python3 data_prep/shakespeare/prepare.py"
+step prepare 90 bash -c "python3 data_prep/shakespeare_char/prepare.py && python3 data_prep/shakespeare/prepare.py"
 
-# 1. GPT-2 124M: gpt-train's loop against a plain compiled bf16 PyTorch step
-step gpu_gpt2 240 python3 benchmarks/gpu_gpt2.py
+# 1. GPT-2 124M at 491,520 tokens per iteration, compiled bf16: nanoGPT's train.py, gpt-train, chunked loss
+step gpt2 240 python3 benchmarks/side_by_side.py --case=gpt2 --nanogpt="$NANOGPT" --iters=8 --warmup=2 \
+    --only="nanoGPT train.py,gpt-train,gpt-train chunked loss"
 
-# 2. The memory estimate against the measured peak: GPT-2 124M eager and compiled, the gpt2-xl shape
-#    full, with 8-bit AdamW and with LoRA (peak memory and tokens/s of each)
+# 3. The GPU speedrun against nanoGPT's own shakespeare_char run (its score is the target), one seed
+step speedrun 220 python3 benchmarks/time_to_target.py --gpu --nanogpt="$NANOGPT" --skip_recipe --seeds=1337
+
+# 2. gpt2-xl's shape at finetune_shakespeare's settings, eager: peak memory and tokens/s
+step xl 150 python3 benchmarks/side_by_side.py --case=xl --nanogpt="$NANOGPT" --iters=6 --warmup=2
+
+# 4. Muon against AdamW at GPT-2 scale: step time, and val loss after the same 60 steps
+step muon 150 python3 benchmarks/side_by_side.py --case=muon --iters=60 --warmup=5
+
+# Then, as the budget allows: the speedrun's other seeds against the target step 3 printed, a larger
+# micro-batch, the memory estimate against measured peaks, one-GPU FSDP, and a profile.
+target=$(grep -o "target [0-9.]*" "$OUT/speedrun.log" 2>/dev/null | head -1 | cut -d' ' -f2)
+[ -n "$target" ] && step speedrun_seeds 150 python3 benchmarks/time_to_target.py --gpu --target="$target" \
+    --skip_recipe --seeds=1,2
+step gpt2_24x20 120 python3 benchmarks/side_by_side.py --case=gpt2 --iters=8 --warmup=2 \
+    --only="gpt-train,gpt-train 24x20 chunked"
 step memory 240 python3 benchmarks/memory_estimate.py --device=cuda
-
-# 3. bench.py on the GPT-2 preset (12 x 1024, 40 micro-steps: 491,520 tokens per iteration)
-step bench_gpt2 150 python3 bench.py configs/train_gpt2.py --dataset=shakespeare --bench_warmup=2 --bench_iters=4
-
-# 4. One-GPU FSDP2: train, save, resume, sample
 fsdp="accelerate launch --config_file accelerate_configs/fsdp_8xa100.yaml --num_processes 1 train.py configs/train_shakespeare_char.py --out_dir=out-fsdp --eval_interval=150 --eval_iters=20 --log_interval=50"
 step fsdp_train 150 $fsdp --max_iters=300
 step fsdp_resume 150 $fsdp --max_iters=450 --init_from=resume
-step fsdp_sample 90 python3 sample.py --out_dir=out-fsdp --num_samples=2 --max_new_tokens=200
-
-# 5. Profile of GPT-2 124M steps (one micro-step each), compiled
 step profile 150 python3 bench.py configs/train_gpt2.py --dataset=shakespeare --gradient_accumulation_steps=1 \
     --bench_warmup=8 --bench_iters=5 --profile=True --trace_file="$OUT/trace.json"
 [ -f "$OUT/trace.json" ] && gzip -f "$OUT/trace.json"
+echo "=== done in $SECONDS s of $BUDGET"
 ls -la "$OUT"

@@ -26,6 +26,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt_train.cli import load_config  # noqa: E402
 from gpt_train.device import fsdp_compute_dtype, mixed_precision  # noqa: E402
+from gpt_train.errors import UserError  # noqa: E402
 from gpt_train.memory import Workload, estimate  # noqa: E402
 from gpt_train.train import forward_loss, setup, train, train_batches  # noqa: E402
 
@@ -151,8 +152,13 @@ def main():
         for i, (name, extra) in enumerate(GPU_CASES if gpu else CASES):
             argv = [f"--data_dir={args.data_dir}", f"--out_dir={tmp}/run{i}", *SHAPE,
                     *(setting.format(base=base, bpe=args.bpe_data_dir, xl_base=xl_base) for setting in extra)]
-            peak, need, seconds = measured_and_estimated(argv)
-            forget_accelerate()
+            try:
+                peak, need, seconds = measured_and_estimated(argv)
+            except UserError as e:  # a case this machine cannot run (8-bit AdamW without bitsandbytes)
+                print(f"| {name} | skipped: {e} |", flush=True)
+                continue
+            finally:
+                forget_accelerate()
             unit, size = ("GiB", 2 ** 30) if gpu else ("MiB", 2 ** 20)
             row = f"| {name} | {peak / size:,.1f} {unit} | {need.total / size:,.1f} {unit} | {need.total / peak:.2f} |"
             if seconds:
