@@ -72,6 +72,10 @@ PLAN = {
     "gpt-train configs/train_shakespeare_char_cpu.py --out_dir=out-installed": SHORT_TRAINING,
     "gpt-sample --out_dir=out-installed": SHORT_SAMPLING,
     "gpt-bench configs/train_shakespeare_char_cpu.py --bench_iters=20": ["--bench_warmup=2"],
+    # docs/gpu.md
+    "NANOGPT=path/to/nanoGPT bash benchmarks/gpu_carry.sh": Skip("fetches nanoGPT and wheels for a GPU session; "
+                                                                 "tests/test_gpu_checks.py runs what they feed"),
+    "bash benchmarks/gpu_checks.sh": Skip("a GPU session's checks; tests/test_gpu_checks.py smoke-runs each on CPU"),
     # docs/benchmarks.md
     "python bench.py configs/train_shakespeare_char_cpu.py --bench_iters=50": ["--bench_warmup=2"],
     "python bench.py configs/train_gpt2.py --dataset=openwebtext": Skip("needs OpenWebText (54 GB) and a GPU"),
