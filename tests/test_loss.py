@@ -113,3 +113,22 @@ def test_the_compiled_step_has_no_graph_break_and_the_same_losses(bpe_data, tmp_
         if compiled:
             assert "torch.compile: 2 graph(s) (training, evaluation), 0 graph break(s)" in result.stdout
     assert losses[True] == pytest.approx(losses[False], rel=2e-3)  # bf16: the compiled kernels round differently
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launch", ["ddp", "fsdp"])
+def test_two_processes_train_with_it_as_one_process_without_it(launch, bpe_data, tmp_path, monkeypatch):
+    """DDP's gradient hooks and FSDP2's gathered LM head take the gradients the chunked loss
+    computes in its forward as they take autograd's: the same losses as one plain process."""
+    from test_distributed import launch_two
+    from test_fsdp import launch_fsdp
+    args = tiny_bpe_run(bpe_data, str(tmp_path / "two"), "--dropout=0.0", "--dtype=float32",
+                        "--gradient_accumulation_steps=4", "--batch_size=20")  # 1,280 tokens: two chunks
+    if launch == "ddp":
+        launch_two(*args, "--chunked_loss=True")
+    else:
+        launch_fsdp(tmp_path / "two", *[a for a in args if not a.startswith("--out_dir")], "--chunked_loss=True")
+    train(load_config([*args, f"--out_dir={tmp_path / 'one'}"]))
+    for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
+        two, one = ([r[key] for r in read_metrics(tmp_path / name, event)] for name in ("two", "one"))
+        assert len(two) == len(one) > 1 and two == pytest.approx(one, abs=1e-4), (event, two, one)
