@@ -1,12 +1,15 @@
 """gpt-train against nanoGPT's own train.py, one after the other on the same GPU and the same bins.
 
-Each run is a real `train.py` process on each side, for a few iterations; the figures are read
-off their identical log lines (`iter N: loss L, time T ms`): the median step of the iterations
-after `--warmup` (compilation, the evaluation at iteration 0 and allocator warm-up out), the
-tokens per second that makes, and the peak GPU memory torch allocated (benchmarks/peak_memory.py
-wraps both scripts). A gpt-train variant's losses are compared with gpt-train's default run on
-the same data (same seed, same batches): the largest difference says whether a speed lever
-changed the training.
+Each run is a real process on each side for a few iterations: nanoGPT's train.py, and
+gpt-train's training loop through bench.py (`fit` itself, saving nothing: a gpt2-xl checkpoint is
+19 GB) or, for the muon case, whose val loss counts, train.py. The figures are read off their
+identical log lines (`iter N: loss L, time T ms`): the median step of the iterations after
+`--warmup` (compilation, the evaluation at iteration 0 and allocator warm-up out), the tokens
+per second that makes, and the peak GPU memory torch allocated (benchmarks/peak_memory.py wraps
+both scripts). A gpt-train variant's losses are compared with the case's first gpt-train run:
+where only a speed lever differs (chunked_loss) the batches are the same and the largest
+difference says whether the lever changed the training; a different split of the micro-batches
+(24 x 20) draws other batches, and Muon is another optimizer.
 
 Cases (the issue's goals; docs/gpu.md has the figures):
   gpt2   GPT-2 124M at train_gpt2's 491,520 tokens per iteration (12 x 40 x 1024), bf16, compiled
@@ -22,6 +25,7 @@ import argparse
 import os
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -74,11 +78,13 @@ def nanogpt_workdir(nanogpt, work, datasets):
     return work
 
 
-def command(side, script, settings, iters, eval_iters, out_dir, small):
+def command(side, script, settings, iters, eval_iters, out_dir, small, saves):
     common = [f"--max_iters={iters}", f"--eval_iters={eval_iters}", "--log_interval=1", "--wandb_log=False",
               "--always_save_checkpoint=False", f"--out_dir={out_dir}", *settings, *(TINY if small else [])]
     if side == "nanogpt":  # nanoGPT evaluates at 0 and at each multiple: none after 0; it runs max_iters + 1
         return [sys.executable, PEAK, "train.py", script, f"--eval_interval={iters + 1}", *common]
+    if not saves:  # bench.py runs fit for bench_warmup + bench_iters iterations and saves nothing
+        return [sys.executable, PEAK, "bench.py", script, "--bench_warmup=0", f"--bench_iters={iters}", *common]
     return [sys.executable, PEAK, "train.py", script, f"--eval_interval={iters}", *common]
 
 
@@ -141,8 +147,10 @@ def main():
                 cwd = nanogpt_workdir(a.nanogpt, os.path.join(tmp, "nanogpt"), {"shakespeare": data})
             else:
                 cwd, settings = ROOT, [*settings, f"--data_dir={data}"]
-            cmd = command(side, script, settings, iters, a.eval_iters, os.path.join(tmp, f"out{i}"), a.small)
+            out_dir = os.path.join(tmp, f"out{i}")
+            cmd = command(side, script, settings, iters, a.eval_iters, out_dir, a.small, saves=a.case == "muon")
             steps, peak, log = run(cmd, cwd)
+            shutil.rmtree(out_dir, ignore_errors=True)  # the disk for the next run
             timed = [ms for it, _, ms in steps if it >= a.warmup]
             if not timed:
                 raise SystemExit(f"{name}: no timed iterations in its log:\n{log[-2000:]}")

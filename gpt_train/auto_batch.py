@@ -7,13 +7,19 @@ first, and the micro-steps grow as the micro-batch shrinks: the tokens per itera
 learning-rate schedule's meaning, stay what the preset says.
 
 Each candidate runs one probe before training: a forward and backward of a micro-batch of
-random tokens while a block of the size of the optimizer's state is held (that state does not
-exist yet at the start of a new run). The probe leaves the weights, the RNGs and the data as
-they were, so the run that follows is the one `--batch_size=FOUND` would have been. Under DDP
-each process probes without gradient synchronisation and all take the largest size that fits
-on every one of them. FSDP gathers weights inside the forward, where one process's error would
-leave the others waiting: not supported there.
+random tokens while a block is held for what the loop will hold besides and the probe does not:
+the optimizer's state (it does not exist yet at the start of a new run) and, where an iteration
+has several micro-steps, the gradients the later micro-steps' forwards run beside. The probe
+leaves the weights, the RNGs and the data as they were, so the run that follows is the one
+`--batch_size=FOUND` would have been; evaluations take more batches of the smaller size, as many
+rows as eval_iters of batch_size. Under DDP each process probes without gradient synchronisation
+and all take the largest size that fits on every one of them. FSDP gathers weights inside the
+forward, where one process's error would leave the others waiting: not supported there. On a
+CPU running out of memory is mostly the kernel's kill, which no probe sees: there the memory
+estimate (gpt_train.memory) is the guard.
 """
+import math
+
 import torch
 from accelerate.utils.memory import clear_device_cache, should_reduce_batch_size
 
@@ -25,15 +31,18 @@ def candidates(rows, largest):
     return [b for b in range(min(rows, largest), 0, -1) if rows % b == 0]
 
 
-def find_batch_size(run, forward_loss, largest, reserve_bytes):
-    """The largest micro-batch of candidates(...) whose probe fits on every process; `run`'s sampler
-    and micro-steps are set to it. `largest`: where to start (the memory estimate may already rule
-    out bigger ones); `reserve_bytes`: held during each probe for the optimizer state to come."""
+def find_batch_size(run, forward_loss, state_bytes, saved=None):
+    """The largest micro-batch of candidates(...) up to batch_size whose probe fits on every
+    process; `run`'s sampler, micro-steps and evaluation batches are set to it. `state_bytes`: the
+    optimizer state to come (0 on a resume, whose state is loaded); `saved`: the micro-batch the
+    resumed run trained with, if it was chosen so."""
     acc, cfg = run.accelerator, run.cfg
-    rows = run.sampler.batch_size * run.micro_steps
+    rows = cfg.batch_size * run.micro_steps
+    gradient_bytes = sum(p.numel() * p.element_size() for p in run.model.parameters() if p.requires_grad)
     tried = []
-    for batch_size in candidates(rows, largest):
-        fits = _probe(run, forward_loss, batch_size, reserve_bytes)
+    for batch_size in candidates(rows, cfg.batch_size):
+        reserve = state_bytes + (gradient_bytes if rows // batch_size > 1 else 0)
+        fits = _probe(run, forward_loss, batch_size, reserve)
         if acc.num_processes > 1:  # every process the same answer, or DDP's next all-reduce would hang
             fits = acc.reduce(torch.tensor(int(fits), device=acc.device), reduction="sum").item() == acc.num_processes
         if fits:
@@ -46,10 +55,14 @@ def find_batch_size(run, forward_loss, largest, reserve_bytes):
     if tried and cfg.compile:  # the probes' shapes made the compiled graphs dynamic: recompile for this one
         torch._dynamo.reset()
     run.sampler.batch_size, run.micro_steps = batch_size, rows // batch_size
+    run.eval_batches = math.ceil(cfg.eval_iters * cfg.batch_size / batch_size)
     acc.gradient_accumulation_steps = run.micro_steps
     ran_out = f"{', '.join(map(str, tried))} ran out of memory; " if tried else ""
     acc.print(f"auto_find_batch_size: micro-batch {ran_out}{batch_size} fits: {batch_size} x {run.micro_steps} "
               f"micro-steps per process ({run.tokens_per_iter:,} tokens per iteration, as set)")
+    if saved and saved != batch_size:
+        acc.print(f"the run trained with micro-batch {saved} before: its batches from here on differ from those of the "
+                  "uninterrupted run (the same tokens per iteration)")
     return batch_size
 
 
@@ -64,8 +77,8 @@ def _probe(run, forward_loss, batch_size, reserve_bytes):
             reserve = torch.empty(int(reserve_bytes), dtype=torch.uint8, device=device)
             generator = torch.Generator(device).manual_seed(0)
             x = torch.randint(vocab_size, (batch_size, run.cfg.block_size), device=device, generator=generator)
-            with acc.no_sync(model):
-                loss = forward_loss(model, x, x)
+            with acc.no_sync(model):  # targets another tensor, as training's are: the compiled graph carries over
+                loss = forward_loss(model, x, x.clone())
                 acc.backward(loss)
         return True
     except Exception as e:

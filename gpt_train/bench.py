@@ -61,7 +61,7 @@ def benchmark(cfg):
     device = run.accelerator.device
     ms = statistics.median(r["dt_ms"] for r in steps)
     model = run.accelerator.unwrap_model(run.model)
-    tokens_per_process = cfg.batch_size * cfg.block_size * run.micro_steps
+    tokens_per_process = run.sampler.batch_size * cfg.block_size * run.micro_steps  # auto_find_batch_size's split
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
         "processes": run.accelerator.num_processes,

@@ -83,7 +83,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         with torch.autocast(hidden.device.type, enabled=False):
             w = weight.to(dtype)
             grad_hidden = torch.empty(hidden.shape, dtype=dtype, device=hidden.device)
-            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+            # LoRA freezes the head (GPT-2 ties it to the embedding): no gradient to compute for it
+            grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+                if ctx.needs_input_grad[1] else None
             total = torch.zeros((), dtype=torch.float32, device=hidden.device)
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s:s + chunk].to(dtype)
@@ -95,7 +97,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 grad[torch.arange(len(t), device=t.device), t] -= 1
                 grad = grad.mul_((valid / count)[:, None]).to(dtype)
                 grad_hidden[s:s + chunk] = grad @ w
-                grad_weight += (grad.T @ h).float()
+                if grad_weight is not None:
+                    grad_weight += (grad.T @ h).float()
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total / count
@@ -104,5 +107,6 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
-        return ((grad_hidden * grad_output).to(hidden_dtype), (grad_weight * grad_output).to(weight_dtype),
-                None, None, None, None)
+        if grad_weight is not None:
+            grad_weight = (grad_weight * grad_output).to(weight_dtype)
+        return (grad_hidden * grad_output).to(hidden_dtype), grad_weight, None, None, None, None

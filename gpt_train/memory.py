@@ -136,8 +136,9 @@ def _loss(work, tokens, evaluation=False):
     if not cfg.chunked_loss:
         return tokens * vocab * LOGIT_BYTES
     need = min(tokens, chunk_tokens(vocab)) * vocab * CHUNK_LOGIT_BYTES[work.compute_dtype]
-    if not evaluation:
-        need += vocab * cfg.n_embd * FLOAT32 + tokens * cfg.n_embd * (2 if work.compute_dtype else FLOAT32)
+    if not evaluation:  # the LM head's gradient, unless LoRA freezes it, and the hidden states'
+        head = vocab * cfg.n_embd * FLOAT32 if cfg.finetune_method != "lora" else 0
+        need += head + tokens * cfg.n_embd * (2 if work.compute_dtype else FLOAT32)
     return need
 
 

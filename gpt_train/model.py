@@ -225,6 +225,8 @@ def peak_flops(device):
 def gpu_peak_flops(name, capability):
     """PEAK_FLOPS' entry for a GPU by name, as a whole word ('L4' is not 'L40S'), and compute
     capability (a renamed or cut-down part with another architecture is not guessed at); else None."""
+    if "MIG" in name or "Laptop" in name:  # a slice of the GPU, or a laptop part: not the data sheet's peak
+        return None
     for chip, chip_capability, flops in PEAK_FLOPS:
         if re.search(rf"(^|[\s-]){re.escape(chip)}($|[\s-])", name) and tuple(capability) == chip_capability:
             return flops

@@ -162,6 +162,7 @@ class TrainerState:
     best_iter: int | None = None  # the iteration best_val_loss was measured at
     val_loss: float | None = None  # of the weights saved here; None if saved without an evaluation
     stopped_by: str | None = None  # 'SIGINT' or 'SIGTERM' when saved because the run was stopped
+    micro_batch: int | None = None  # the micro-batch auto_find_batch_size chose (None: batch_size, as set)
     config: dict = field(default_factory=dict)  # the run's resolved settings
     files: dict = field(default_factory=dict)  # every file of the checkpoint: its size and sha256
 
@@ -211,6 +212,7 @@ STATE_SCHEMA = {
     "best_iter": (lambda v: v is None or _count(v), "a whole number >= 0 or null"),
     "val_loss": (lambda v: v is None or _number(v), "a number or null"),
     "stopped_by": (lambda v: v is None or isinstance(v, str), "a string or null"),
+    "micro_batch": (lambda v: v is None or (_count(v) and v > 0), "a whole number >= 1 or null"),
     "config": (lambda v: isinstance(v, dict), "an object"),
     "files": (lambda v: isinstance(v, dict), "an object"),
 }

@@ -83,6 +83,7 @@ class Run:
     judge: Judge | None = None  # benchmarks on each saved checkpoint
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
     stream: TokenStream | None = None  # stream_from: this process's training batches
+    eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
 
 
 def setup(cfg):
@@ -117,13 +118,13 @@ def setup(cfg):
         run = Run(cfg, accelerator, model, optimizers, schedulers,
                   BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device), tokenizer,
                   micro_steps=micro_steps, tokens_per_iter=tokens_per_iter(cfg), writes=start.writes,
-                  bytes_per_token=val_bytes, stream=stream)
+                  bytes_per_token=val_bytes, stream=stream, eval_batches=cfg.eval_iters)
         if start.saved:
             _restore(run, start)
         if cfg.auto_find_batch_size and start.writes:  # after the restore: a resumed optimizer state is in memory
             vocab_size = accelerator.unwrap_model(model, keep_torch_compile=False).config.vocab_size
             state = 0 if start.saved else estimate(_workload(start, mixed, vocab_size)).optimizer
-            find_batch_size(run, forward_loss, cfg.batch_size, reserve_bytes=state)
+            find_batch_size(run, forward_loss, state, saved=start.saved and start.saved.micro_batch)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
         run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
         _start_logging(run, start.replace, resumed=bool(start.saved))
@@ -135,6 +136,9 @@ def _precision(cfg, device):
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
     mixed = mixed_precision(cfg.dtype, device)
+    if cfg.chunked_loss and mixed == "fp16":  # dtype='auto' on a GPU without bf16 (T4, V100) too
+        raise UserError("chunked_loss computes its gradients before float16's loss scaling, where they underflow: use "
+                        "--dtype=bfloat16 or --dtype=float32, or leave chunked_loss off")
     fsdp_plugin = _fsdp_plugin(mixed)
     if fsdp_plugin and cfg.optimizer == "muon":
         raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
@@ -309,15 +313,15 @@ def estimate_loss(run):
     model.eval()
     losses = {}
     for split in SPLITS:
-        offsets = run.sampler.iteration_offsets(split, run.iter_num, cfg.eval_iters, purpose="eval")
+        offsets = run.sampler.iteration_offsets(split, run.iter_num, run.eval_batches, purpose="eval")
         # Every process runs the same number of forwards (FSDP needs it); padding batches weigh 0.
         # (Accelerate's split_between_processes pads with repeats that would count twice.)
-        per_process = math.ceil(cfg.eval_iters / acc.num_processes)
+        per_process = math.ceil(run.eval_batches / acc.num_processes)
         total = torch.zeros(2, device=acc.device)
         for k in bar(cfg.progress, range(per_process), f"eval {split}"):
             index = acc.process_index + k * acc.num_processes
-            x, y = run.sampler.batch(split, offsets[index % cfg.eval_iters])
-            weight = torch.tensor(float(index < cfg.eval_iters), device=acc.device)
+            x, y = run.sampler.batch(split, offsets[index % run.eval_batches])
+            weight = torch.tensor(float(index < run.eval_batches), device=acc.device)
             if run.sampler.bins.masked:  # a chat batch weighs by its targets: the mean is over tokens
                 targets = (y != IGNORE_INDEX).sum()
                 loss, weight = forward_loss(model, x, y, targets.clamp(min=1)), weight * targets
@@ -375,6 +379,7 @@ def save(run, val_loss=None):
                          val_loss=val_loss, stopped_by=None if val_loss is not None else run.stop.name,
                          tokens_seen=run.iter_num * run.tokens_per_iter, tracker_run_id=run.tracker_run_id,
                          skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
+                         micro_batch=run.sampler.batch_size if run.cfg.auto_find_batch_size else None,
                          config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state,

@@ -7,6 +7,7 @@ import pytest
 from transformers import GPT2Model
 
 from conftest import one_line_error, read_metrics
+from gpt_train import checkpoint
 from gpt_train.auto_batch import candidates
 from gpt_train.cli import load_config
 from gpt_train.cli import train as main
@@ -49,7 +50,9 @@ def test_the_probe_settles_on_what_fits_and_the_run_is_that_micro_batchs(tiny_ru
             "(512 tokens per iteration, as set)") in printed
     assert "1 process(es) on cpu, 8 micro-steps each" in printed
     plain = str(tmp_path / "plain")
-    train(load_config([*args, *SHORT, f"--out_dir={plain}", "--batch_size=2", "--gradient_accumulation_steps=8"]))
+    # evaluations take as many rows as eval_iters=2 batches of 8 would: 8 batches of 2
+    train(load_config([*args, *SHORT, f"--out_dir={plain}", "--batch_size=2", "--gradient_accumulation_steps=8",
+                       "--eval_iters=8"]))
     for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
         assert [r[key] for r in read_metrics(out_dir, event)] == [r[key] for r in read_metrics(plain, event)]
     assert weights(out_dir) == weights(plain)
@@ -63,9 +66,22 @@ def test_the_settings_keep_what_was_asked_and_a_resume_probes_again(tiny_run, ou
     train(load_config([*auto, "--init_from=resume"]))
     printed = capsys.readouterr().out
     assert printed.count("4 fits: 4 x 4 micro-steps") == 2 and "resume changes batch_size" not in printed
+    assert "the run trained with micro-batch" not in printed  # the same choice: the run continues exactly
     with open(os.path.join(out_dir, "training_config.json")) as f:
         text = f.read()
     assert '"batch_size": 8' in text and '"gradient_accumulation_steps": 2' in text
+    assert checkpoint.read_trainer_state(out_dir).micro_batch == 4
+
+
+def test_a_resume_that_finds_another_micro_batch_says_so(tiny_run, out_of_memory_above, capsys):
+    out_dir, args = tiny_run
+    auto = [*args, *SHORT, "--batch_size=8", "--gradient_accumulation_steps=2", "--auto_find_batch_size=True"]
+    train(load_config([*auto, "--max_iters=3"]))  # nothing runs out: 8
+    out_of_memory_above(4)  # a smaller GPU for the rest
+    train(load_config([*auto, "--init_from=resume"]))
+    printed = capsys.readouterr().out
+    assert "the run trained with micro-batch 8 before: its batches from here on differ" in printed
+    assert read_metrics(out_dir, "eval")[-1]["iter"] == 6
 
 
 def test_a_micro_batch_that_fits_is_kept_as_is(tiny_run, capsys):
@@ -99,7 +115,8 @@ def test_two_processes_agree_when_only_one_runs_out_of_memory(tiny_run, tmp_path
     monkeypatch.delenv("OOM_ROWS")
     assert result.stdout.count("micro-batch 8, 4 ran out of memory; 2 fits: 2 x 8 micro-steps per process") == 1
     assert "2 process(es) on cpu, 8 micro-steps each" in result.stdout
-    launch_two(*common, f"--out_dir={tmp_path / 'plain'}", "--batch_size=2", "--gradient_accumulation_steps=16")
+    launch_two(*common, f"--out_dir={tmp_path / 'plain'}", "--batch_size=2", "--gradient_accumulation_steps=16",
+               "--eval_iters=8")  # the rows of eval_iters=2 batches of 8
     for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
         assert [r[key] for r in read_metrics(out_dir, event)] == \
             pytest.approx([r[key] for r in read_metrics(tmp_path / "plain", event)], abs=1e-6)

@@ -28,7 +28,7 @@ def step_commands():
         text = f.read().replace("\\\n", " ")
     return [shlex.split(line.split("step ", 1)[1].replace('"$NANOGPT"', "N").replace('"$OUT', '"OUT')
                         .replace('"$target"', "1.0"))[2:]
-            for line in text.splitlines() if re.match(r"^(\[.*\] && )?step \w+ \d+ ", line)]
+            for line in text.splitlines() if re.match(r"^(\[.*\] (&&|\|\|)\s+)?step \w+ \d+ ", line)]
 
 
 def test_every_step_names_runs_and_options_its_script_has():

@@ -132,3 +132,17 @@ def test_two_processes_train_with_it_as_one_process_without_it(launch, bpe_data,
     for event, key in (("train", "train/step_loss"), ("eval", "val/loss")):
         two, one = ([r[key] for r in read_metrics(tmp_path / name, event)] for name in ("two", "one"))
         assert len(two) == len(one) > 1 and two == pytest.approx(one, abs=1e-4), (event, two, one)
+
+
+def test_float16_is_refused_in_one_line(tiny_run, capsys, monkeypatch):
+    """On a GPU without bf16 (T4, V100) dtype='auto' is float16, whose loss scale reaches the chunked
+    loss's gradients only after they were rounded: refused before anything loads. No such GPU
+    here: the precision it would resolve to is the one thing stood in for."""
+    from conftest import one_line_error
+    from gpt_train import train as train_module
+    from gpt_train.cli import train as main
+    out_dir, args = tiny_run
+    monkeypatch.setattr(train_module, "mixed_precision", lambda dtype, device: "fp16")
+    error = one_line_error(main, [*args, "--chunked_loss=True"], capsys)
+    assert "chunked_loss computes its gradients before float16's loss scaling" in error
+    assert "--dtype=bfloat16" in error and not os.path.exists(out_dir)

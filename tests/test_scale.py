@@ -166,6 +166,7 @@ def test_bench_runs_the_compiled_loop_on_cpu_and_prints_its_figures(char_data, t
     ("NVIDIA B200", (10, 0), 2250),
     ("NVIDIA L40", (8, 9), None), ("NVIDIA GeForce RTX 3090", (8, 6), None), ("Tesla V100-SXM2-16GB", (7, 0), None),
     ("NVIDIA H100 80GB HBM3", (8, 0), None),  # a name with another architecture's capability is not guessed at
+    ("NVIDIA H100 80GB HBM3 MIG 1g.10gb", (9, 0), None), ("NVIDIA GeForce RTX 4090 Laptop GPU", (8, 9), None),
 ])
 def test_peak_flops_by_name_and_compute_capability(name, capability, tflops):
     assert gpu_peak_flops(name, capability) == (tflops * 1e12 if tflops else None)
