@@ -11,12 +11,14 @@ OUT=${1:-${OUT:-gpu-checks}}
 BUDGET=${GPU_CHECKS_BUDGET:-480}
 FROM=${GPU_CHECKS_FROM:-}
 NANOGPT=${NANOGPT:-.carry/nanoGPT}
+WHEELS=${GPU_CHECKS_WHEELS:-.carry/wheels}
+SITE=${GPU_CHECKS_SITE:-/tmp/site}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if ls .carry/wheels/*.whl >/dev/null 2>&1; then  # the pinned packages the device's image lacks
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .carry/wheels/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # the pinned packages the device's image lacks (Python 3.12's)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+        "$WHEELS"/*.whl || exit 1
+    export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 fi
 step() {  # step NAME SECONDS COMMAND...
     local name=$1 limit=$2; shift 2

@@ -5,6 +5,7 @@ line is checked against the scripts it calls."""
 import os
 import re
 import shlex
+import subprocess
 
 import pytest
 
@@ -50,6 +51,24 @@ def test_every_step_names_runs_and_options_its_script_has():
             for arg in command[2:]:
                 if arg.startswith("--"):
                     assert arg.split("=")[0] in help_of[script], (script, arg)
+
+
+@pytest.mark.slow
+def test_the_script_keeps_its_budget_and_continues_from_a_step(tmp_path):
+    """GPU_CHECKS_FROM=muon skips the steps before it; a budget of 29 s leaves no step its 30 s:
+    the script still ends, having written what the device is (here: no nvidia-smi)."""
+    names = re.findall(r"step (\w+) \d+ ", open(SCRIPT).read())
+    env = {**os.environ, "GPU_CHECKS_BUDGET": "29", "GPU_CHECKS_FROM": "muon",
+           "GPU_CHECKS_WHEELS": str(tmp_path / "no-wheels")}  # .carry's are the device's Python 3.12's
+    result = subprocess.run(["bash", SCRIPT, str(tmp_path / "out")], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    before = names[:names.index("muon")]
+    assert before and all(f"=== {name}: skipped (GPU_CHECKS_FROM=muon)" in result.stdout for name in before
+                          if name != "prepare")
+    assert all(re.search(rf"=== {name}: skipped, \d+ s of the budget left", result.stdout)
+               for name in names[names.index("muon"):] if name != "speedrun_seeds")  # no target: not started
+    assert "=== done in" in result.stdout and os.path.isfile(tmp_path / "out" / "device.txt")
 
 
 @pytest.mark.slow
