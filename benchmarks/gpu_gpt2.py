@@ -28,7 +28,7 @@ from gpt_train.bench import BenchConfig, benchmark  # noqa: E402
 from gpt_train.cli import load_config  # noqa: E402
 from gpt_train.config import setting  # noqa: E402
 from gpt_train.model import PADDED_GPT2_VOCAB, peak_flops  # noqa: E402
-from gpt_train.progress import mfu_text  # noqa: E402
+from gpt_train.progress import format_mfu, mfu  # noqa: E402
 
 
 @dataclass
@@ -127,7 +127,7 @@ def main(argv):
     n = layers * 12 * d * d + vocab * d  # non-embedding-position parameters, tied head
     flops = (6 * n + 12 * layers * d * block) * batch * block
     print(f"plain PyTorch: {plain_ms:.2f} ms/iter, {batch * block / plain_ms * 1000:,.0f} tokens/s, "
-          f"MFU {mfu_text(flops / (plain_ms / 1000), peak_flops(device))}")
+          f"MFU {format_mfu(mfu(flops / (plain_ms / 1000), peak_flops(device)))}")
     print(f"gpt-train/plain tokens/s ratio: {plain_ms / ours['ms_per_iter']:.3f} "
           f"(1.0 or more: gpt-train is at least as fast)")
 

@@ -39,7 +39,8 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
         "--gradient_accumulation_steps=2", "--device=cpu", "--compile=False", "--dtype=float32"]
 
 # (name, side, script or preset, settings); side 'nanogpt' runs nanoGPT's train.py with its config
-XL_SHAPE = ["--init_from=scratch", "--n_layer=48", "--n_head=25", "--n_embd=1600", "--bias=True", "--compile=False"]
+XL_SHAPE = ["--init_from=scratch", "--n_layer=48", "--n_head=25", "--n_embd=1600", "--bias=True", "--compile=False",
+            "--gradient_accumulation_steps=8"]
 CASES = {
     "gpt2": [
         ("nanoGPT train.py", "nanogpt", "config/train_gpt2.py", ["--dataset=shakespeare"]),
@@ -50,10 +51,10 @@ CASES = {
          ["--dataset=shakespeare", "--chunked_loss=True", "--batch_size=24", "--gradient_accumulation_steps=20"]),
     ],
     "xl": [
-        ("nanoGPT train.py", "nanogpt", "config/finetune_shakespeare.py", [*XL_SHAPE, "--gradient_accumulation_steps=8"]),
-        ("gpt-train", "gpt-train", "configs/finetune_shakespeare.py", [*XL_SHAPE, "--gradient_accumulation_steps=8"]),
+        ("nanoGPT train.py", "nanogpt", "config/finetune_shakespeare.py", XL_SHAPE),
+        ("gpt-train", "gpt-train", "configs/finetune_shakespeare.py", XL_SHAPE),
         ("gpt-train chunked loss", "gpt-train", "configs/finetune_shakespeare.py",
-         [*XL_SHAPE, "--gradient_accumulation_steps=8", "--chunked_loss=True"]),
+         [*XL_SHAPE, "--chunked_loss=True"]),
     ],
     "muon": [
         ("gpt-train AdamW (train_gpt2)", "gpt-train", "configs/train_gpt2.py", []),

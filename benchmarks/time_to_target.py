@@ -35,6 +35,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.side_by_side import nanogpt_workdir  # noqa: E402
+
 TARGET = 1.9021  # nanoGPT's CPU recipe, its 2000-iteration checkpoint over 500 val batches
 RECIPE = "configs/train_shakespeare_char_cpu.py"  # nanoGPT's CPU command as a gpt-train preset
 NANOGPT_CPU = ["config/train_shakespeare_char.py", "--device=cpu", "--compile=False", "--eval_iters=20",
@@ -64,13 +66,7 @@ def run_gpt_train(preset, out_dir, data, extra):
 def run_nanogpt(nanogpt, work, data, command, extra):
     """nanoGPT's train.py as its README runs it on a CPU (from a folder like its checkout, whose
     data/shakespeare_char is ours: the same bins); its ckpt.pt converted for scoring."""
-    os.makedirs(os.path.join(work, "data"), exist_ok=True)
-    for name in os.listdir(nanogpt):  # it reads configurator.py and data/ from the working directory
-        if name not in ("data", ".git") and not os.path.exists(os.path.join(work, name)):
-            os.symlink(os.path.join(os.path.abspath(nanogpt), name), os.path.join(work, name))
-    link = os.path.join(work, "data", "shakespeare_char")
-    if not os.path.exists(link):
-        os.symlink(os.path.abspath(data), link)
+    nanogpt_workdir(nanogpt, work, {"shakespeare_char": data})
     out = os.path.join(work, "out")
     cmd = [sys.executable, "train.py", *command, f"--out_dir={out}", *extra]
     seconds = timed(cmd, work)
@@ -151,7 +147,8 @@ def main():
         print(f"{name:8s} {seed:5d} {seconds:7.1f} {loss:9.4f}{'' if loss <= target else '  above target'}")
     fast = [(s, v) for n, _, s, v in scored if n == "fast"]
     print(f"\nfast preset {a.fast} {a.extra}: wall {spread([s for s, _ in fast])} s, "
-          f"val {spread([v for _, v in fast])}; target {target:.4f} met by {sum(v <= target for _, v in fast)}/{len(fast)}")
+          f"val {spread([v for _, v in fast])}; target {target:.4f} met by "
+          f"{sum(v <= target for _, v in fast)}/{len(fast)}")
     for baseline in ("recipe", "nanoGPT"):
         base = [s for n, _, s, _ in scored if n == baseline]
         if base:

@@ -6,27 +6,20 @@
 # iterations instead of 5000, and one evaluation at the end instead of twenty of 200 batches.
 # NOT YET MEASURED ON A GPU: `benchmarks/time_to_target.py --gpu` (in benchmarks/gpu_checks.sh)
 # times it against nanoGPT's run; the iterations and rates are a starting point to tune there.
+import os
+
+# train_shakespeare_char.py's data, model, batch and dropout, then what the speedrun changes
+exec(open(os.path.join(os.path.dirname(__file__), 'train_shakespeare_char.py')).read())
+
 out_dir = 'out-shakespeare-char-speedrun-gpu'
 eval_interval = 2000 # evaluate at the end (and at iteration 0, as nanoGPT does)
 eval_iters = 100
 log_interval = 100
-always_save_checkpoint = False
-wandb_log = False # override via command line if you like
-wandb_project = 'shakespeare-char'
 wandb_run_name = 'speedrun-gpu'
-dataset = 'shakespeare_char'
-gradient_accumulation_steps = 1
-batch_size = 64
-block_size = 256
-n_layer = 6
-n_head = 6
-n_embd = 384
-dropout = 0.2
 optimizer = 'muon'
 muon_learning_rate = 1e-2 # the CPU speedrun's
 learning_rate = 3e-3 # AdamW's, for embeddings and LayerNorms
 max_iters = 2000
 lr_decay_iters = 2000
 min_lr = 3e-4
-beta2 = 0.99
 warmup_iters = 50

@@ -23,7 +23,7 @@ from gpt_train.config import TrainConfig, setting
 from gpt_train.errors import UserError, exit_on_user_error
 from gpt_train.model import flops_per_token, peak_flops
 from gpt_train.out_dir import read_metrics
-from gpt_train.progress import mfu_text
+from gpt_train.progress import format_mfu, mfu
 from gpt_train.train import fit, setup
 
 
@@ -67,11 +67,9 @@ def benchmark(cfg):
         "processes": run.accelerator.num_processes,
         "ms_per_iter": ms,
         "tokens_per_sec": run.tokens_per_iter / (ms / 1000),
-        "flops_per_sec": flops_per_token(model) * tokens_per_process / (ms / 1000),
-        "peak_flops": peak_flops(device),
+        "mfu": mfu(flops_per_token(model) * tokens_per_process / (ms / 1000), peak_flops(device)),  # None: n/a
         "peak_memory_gb": _peak_memory_gb(device),
     }
-    result["mfu"] = result["flops_per_sec"] / result["peak_flops"] if result["peak_flops"] else None
     if cfg.compile:
         # graphs dynamo compiled, and why it broke any: a break splits the step in two (slower)
         result["compiled_graphs"] = counters["stats"]["unique_graphs"]
@@ -80,7 +78,7 @@ def benchmark(cfg):
               f"{sum(result['graph_breaks'].values())} graph break(s)"
               + "".join(f"\n  break x{n}: {reason}" for reason, n in result["graph_breaks"].items()))
     print(f"{result['device']} x{result['processes']}: {ms:.2f} ms/iter (median of {len(steps)}), "
-          f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {mfu_text(result['flops_per_sec'], result['peak_flops'])}, "
+          f"{result['tokens_per_sec']:,.0f} tokens/s, MFU {format_mfu(result['mfu'])}, "
           f"peak memory {result['peak_memory_gb']:.2f} GB")
     if cfg.profile:
         print(f"profiler trace: {cfg.trace_file}")

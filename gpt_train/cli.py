@@ -19,7 +19,7 @@ import sys
 from dataclasses import fields
 from types import UnionType
 
-from gpt_train.config import TrainConfig
+from gpt_train.config import TrainConfig, comma_names
 from gpt_train.errors import ClosedPipeTolerant, UserError, exit_on_user_error
 from gpt_train.launch import stop_with_launcher
 
@@ -49,7 +49,7 @@ def _report_to(assignments, source):
     if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
         raise UserError(f"report_to must be a name, comma-separated names or a list of names, got {value!r} "
                         f"(in {source})")
-    names = [name.strip() for text in names for name in text.split(",") if name.strip()]
+    names = [name for text in names for name in comma_names(text)]
     if assignments.get("wandb_log") is False and "wandb" in names:
         raise UserError(f"{source} sets report_to={value!r} and wandb_log=False: keep one")
     others = ",".join(name for name in names if name != "wandb") or "none"

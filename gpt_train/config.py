@@ -195,7 +195,7 @@ class TrainConfig:
             raise UserError(f"out_dir {self.out_dir} is a file, not a folder: choose another --out_dir")
         if not 0 <= self.seed < 2 ** 32:
             raise UserError(f"seed must be between 0 and {2 ** 32 - 1} (numpy's range), got {self.seed}")
-        for name in _names(self.report_to):
+        for name in comma_names(self.report_to):
             if name not in (*REPORT_TO, "none"):
                 raise UserError(f"report_to={name!r} is not a tracker gpt-train reports to: choose from none, "
                                 f"{', '.join(REPORT_TO)} (several comma-separated)")
@@ -212,7 +212,7 @@ class TrainConfig:
     @property
     def trackers(self):
         """The trackers this run reports to besides metrics.jsonl: report_to's, and wandb with wandb_log."""
-        names = set(_names(self.report_to)) | ({"wandb"} if self.wandb_log else set())
+        names = set(comma_names(self.report_to)) | ({"wandb"} if self.wandb_log else set())
         return [name for name in REPORT_TO if name in names]
 
     @property
@@ -229,7 +229,8 @@ def tokens_per_iter(settings):
     return math.prod(get(name) for name in TOKENS_PER_ITER)
 
 
-def _names(text):
+def comma_names(text):
+    """'a, b,,c' as ['a', 'b', 'c']: report_to's and TrainingArguments' comma-separated names."""
     return [name.strip() for name in text.split(",") if name.strip()]
 
 

@@ -24,6 +24,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
+from gpt_train.config import comma_names
 from gpt_train.errors import UserError, first_line
 from gpt_train.out_dir import ADAPTER_DIR, WEIGHTS
 
@@ -38,7 +39,7 @@ def check_settings(cfg):
                         "model folder")
     if cfg.optimizer == "muon":
         raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw' (or adamw_8bit)")
-    tied = {"wte", "lm_head"} & {name.strip() for name in cfg.lora_target_modules.split(",")}
+    tied = {"wte", "lm_head"} & set(comma_names(cfg.lora_target_modules))
     if tied:
         raise UserError(f"lora_target_modules names {', '.join(sorted(tied))}: GPT-2 ties its embedding to its "
                         "output layer, which one adapter cannot update as one; target c_attn, c_proj, c_fc")
@@ -75,7 +76,7 @@ def add_adapters(model, cfg, base, saved_adapter=None):
                 raise UserError(f"the adapter in {saved_adapter} does not fit {base} ({first_line(e)}): resume "
                                 "with the model it was trained on") from None
         else:
-            targets = [name.strip() for name in cfg.lora_target_modules.split(",") if name.strip()]
+            targets = comma_names(cfg.lora_target_modules)
             config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                                 target_modules=targets, fan_in_fan_out=True, task_type="CAUSAL_LM")
             try:

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+from gpt_train.config import comma_names
 from gpt_train.errors import UserError
 from gpt_train.loss import chunk_tokens
 
@@ -87,11 +88,8 @@ def parameters(cfg, vocab_size):
     total = 12 * L * H * H + 13 * L * H + (vocab_size + cfg.block_size) * H + 2 * H
     if cfg.finetune_method != "lora":
         return total, total
-    return total, L * cfg.lora_r * H * sum(LORA_WIDTHS.get(name, 0) for name in _lora_targets(cfg))
-
-
-def _lora_targets(cfg):
-    return {name.strip() for name in cfg.lora_target_modules.split(",")}
+    targets = set(comma_names(cfg.lora_target_modules))
+    return total, L * cfg.lora_r * H * sum(LORA_WIDTHS.get(name, 0) for name in targets)
 
 
 def estimate(work):
@@ -123,7 +121,7 @@ def _activations(work, evaluation=False):
         layers = 1 if cfg.gradient_checkpointing else cfg.n_layer
         need += cfg.batch_size * cfg.n_head * cfg.block_size ** 2 * layers * ATTENTION_SCORE_BYTES
     if cfg.finetune_method == "lora" and cfg.lora_dropout:
-        widths = sum(LORA_INPUT_WIDTHS.get(name, 0) for name in _lora_targets(cfg))
+        widths = sum(LORA_INPUT_WIDTHS.get(name, 0) for name in set(comma_names(cfg.lora_target_modules)))
         need += tokens * width * widths * cfg.n_layer * LORA_DROPOUT_BYTES
     if dtype is not None:  # checkpointed blocks keep theirs only while one is recomputed
         blocks = 1 if cfg.gradient_checkpointing else cfg.n_layer

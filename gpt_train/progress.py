@@ -41,9 +41,14 @@ def bar(enabled, iterable, desc):
     return tqdm(iterable, desc=desc, leave=False, dynamic_ncols=True, main_process_only=True)
 
 
-def mfu_text(flops_per_sec, peak_flops):
-    """'36.52%', or 'n/a' where the device's peak is not known (gpt_train.model.PEAK_FLOPS)."""
-    return f"{flops_per_sec / peak_flops * 100:.2f}%" if peak_flops else "n/a"
+def mfu(flops_per_sec, peak_flops):
+    """Model FLOPs utilisation, or None where the device's peak is not known (gpt_train.model.PEAK_FLOPS)."""
+    return flops_per_sec / peak_flops if peak_flops else None
+
+
+def format_mfu(value):
+    """'36.52%', or 'n/a' for an MFU not known or not yet measured (None, or the loop's -1)."""
+    return f"{value * 100:.2f}%" if value is not None and value >= 0 else "n/a"
 
 
 class Progress:
@@ -83,10 +88,10 @@ class Progress:
         if self.step_seconds and wall > 0:
             # The median step leaves out compilation and the steps that carried an evaluation.
             step = statistics.median(self.step_seconds[1:] or self.step_seconds)
-            mfu = f", MFU {mfu_text(self.flops_per_iter / step, self.peak_flops)}" if self.mfu_shown else ""
+            shown = f", MFU {format_mfu(mfu(self.flops_per_iter / step, self.peak_flops))}" if self.mfu_shown else ""
             lines.append(f"throughput: {trained * self.tokens_per_iter / wall:,.0f} tok/s over the wall time "
                          f"(evals included); median step {step * 1000:.1f} ms = "
-                         f"{self.tokens_per_iter / step:,.0f} tok/s{mfu}")
+                         f"{self.tokens_per_iter / step:,.0f} tok/s{shown}")
         if is_model_folder(self.out_dir):
             held = f" (iteration {iter_num:,}, saved on {stopped_by} without an evaluation)" if stopped_by else ""
             lines.append(f"model folder: {os.path.abspath(self.out_dir)}{held}")

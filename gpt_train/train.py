@@ -43,7 +43,7 @@ from gpt_train.config import tokens_per_iter
 from gpt_train.out_dir import RUN_CONFIG, STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
 from gpt_train.start import plan
 from gpt_train.plot import LivePlot
-from gpt_train.progress import Progress, bar
+from gpt_train.progress import Progress, bar, format_mfu
 from gpt_train.signals import StopSignals
 from gpt_train.stream import TokenStream, stream_codec
 from gpt_train.stream import load_state as load_stream_state
@@ -449,7 +449,7 @@ def fit(run):
                 mfu = flops_per_iter / dt / peak
                 running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
             tokens_per_sec = run.tokens_per_iter / dt
-            mfu_text = f"mfu {_percent(running_mfu)}, " if mfu_shown else ""
+            mfu_text = f"mfu {format_mfu(running_mfu)}, " if mfu_shown else ""
             acc.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
                       f"{mfu_text}{tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
             log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
@@ -493,10 +493,6 @@ def evaluate_and_checkpoint(run, lr, running_mfu):
             run.best_val_loss, run.best_iter = losses["val"], run.iter_num
         if run.iter_num > 0 and run.writes:
             save(run, val_loss=losses["val"])
-
-
-def _percent(mfu):
-    return f"{mfu * 100:.2f}%" if mfu >= 0 else "n/a"  # not measured in the first MFU_WARMUP_ITERS steps
 
 
 def _mfu_record(mfu):

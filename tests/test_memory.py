@@ -90,8 +90,8 @@ def test_with_auto_find_batch_size_a_run_that_fits_a_smaller_micro_batch_goes_ah
     assert read_metrics(out_dir, "eval")
     monkeypatch.setattr(train_module, "free_memory", lambda device: need * 0.01)  # not even one row would fit
     forget_the_run()
-    assert "but cpu has 0.0 GB free; no setting here fits it" in one_line_error(main, [*args, "--overwrite_output_dir=True"],
-                                                                                capsys)
+    error = one_line_error(main, [*args, "--overwrite_output_dir=True"], capsys)
+    assert "but cpu has 0.0 GB free; no setting here fits it" in error
 
 
 def test_the_estimate_is_said_at_the_start_on_a_gpu_only(tiny_run, capsys):

@@ -12,7 +12,7 @@ from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.device import mixed_precision, process_group_kwargs, resolve_device, torch_dtype
 from gpt_train.model import gpu_peak_flops, peak_flops
-from gpt_train.progress import mfu_text
+from gpt_train.progress import format_mfu, mfu
 from gpt_train.train import micro_steps_per_process, setup, train
 
 
@@ -174,4 +174,4 @@ def test_peak_flops_by_name_and_compute_capability(name, capability, tflops):
 
 def test_no_peak_and_so_no_mfu_on_a_cpu():
     assert peak_flops(torch.device("cpu")) is None
-    assert mfu_text(1e12, None) == "n/a" and mfu_text(1e12, 4e12) == "25.00%"
+    assert format_mfu(mfu(1e12, None)) == "n/a" and format_mfu(mfu(1e12, 4e12)) == "25.00%"
