@@ -63,10 +63,10 @@ PLAN = {
     "--max_iters=200": SHORT_TRAINING,
     "python -m gpt_train.convert to-gguf out-shakespeare-char": [],
     "python train.py --help": [],
-    "python train.py configs/train_shakespeare_char.py --max_iters=1000 --out_dir=out-my-run --print_config > "
+    "python train.py configs/train_shakespeare_char_cpu.py --max_iters=1000 --out_dir=out-my-run --print_config > "
     "my_run.py": [],
     "python train.py my_run.py": ["--max_iters=4", "--eval_interval=2", "--eval_iters=1", "--batch_size=8",
-                                  *NO_COMPILE],  # the GPU preset's 6 x 384 model: a few small steps
+                                  *NO_COMPILE],  # a few small steps
     "pip install -e .": Skip("console commands are run through their pyproject.toml entry points instead"),
     "gpt-prepare shakespeare_char": [],
     "gpt-train configs/train_shakespeare_char_cpu.py --out_dir=out-installed": SHORT_TRAINING,
