@@ -124,7 +124,8 @@ def setup(cfg):
         if cfg.auto_find_batch_size and start.writes:  # after the restore: a resumed optimizer state is in memory
             vocab_size = accelerator.unwrap_model(model, keep_torch_compile=False).config.vocab_size
             state = 0 if start.saved else estimate(_workload(start, mixed, vocab_size)).optimizer
-            find_batch_size(run, forward_loss, state, saved=start.saved and start.saved.micro_batch)
+            saved = start.saved and (start.saved.micro_batch or start.saved.config.get("batch_size"))
+            find_batch_size(run, forward_loss, state, saved=saved)
         run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
         run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
         _start_logging(run, start.replace, resumed=bool(start.saved))

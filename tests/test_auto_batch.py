@@ -73,10 +73,11 @@ def test_the_settings_keep_what_was_asked_and_a_resume_probes_again(tiny_run, ou
     assert checkpoint.read_trainer_state(out_dir).micro_batch == 4
 
 
-def test_a_resume_that_finds_another_micro_batch_says_so(tiny_run, out_of_memory_above, capsys):
+@pytest.mark.parametrize("first", ["auto", "as set"])
+def test_a_resume_that_finds_another_micro_batch_says_so(first, tiny_run, out_of_memory_above, capsys):
     out_dir, args = tiny_run
     auto = [*args, *SHORT, "--batch_size=8", "--gradient_accumulation_steps=2", "--auto_find_batch_size=True"]
-    train(load_config([*auto, "--max_iters=3"]))  # nothing runs out: 8
+    train(load_config([*(auto if first == "auto" else auto[:-1]), "--max_iters=3"]))  # nothing runs out: 8
     out_of_memory_above(4)  # a smaller GPU for the rest
     train(load_config([*auto, "--init_from=resume"]))
     printed = capsys.readouterr().out
