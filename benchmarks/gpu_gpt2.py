@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from gpt_train.bench import BenchConfig, benchmark  # noqa: E402
 from gpt_train.cli import load_config  # noqa: E402
 from gpt_train.config import setting  # noqa: E402
-from gpt_train.model import PADDED_GPT2_VOCAB, peak_flops  # noqa: E402
-from gpt_train.progress import format_mfu, mfu  # noqa: E402
+from gpt_train.model import PADDED_GPT2_VOCAB  # noqa: E402
+from gpt_train.progress import format_mfu, mfu, peak_flops  # noqa: E402
 
 
 @dataclass

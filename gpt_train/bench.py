@@ -21,7 +21,8 @@ from torch._dynamo.utils import counters
 from gpt_train.cli import load_config
 from gpt_train.config import TrainConfig, setting
 from gpt_train.errors import UserError, exit_on_user_error
-from gpt_train.model import flops_per_token, peak_flops
+from gpt_train.model import flops_per_token
+from gpt_train.progress import peak_flops
 from gpt_train.out_dir import read_metrics
 from gpt_train.progress import format_mfu, mfu
 from gpt_train.train import fit, setup

@@ -115,7 +115,8 @@ def encode(tokenizer, messages):
 
 
 def prepare_chat(argv):
-    from gpt_train.prepare import commit_dataset, load_source, progress_bars  # deferred: training imports this
+    from gpt_train.prepare import commit_dataset  # deferred: training imports this module, not the writer
+    from gpt_train.sources import load_source, progress_bars
     from gpt_train.tokenizer import save_tokenizer  # module, not them
 
     cfg = load_config(argv, ChatConfig)

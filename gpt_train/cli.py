@@ -1,5 +1,5 @@
 """The command line: preset files and `--key=value` into a settings dataclass, `--help`, and the
-`gpt-train` command (and `python train.py`), which resolves its settings before the heavy imports.
+one-line errors of the commands that take paths. It reads nothing above the settings.
 
 Loading order is nanoGPT's: the dataclass defaults, then each preset file named on the
 command line (plain Python that assigns names; several may be chained, later wins), then
@@ -9,7 +9,8 @@ its TrainingArguments name (`per_device_train_batch_size`, `max_steps`, ...). Re
 neither torch nor transformers, so `--help`, `--print_config` and a mistyped setting answer in
 half a second instead of the six that importing torch, transformers and Accelerate takes.
 
-Not here: the settings themselves and their checks (gpt_train.config).
+Not here: the settings themselves and their checks (gpt_train.config), the commands that
+dispatch (gpt_train.commands).
 """
 import argparse
 import ast
@@ -20,8 +21,7 @@ from dataclasses import fields
 from types import UnionType
 
 from gpt_train.config import TrainConfig, comma_names
-from gpt_train.errors import ClosedPipeTolerant, UserError, exit_on_user_error
-from gpt_train.launch import stop_with_launcher
+from gpt_train.errors import UserError
 
 # TrainingArguments names that mean exactly one of our settings.
 FIELD_ALIASES = {
@@ -262,20 +262,3 @@ def check_type(key, value, expected, source):
         raise UserError(f"{key} must be {expected.__name__}, got {type(value).__name__} {value!r} "
                         f"(in {source})")
     return value
-
-
-@exit_on_user_error
-def train(argv=None):
-    cfg = load_config(sys.argv[1:] if argv is None else argv)
-    stop_with_launcher()
-    sys.stdout, sys.stderr = ClosedPipeTolerant(sys.stdout), ClosedPipeTolerant(sys.stderr)
-    from gpt_train.train import train as run_training  # deferred: see the module docstring
-
-    run = run_training(cfg)
-    if run.stop.received:
-        sys.exit(run.stop.exit_code)
-    return run  # alive until the process exits: freeing a DDP model can hang a gloo run (errors._exit)
-
-
-if __name__ == "__main__":
-    train()

@@ -39,46 +39,48 @@ def section(group):
     return functools.partial(setting, group=group)
 
 
-io, data, model_shape = section("I/O and logging"), section("data and batching"), section("model")
+# setting() per --help group; io_, data_ and hub_ (PEP 8's trailing underscore) shadow neither the stdlib's
+# io nor the sibling modules gpt_train.data and gpt_train.hub
+io_, data_, model_shape = section("I/O and logging"), section("data and batching"), section("model")
 training, schedule, init = section("training"), section("learning-rate schedule"), section("initialisation")
 system, lm_eval = section("system"), section("lm-eval (pip install -r requirements-eval.txt)")
-hub = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)")
+hub_ = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth login`, never a setting)")
 
 
 @dataclass
 class TrainConfig:
-    out_dir: str = io("out", "folder for the model, its training state and metrics.jsonl")
-    eval_interval: int = io(2000, "evaluate train and val loss every this many iterations")
-    log_interval: int = io(1, "print the training loss every this many iterations")
-    progress: bool = io(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
-    eval_iters: int = io(200, "batches per split in each evaluation")
-    eval_only: bool = io(False, "evaluate once and exit, writing nothing to out_dir")
-    overwrite_output_dir: bool = io(False, "train from scratch or a pretrained model into an out_dir that "
-                                    "holds another run, replacing it")
-    always_save_checkpoint: bool = io(True, "save at every eval, not only when val loss improves")
-    report_to: str = io("none", "trackers besides metrics.jsonl, comma-separated: 'tensorboard' (event files in "
-                        "out_dir/runs/<wandb_project>/), 'trackio' (Trackio's local store, TRACKIO_DIR), 'wandb' "
-                        "(wandb_log=True); 'none': metrics.jsonl alone")
-    wandb_log: bool = io(False, "log to Weights & Biases")
-    wandb_project: str = io("owt", "project of the wandb and Trackio runs; TensorBoard's folder under out_dir/runs/")
-    wandb_run_name: str = io("gpt2", "name of the wandb and Trackio runs")
+    out_dir: str = io_("out", "folder for the model, its training state and metrics.jsonl")
+    eval_interval: int = io_(2000, "evaluate train and val loss every this many iterations")
+    log_interval: int = io_(1, "print the training loss every this many iterations")
+    progress: bool = io_(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")
+    eval_iters: int = io_(200, "batches per split in each evaluation")
+    eval_only: bool = io_(False, "evaluate once and exit, writing nothing to out_dir")
+    overwrite_output_dir: bool = io_(False, "train from scratch or a pretrained model into an out_dir that "
+                                     "holds another run, replacing it")
+    always_save_checkpoint: bool = io_(True, "save at every eval, not only when val loss improves")
+    report_to: str = io_("none", "trackers besides metrics.jsonl, comma-separated: 'tensorboard' (event files in "
+                         "out_dir/runs/<wandb_project>/), 'trackio' (Trackio's local store, TRACKIO_DIR), 'wandb' "
+                         "(wandb_log=True); 'none': metrics.jsonl alone")
+    wandb_log: bool = io_(False, "log to Weights & Biases")
+    wandb_project: str = io_("owt", "project of the wandb and Trackio runs; TensorBoard's folder under out_dir/runs/")
+    wandb_run_name: str = io_("gpt2", "name of the wandb and Trackio runs")
 
-    dataset: str = data("openwebtext", "name of the prepared dataset under data/")
-    data_dir: str = data("", "folder with train.bin and val.bin; empty means data/<dataset>")
-    stream_from: str = data("", "train straight from a stream instead of data_dir's bins: a Hub dataset id or local "
-                            ".parquet/.jsonl/.txt files (globs allowed), read by datasets' streaming mode")
-    stream_subset: str = data("", "stream_from's configuration on the Hub, e.g. sample-10BT")
-    stream_text_column: str = data("text", "stream_from's column holding the text")
-    stream_val_documents: int = data(1000, "the stream's first documents held out as val (the next as many are the "
-                                     "train-loss sample)")
-    stream_repeat: bool = data(False, "start the stream over when it ends; False saves and stops there")
-    tokenizer: str = data("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else "
-                          "GPT-2's")
-    gradient_accumulation_steps: int = data(5 * 8, "micro-steps per optimizer step, summed over all processes")
-    batch_size: int = data(12, "micro-batch size per process")
-    auto_find_batch_size: bool = data(False, "before training, probe for the largest micro-batch up to batch_size "
-                                      "that fits the device, with the micro-steps that keep the tokens per iteration")
-    block_size: int = data(1024, "context length in tokens")
+    dataset: str = data_("openwebtext", "name of the prepared dataset under data/")
+    data_dir: str = data_("", "folder with train.bin and val.bin; empty means data/<dataset>")
+    stream_from: str = data_("", "train straight from a stream instead of data_dir's bins: a Hub dataset id or local "
+                             ".parquet/.jsonl/.txt files (globs allowed), read by datasets' streaming mode")
+    stream_subset: str = data_("", "stream_from's configuration on the Hub, e.g. sample-10BT")
+    stream_text_column: str = data_("text", "stream_from's column holding the text")
+    stream_val_documents: int = data_(1000, "the stream's first documents held out as val (the next as many are the "
+                                      "train-loss sample)")
+    stream_repeat: bool = data_(False, "start the stream over when it ends; False saves and stops there")
+    tokenizer: str = data_("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else "
+                           "GPT-2's")
+    gradient_accumulation_steps: int = data_(5 * 8, "micro-steps per optimizer step, summed over all processes")
+    batch_size: int = data_(12, "micro-batch size per process")
+    auto_find_batch_size: bool = data_(False, "before training, probe for the largest micro-batch up to batch_size "
+                                       "that fits the device, with the micro-steps that keep the tokens per iteration")
+    block_size: int = data_(1024, "context length in tokens")
 
     n_layer: int = model_shape(12, "transformer blocks")
     n_head: int = model_shape(12, "attention heads per block")
@@ -140,10 +142,10 @@ class TrainConfig:
     lm_eval_limit: int = lm_eval(0, "examples per lm-eval task; 0 runs them all")
     lm_eval_include_path: str = lm_eval("", "a folder of your own lm-eval task YAML files")
 
-    push_to_hub: bool = hub(False, "upload the model folder to the Hugging Face Hub")
-    hub_model_id: str = hub("", "the Hub repository, 'user/name'; required with push_to_hub")
-    hub_private_repo: bool = hub(False, "create the repository as private")
-    hub_strategy: str = hub("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end",
+    push_to_hub: bool = hub_(False, "upload the model folder to the Hugging Face Hub")
+    hub_model_id: str = hub_("", "the Hub repository, 'user/name'; required with push_to_hub")
+    hub_private_repo: bool = hub_(False, "create the repository as private")
+    hub_strategy: str = hub_("every_save", "'every_save': each checkpoint as a commit; 'end': once at the end",
                             choices=HUB_STRATEGIES)
 
     # Names given a value by a preset or the command line (load_config fills it in). Not a

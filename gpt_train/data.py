@@ -1,4 +1,5 @@
-"""Prepared datasets: uint16 token bins read through np.memmap, and the block sampler.
+"""Prepared datasets: uint16 token bins read through np.memmap, the block sampler, and the one
+interface every kind of training data offers the loop (TrainingData).
 
 A dataset folder holds `train.bin` and `val.bin` (flat uint16 token ids, nanoGPT's format)
 and optionally `meta.pkl` (nanoGPT's char vocabulary) and tokenizer files. The sampler
@@ -6,12 +7,14 @@ draws random blocks; which blocks an iteration sees depends only on (seed, split
 iteration), not on the number of processes or on where a run was resumed, so a resumed or
 re-sharded run reads exactly the data the uninterrupted one would have.
 
-Not here: writing bins (gpt_train.prepare) or tokenizers (gpt_train.tokenizer).
+Not here: writing bins (gpt_train.prepare) or tokenizers (gpt_train.tokenizer); the kinds of
+training data themselves (gpt_train.bins, gpt_train.stream).
 """
 import math
 import os
 import pickle
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -26,6 +29,35 @@ MAX_VOCAB = np.iinfo(TOKEN_DTYPE).max + 1  # 65,536 ids
 SPLITS = ("train", "val")
 TOKEN_SCAN_CHUNK = 1 << 25  # tokens per np.max when checking ids: 64 MB of memory at a time
 STREAMS = (("train", "step"), ("train", "eval"), ("val", "eval"))  # independent random streams
+
+
+class TrainingData(Protocol):
+    """What a run's data offer the loop, whatever they are read from: prepared bins (gpt_train.bins),
+    a `datasets` stream (gpt_train.stream). A new kind of training input is a module with a class of
+    this shape, and one line of gpt_train.train.build that picks it."""
+
+    name: str  # how messages name the data
+    tokenizer: object  # the tokenizer the data were (or are being) encoded with
+    sampler: "BlockSampler"  # evaluation batches (its bins: the evaluation tokens)
+
+    def batches(self, accelerator, iteration, micro_steps):
+        """This process's (x, y, targets) micro-batches, from `iteration` on; they end, on every
+        process at once, where the data do. `targets`: see BlockSampler.targets_per_batch."""
+
+    def ended(self, iteration, max_iters):
+        """What to say when the batches ended before max_iters."""
+
+    def retokenize(self, where):
+        """How to encode the data with the tokenizer of the model at `where` instead."""
+
+    def save_state(self, folder):
+        """This process's place in the data, into a checkpoint's training-state folder."""
+
+    def load_state(self, folder):
+        """The place save_state wrote, before the first batch."""
+
+    def close(self):
+        """Let go of what reads the data (threads, files); the run is over."""
 
 
 class _PlainUnpickler(pickle.Unpickler):

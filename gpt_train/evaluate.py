@@ -165,7 +165,8 @@ class Judge:
     when it is built, before training; lm-eval missing is a warning, as the eval presets name tasks.
     Inactive (a no-op) without lm_eval_tasks."""
 
-    def __init__(self, cfg, model_folder, report):
+    def __init__(self, cfg, folder, report):
+        """`folder`: what to judge, as the start decides it (gpt_train.start.Start.judged)."""
         self.cfg, self.folder = cfg, None
         if not cfg.lm_eval_tasks:
             return
@@ -174,9 +175,9 @@ class Judge:
         except NotInstalled as e:
             report(f"warning: lm_eval_tasks skipped: {e}")
             return
-        if cfg.eval_only and not model_folder:
+        if not folder:
             report("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
-        self.folder = model_folder if cfg.eval_only else cfg.out_dir
+        self.folder = folder
 
     def __call__(self, accelerator, iter_num, keep):
         """The folder judged on the main process (the others wait at their next collective, up to

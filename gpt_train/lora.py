@@ -17,15 +17,15 @@ fan_in_fan_out=True. Not here: when to save (gpt_train.train), the folder's othe
 """
 import json
 import os
+import sys
 import warnings
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
-from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 
 from gpt_train.config import comma_names
 from gpt_train.errors import UserError, first_line
+from gpt_train.optim import OPTIMIZERS
 from gpt_train.out_dir import ADAPTER_DIR, WEIGHTS
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,8 +37,9 @@ def check_settings(cfg):
     if cfg.init_from == "scratch":
         raise UserError("finetune_method='lora' adapts a trained model: set init_from to gpt2*, a Hub id or a "
                         "model folder")
-    if cfg.optimizer == "muon":
-        raise UserError("finetune_method='lora' trains its adapters with AdamW: set optimizer='adamw' (or adamw_8bit)")
+    if not OPTIMIZERS[cfg.optimizer].trains_lora:
+        lora_ones = " or ".join(repr(name) for name, facts in OPTIMIZERS.items() if facts.trains_lora)
+        raise UserError(f"finetune_method='lora' trains its adapters with AdamW: set optimizer={lora_ones}")
     tied = {"wte", "lm_head"} & set(comma_names(cfg.lora_target_modules))
     if tied:
         raise UserError(f"lora_target_modules names {', '.join(sorted(tied))}: GPT-2 ties its embedding to its "
@@ -67,6 +68,8 @@ def saved_base(out_dir):
 def add_adapters(model, cfg, base, saved_adapter=None):
     """The model with LoRA adapters, only they trainable: new ones from the settings, or for a
     resume those saved in `saved_adapter` (a folder), as they were."""
+    from peft import LoraConfig, PeftModel, get_peft_model  # deferred: only LoRA runs pay for peft
+
     with warnings.catch_warnings():  # peft asks transformers 5 by a name it deprecates: noise in the run's log
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         if saved_adapter:
@@ -100,12 +103,15 @@ def check_base_unchanged(model, out_dir, base):
 
 
 def is_adapted(model):
-    return isinstance(model, PeftModel)
+    # a model is a PeftModel only once peft is imported: a run without LoRA never imports it (~1.4 s)
+    return "peft" in sys.modules and isinstance(model, sys.modules["peft"].PeftModel)
 
 
 def merged_state_dict(model):
     """The base model's weights with each adapter's update added, under the plain GPT-2 names:
     what peft's merge_and_unload gives, without changing the model being trained."""
+    from peft.tuners.lora import LoraLayer  # deferred (add_adapters): imported already where adapters exist
+
     base = model.get_base_model()
     adapted = {f"{name}.weight": module for name, module in base.named_modules() if isinstance(module, LoraLayer)}
     merged = {}

@@ -10,7 +10,8 @@ against it (tests/test_memory.py; `python benchmarks/memory_estimate.py` prints 
 torch.compile fuses elementwise ops and the loss and needs less (GPT-2 124M at 12 x 1024 tokens,
 bf16: ~9.1 GB measured compiled on an H200, ~13.9 GB estimated here for an eager step).
 
-Not here: the device's free memory and the settings (gpt_train.device, gpt_train.config).
+Not here: the device's free memory and the settings (gpt_train.device, gpt_train.config), each
+optimizer's state size (gpt_train.optim's table).
 """
 import dataclasses
 import math
@@ -20,14 +21,10 @@ import torch
 from gpt_train.config import comma_names
 from gpt_train.errors import UserError
 from gpt_train.loss import chunk_tokens
+from gpt_train.optim import OPTIMIZERS
 
 GB = 1e9
 FLOAT32 = 4
-# Optimizer state per trained parameter: AdamW's two float32 moments; bitsandbytes' 8-bit AdamW
-# keeps them in a byte each (tensors under 4,096 elements keep float32, too few to count); Muon
-# one float32 momentum for the blocks' matrices, AdamW's for the rest.
-OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "muon": 4}
-OPTIMIZER_NAMES = {"adamw": "AdamW", "adamw_8bit": "8-bit AdamW", "muon": "Muon/AdamW"}
 # Activations kept for backward, in bytes per token and per unit of width, by compute dtype
 # (None: float32). A block keeps ~16 tensors of its width (LayerNorm inputs and outputs, q/k/v, the
 # attention output, the MLP's 4x-wide input and GELU output): 4 bytes each in float32; under
@@ -102,9 +99,11 @@ def estimate(work):
     gradients = trained * FLOAT32 / work.shards
     if work.processes > 1 and work.shards == 1:
         gradients *= 2  # DDP's buckets hold a copy of the gradients for the all-reduce
-    optimizer = trained * OPTIMIZER_BYTES[cfg.optimizer] / work.shards
-    if cfg.optimizer == "muon":  # AdamW's 8 bytes for what is not a block's matrix
-        optimizer += (total - 12 * cfg.n_layer * cfg.n_embd ** 2) * (OPTIMIZER_BYTES["adamw"] - 4) / work.shards
+    facts = OPTIMIZERS[cfg.optimizer]  # its state per parameter, per block matrix where that differs
+    optimizer = trained * facts.state_bytes
+    if facts.matrix_state_bytes is not None and cfg.finetune_method == "full":
+        optimizer += 12 * cfg.n_layer * cfg.n_embd ** 2 * (facts.matrix_state_bytes - facts.state_bytes)
+    optimizer /= work.shards
     return Need(weights, gradients, optimizer, _activations(work))
 
 
@@ -146,7 +145,7 @@ def describe(need, work):
     parts = [f"weights {need.weights / GB:,.1f}"]
     if work.training:
         parts += [f"gradients {need.gradients / GB:,.1f}",
-                  f"{OPTIMIZER_NAMES[cfg.optimizer]} state {need.optimizer / GB:,.1f}"]
+                  f"{OPTIMIZERS[cfg.optimizer].label} state {need.optimizer / GB:,.1f}"]
     parts.append(f"activations {need.activations / GB:,.1f} GB at {cfg.batch_size:,} x {cfg.block_size:,} "
                  "tokens per micro-batch")
     return f"~{need.total / GB:,.1f} GB at the peak ({', '.join(parts)})"
@@ -157,10 +156,12 @@ def alternatives(work, free, pretrained, resumed):
     if none fits alone, all of them together. A resume keeps its method and optimizer."""
     cfg, changes = work.cfg, []
     new_state = work.training and not resumed and work.shards == 1
-    if new_state and pretrained and cfg.finetune_method == "full" and cfg.optimizer != "muon":
+    if new_state and pretrained and cfg.finetune_method == "full" and OPTIMIZERS[cfg.optimizer].trains_lora:
         changes.append({"finetune_method": "lora"})
-    if new_state and cfg.optimizer == "adamw" and work.device_type in ("cuda", "cpu"):
-        changes.append({"optimizer": "adamw_8bit"})
+    if new_state:  # an optimizer of smaller state that stands in for this one, where it runs
+        changes += [{"optimizer": name} for name, facts in OPTIMIZERS.items()
+                    if facts.saves_memory_over == cfg.optimizer and work.device_type in (facts.devices or
+                                                                                       (work.device_type,))]
     if work.training and not cfg.gradient_checkpointing:
         changes.append({"gradient_checkpointing": True})
     if not cfg.chunked_loss and chunk_tokens(work.vocab_size) < cfg.batch_size * cfg.block_size:

@@ -12,7 +12,6 @@ and resuming (gpt_train.checkpoint).
 """
 import json
 import os
-import re
 
 import torch
 from huggingface_hub import snapshot_download
@@ -26,18 +25,6 @@ from gpt_train.errors import UserError, first_line
 
 VOCAB_MULTIPLE = 64  # vocabularies rounded up to a multiple of it, as nanoGPT does for GPT-2: faster matmuls
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257, so rounded
-
-# Peak dense (not 2:4 sparse) bf16 tensor FLOP/s with float32 accumulation, from NVIDIA's data
-# sheets, for MFU: (a word of torch.cuda.get_device_name, compute capability, FLOP/s). The first
-# match wins, so a card's variants come before its plain name (an H100 in a name is the SXM part).
-# Anything else, and a CPU, has no MFU: nanoGPT measures every device against an A100, which reads
-# 0.01% on a laptop and ~3x too high on a B200.
-PEAK_FLOPS = (
-    ("H100 PCIe", (9, 0), 756e12), ("H100 NVL", (9, 0), 835e12), ("H100", (9, 0), 989e12),
-    ("H200 NVL", (9, 0), 835e12), ("H200", (9, 0), 989e12), ("GH200", (9, 0), 989e12),
-    ("A100", (8, 0), 312e12), ("A800", (8, 0), 312e12), ("L40S", (8, 9), 362e12), ("L4", (8, 9), 121e12),
-    ("RTX 4090", (8, 9), 165e12), ("RTX 5090", (12, 0), 209.5e12), ("B200", (10, 0), 2250e12),
-)
 
 # OpenAI's checkpoints under the short names nanoGPT uses for them.
 GPT2_HUB_IDS = {name: f"openai-community/{name}" for name in ("gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl")}
@@ -213,21 +200,3 @@ def flops_per_token(model):
     """Training FLOPs per token (forward and backward), PaLM appendix B as in nanoGPT."""
     c = model.config
     return 6 * count_parameters(model) + 12 * c.n_layer * c.n_embd * c.n_positions
-
-
-def peak_flops(device):
-    """The device's peak dense bf16 FLOP/s from PEAK_FLOPS, or None where it is not known (MFU n/a)."""
-    if device.type != "cuda":
-        return None
-    return gpu_peak_flops(torch.cuda.get_device_name(device), torch.cuda.get_device_capability(device))
-
-
-def gpu_peak_flops(name, capability):
-    """PEAK_FLOPS' entry for a GPU by name, as a whole word ('L4' is not 'L40S'), and compute
-    capability (a renamed or cut-down part with another architecture is not guessed at); else None."""
-    if "MIG" in name or "Laptop" in name:  # a slice of the GPU, or a laptop part: not the data sheet's peak
-        return None
-    for chip, chip_capability, flops in PEAK_FLOPS:
-        if re.search(rf"(^|[\s-]){re.escape(chip)}($|[\s-])", name) and tuple(capability) == chip_capability:
-            return flops
-    return None

@@ -2,12 +2,16 @@
 (optimizer='adamw_8bit'), torch's Muon for the blocks' matrices (optimizer='muon'), and the
 schedules as LambdaLR multipliers.
 
-Adding an optimizer touches this module and the settings only. Resume re-applies the settings'
-hyperparameters over those a restored state brings back (set_hyperparameters, set_schedule).
+Adding an optimizer touches this module (a build function and its entry in OPTIMIZERS: its state
+size for the memory estimate, its devices, what it does not run with) and the settings' list of
+names only. Resume re-applies the settings' hyperparameters over those a restored state brings
+back (set_hyperparameters, set_schedule).
 
 Not here: the network (gpt_train.model), the loop that steps them (gpt_train.train).
 """
 import math
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
@@ -15,52 +19,97 @@ from gpt_train.errors import UserError
 from gpt_train.model import BLOCKS
 
 FUSED_ADAMW_DEVICES = ("cuda", "cpu")
-ADAMW_8BIT_DEVICES = ("cuda", "cpu")
 
 
-def make_optimizers(model, cfg, device_type):
-    """nanoGPT's AdamW, weight decay on matrices and embeddings only; with optimizer='muon', torch's
-    Muon takes the blocks' matrices (attention and MLP weights) and AdamW keeps the rest: the
-    embeddings (the head is tied to them), LayerNorms and biases.
+def _trained(model):
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def _groups(params):
+    """nanoGPT's two groups: weight decay on matrices and embeddings only."""
+    return [{"params": [p for p in params if p.dim() >= 2], "kind": "decay"},
+            {"params": [p for p in params if p.dim() < 2], "kind": "no_decay"}]
+
+
+def build_adamw(model, cfg, device_type):
+    # One fused kernel for all tensors: on CPU too, where it took the optimizer step from 2.7 to
+    # 1.0 ms of a 37 ms CPU-recipe step.
+    groups = _groups([p for _, p in _trained(model)])
+    return [torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)]
+
+
+def build_adamw_8bit(model, cfg, device_type):
+    """bitsandbytes' AdamW8bit: both moments in 8 bits, blockwise quantised (2 bytes of state per
+    parameter instead of 8), for tensors of 4,096 elements or more; smaller ones (LayerNorms,
+    biases) keep 32-bit state. It runs on CUDA and, from bitsandbytes 0.48, on CPUs."""
+    try:
+        import bitsandbytes  # deferred: ~0.9 s, for this optimizer alone
+    except ImportError as e:
+        raise UserError(f"optimizer='adamw_8bit' needs bitsandbytes ({e}): pip install -r requirements.txt, or use "
+                        "optimizer='adamw'") from None
+    return [bitsandbytes.optim.AdamW8bit(_groups([p for _, p in _trained(model)]), lr=cfg.learning_rate)]
+
+
+def build_muon(model, cfg, device_type):
+    """torch's Muon takes the blocks' matrices (attention and MLP weights) and AdamW keeps the rest:
+    the embeddings (the head is tied to them), LayerNorms and biases.
 
     Muon's learning rate is adjusted per matrix by torch's "match_rms_adamw" rule,
     0.2 * sqrt(max(rows, cols)): it treats a matrix and its transpose alike, so GPT-2's Conv1D
     layout (weights stored as in x out, not nn.Linear's out x in) changes nothing. Newton-Schulz
     orthogonalisation is transpose-symmetric too.
     """
-    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    muon = [p for name, p in named if cfg.optimizer == "muon" and p.dim() == 2 and name.startswith(BLOCKS)]
-    rest = [p for _, p in named if not any(p is q for q in muon)]
-    # One fused kernel for all tensors: on CPU too, where it took the optimizer step from 2.7 to
-    # 1.0 ms of a 37 ms CPU-recipe step.
-    groups = [{"params": [p for p in rest if p.dim() >= 2], "kind": "decay"},
-              {"params": [p for p in rest if p.dim() < 2], "kind": "no_decay"}]
-    if cfg.optimizer == "adamw_8bit":
-        optimizers = [adamw_8bit_class(device_type)(groups, lr=cfg.learning_rate)]
-    else:
-        optimizers = [torch.optim.AdamW(groups, lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)]
-    if muon:
-        muon_class = Float32Muon if device_type == "cpu" else torch.optim.Muon
-        optimizers.append(muon_class([{"params": muon, "kind": "muon"}], lr=cfg.muon_learning_rate,
-                                     adjust_lr_fn="match_rms_adamw"))
+    named = _trained(model)
+    matrices = [p for name, p in named if p.dim() == 2 and name.startswith(BLOCKS)]
+    rest = [p for _, p in named if not any(p is q for q in matrices)]
+    adamw = torch.optim.AdamW(_groups(rest), lr=cfg.learning_rate, fused=device_type in FUSED_ADAMW_DEVICES)
+    if not matrices:
+        return [adamw]
+    muon_class = Float32Muon if device_type == "cpu" else torch.optim.Muon
+    return [adamw, muon_class([{"params": matrices, "kind": "muon"}], lr=cfg.muon_learning_rate,
+                              adjust_lr_fn="match_rms_adamw")]
+
+
+@dataclass(frozen=True)
+class OptimizerFacts:
+    """What the rest of gpt-train needs to know of an optimizer, in one place."""
+
+    build: Callable  # (model, settings, device type) -> [torch optimizers], sharing one LR multiplier
+    label: str  # how the memory estimate names its state
+    state_bytes: float  # optimizer state per trained parameter (gpt_train.memory)
+    matrix_state_bytes: float | None = None  # per parameter of the blocks' matrices, where that differs
+    devices: tuple | None = None  # device types it runs on; None: every one
+    not_under_fsdp: str | None = None  # why it does not run under FSDP, with what to do instead
+    trains_lora: bool = True  # whether LoRA's adapters may be trained with it
+    saves_memory_over: str | None = None  # the optimizer a memory refusal may suggest replacing with it
+
+
+# The optimizers by their setting's name (config.OPTIMIZERS lists the same names, for --help).
+OPTIMIZERS = {
+    "adamw": OptimizerFacts(build_adamw, "AdamW", state_bytes=8),  # two float32 moments
+    # a byte per moment (tensors under 4,096 elements keep float32, too few to count)
+    "adamw_8bit": OptimizerFacts(
+        build_adamw_8bit, "8-bit AdamW", state_bytes=2, devices=("cuda", "cpu"), saves_memory_over="adamw",
+        not_under_fsdp="FSDP already shards AdamW's state; use optimizer='adamw', or DDP "
+                       "(accelerate_configs/8xa100.yaml) with adamw_8bit"),
+    # one float32 momentum for the blocks' matrices, AdamW's two for the rest
+    "muon": OptimizerFacts(
+        build_muon, "Muon/AdamW", state_bytes=8, matrix_state_bytes=4, trains_lora=False,
+        not_under_fsdp="Newton-Schulz needs whole matrices and FSDP shards them; use DDP "
+                       "(accelerate_configs/8xa100.yaml) or optimizer='adamw'"),
+}
+
+
+def make_optimizers(model, cfg, device_type):
+    """The optimizers cfg.optimizer names, their hyperparameters from the settings."""
+    facts = OPTIMIZERS[cfg.optimizer]
+    if facts.devices and device_type not in facts.devices:
+        raise UserError(f"optimizer={cfg.optimizer!r} does not run on {device_type}: {facts.label} runs on "
+                        f"{' and '.join(facts.devices)}; use optimizer='adamw'")
+    optimizers = facts.build(model, cfg, device_type)
     for optimizer in optimizers:
         set_hyperparameters(optimizer, cfg)
     return optimizers
-
-
-def adamw_8bit_class(device_type):
-    """bitsandbytes' AdamW8bit: both moments in 8 bits, blockwise quantised (2 bytes of state per
-    parameter instead of 8), for tensors of 4,096 elements or more; smaller ones (LayerNorms,
-    biases) keep 32-bit state. It runs on CUDA and, from bitsandbytes 0.48, on CPUs."""
-    if device_type not in ADAMW_8BIT_DEVICES:
-        raise UserError(f"optimizer='adamw_8bit' does not run on {device_type}: bitsandbytes' 8-bit AdamW runs on "
-                        "CUDA GPUs and CPUs; use optimizer='adamw'")
-    try:
-        import bitsandbytes
-    except ImportError as e:
-        raise UserError(f"optimizer='adamw_8bit' needs bitsandbytes ({e}): pip install -r requirements.txt, or use "
-                        "optimizer='adamw'") from None
-    return bitsandbytes.optim.AdamW8bit
 
 
 class Float32Muon(torch.optim.Muon):

@@ -11,28 +11,24 @@ loads and splits them, worker processes encode batches of documents and write th
 chunk files, and the chunks are joined into the bins. Memory stays bounded by one batch per
 worker, whatever the corpus size.
 
-Not here: reading datasets (gpt_train.data), tokenizers themselves (gpt_train.tokenizer).
+Not here: reading raw sources (gpt_train.sources), reading prepared datasets (gpt_train.data),
+tokenizers themselves (gpt_train.tokenizer).
 """
-import contextlib
-import difflib
-import glob
-import json
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from dataclasses import dataclass
 
 import numpy as np
-from huggingface_hub.utils import logging as hub_logging
 from tqdm import tqdm
 
 from gpt_train.cli import load_config
 from gpt_train.config import check_choices, setting
 from gpt_train.data import MAX_VOCAB, SPLITS, TOKEN_DTYPE
-from gpt_train.errors import UserError, exit_on_user_error, first_line
+from gpt_train.errors import UserError
 from gpt_train.files import atomic_path
+from gpt_train.sources import load_source, loader_for, progress_bars
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_SHAKESPEARE = os.path.join(REPO_ROOT, "data_prep", "tinyshakespeare", "input.txt")
@@ -59,9 +55,7 @@ def write_meta(out_dir, meta):
 OWT_VAL_FRACTION = 0.0005  # nanoGPT's held-out share of OpenWebText documents (~4M val tokens)
 OWT_SPLIT_SEED = 2357  # nanoGPT's seed for that split: the same documents end up in val
 DOCS_PER_BATCH = 1000  # documents per worker task: bounds worker memory whatever the corpus size
-QUIET_BELOW_BYTES = 100 << 20  # local corpora smaller than this prepare in seconds: no progress bars
 COPY_BUFFER = 16 * 1024 * 1024
-LOADERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 SPLIT_MODES = ("auto", "documents", "tail")
 TOKENIZERS = ("gpt2", "char", "bpe")
 BPE_MIN_VOCAB = 257  # the 256 bytes and end-of-text: below that some text has no token
@@ -129,143 +123,6 @@ def _prepare_corpus(cfg):
     write_dataset(splits, codec, cfg.text_column, out_dir, cfg.num_proc,
                   append_eot=cfg.append_eot and codec.eot is not None)
     return out_dir
-
-
-@contextlib.contextmanager
-def progress_bars(source):
-    """datasets' progress bars (and ours) only for a corpus that takes a while: a Hub dataset or
-    local files of QUIET_BELOW_BYTES or more; a small one would print a bar per phase and split."""
-    from datasets.utils import logging as datasets_logging  # deferred with datasets (see _load)
-
-    files = local_files(source) if source else []
-    quiet = bool(files) and sum(os.path.getsize(f) for f in files) < QUIET_BELOW_BYTES
-    shown = datasets_logging.is_progress_bar_enabled()
-    if quiet:
-        datasets_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if quiet and shown:
-            datasets_logging.enable_progress_bar()
-
-
-def load_source(cfg, column_setting):
-    """(cfg.source's records with the column the setting `column_setting` names alone, the output
-    folder, the local files: none for a Hub dataset), for every preparer."""
-    files = local_files(cfg.source)
-    out_dir = cfg.out_dir or os.path.join("data", cfg.name or _default_name(cfg.source, files))
-    corpus = _load(cfg, files)
-    column = getattr(cfg, column_setting)
-    if column not in corpus.column_names:
-        raise UserError(f"{cfg.source} has no column {column!r} (columns: {', '.join(corpus.column_names)}): pass "
-                        f"--{column_setting}=NAME")
-    return corpus.select_columns([column]), out_dir, files
-
-
-def local_files(source):
-    """The files `source` names, or [] if it names a Hub dataset."""
-    parts = [p.strip() for p in source.split(",") if p.strip()]
-    if not any(os.path.splitext(p)[1].lower() in LOADERS or os.path.exists(p) or any(c in p for c in "*?[")
-               for p in parts):
-        return []
-    files = []
-    for part in parts:
-        found = sorted(glob.glob(part)) if any(c in part for c in "*?[") else [part]
-        for path in found:
-            if os.path.isdir(path):
-                files += sorted(os.path.join(path, n) for n in os.listdir(path)
-                                if os.path.splitext(n)[1].lower() in LOADERS)
-            elif not os.path.isfile(path):
-                raise UserError(f"data file {path} not found")
-            else:
-                files.append(path)
-    if not files:
-        raise UserError(f"no .txt, .json, .jsonl or .parquet files match {source}")
-    return files
-
-
-def loader_for(files):
-    kinds = {LOADERS.get(os.path.splitext(f)[1].lower()) for f in files}
-    if None in kinds:
-        bad = next(f for f in files if os.path.splitext(f)[1].lower() not in LOADERS)
-        raise UserError(f"{bad}: unsupported file type; use .txt, .json, .jsonl or .parquet")
-    if len(kinds) > 1:
-        raise UserError(f"mixed file types in one source ({', '.join(sorted(kinds))}): prepare them separately")
-    return kinds.pop()
-
-
-def _default_name(source, files):
-    if files:
-        return os.path.splitext(os.path.basename(files[0]))[0]
-    return source.rstrip("/").split("/")[-1]
-
-
-def load_data(source, subset, files, **options):
-    """datasets' `load_dataset` of a source: `files` (local) by their kind, else the Hub id and its
-    subset; its train split, streamed with streaming=True. Its errors are the caller's to word."""
-    from datasets import load_dataset  # deferred (~2 s): `gpt-prepare --help` and convert's meta.pkl need none
-
-    if files:
-        kind = loader_for(files)
-        # A .txt file is one document (a book, a play), not one document per line.
-        return load_dataset(kind, data_files=files, split="train", **options,
-                            **({"sample_by": "document"} if kind == "text" else {}))
-    hub_logging.set_verbosity_error()  # its per-request retry warnings would bury the one-line error
-    return load_dataset(source, subset or None, split="train", **options)
-
-
-def _load(cfg, files):
-    try:
-        return load_data(cfg.source, cfg.subset, files, **({} if files else {"num_proc": cfg.num_proc}))
-    except UserError:
-        raise
-    except Exception as e:
-        if files:  # malformed json/parquet: name the file problem in one line
-            kind = loader_for(files)
-            raise UserError(f"could not read {cfg.source} as {kind}: "
-                            f"{_first_bad_file(files, kind) or first_line(e)}") from None
-        # no network, unknown name, gated dataset: all end here
-        subset = f" (subset {cfg.subset!r})" if cfg.subset else ""
-        raise UserError(f"could not load the Hub dataset {cfg.source!r}{subset} ({first_line(e)}); check the name, "
-                        "the subset and the network, or pass local files with --source=PATH") from None
-
-
-def _first_bad_file(files, kind):
-    """What is wrong with the first of `files` that cannot be read as `kind`, naming it (datasets'
-    own error names neither the file nor the cause), or None."""
-    for path in files:
-        if kind == "parquet":
-            import pyarrow.parquet as pq
-            try:
-                pq.read_metadata(path)
-            except Exception as e:
-                return f"{path} is not a parquet file ({first_line(e)})"
-            continue
-        lines_problem = None
-        with open(path, "rb") as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    return (f"{path} is not UTF-8 text (line {number}, byte {line[e.start]:#04x}): convert it, "
-                            "e.g. iconv -f latin1 -t utf-8, or leave it out")
-                if kind == "json" and text.strip() and lines_problem is None:
-                    try:
-                        json.loads(text)
-                    except ValueError as e:
-                        lines_problem = f"{path} line {number} is not a JSON object ({e})"
-        if lines_problem and not _one_json_document(path):  # a .json file may be one document, not lines
-            return lines_problem
-    return None
-
-
-def _one_json_document(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            json.load(f)
-        return True
-    except ValueError:
-        return False
 
 
 def _split(corpus, cfg, split_by):
@@ -437,27 +294,7 @@ class FineWebConfig(FineWebEduConfig):
     name: str = setting("fineweb", "dataset name, written to data/<name>")
 
 
-# `gpt-prepare NAME [--key=value ...]`: the data_prep scripts' work by dataset name, for the entry point.
+# `gpt-prepare NAME [--key=value ...]` (gpt_train.commands): the data_prep scripts' work by dataset name.
 PREPARERS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig,
              "openwebtext": OpenWebTextConfig, "fineweb_edu": FineWebEduConfig, "fineweb": FineWebConfig,
              "custom": CorpusConfig}
-
-
-@exit_on_user_error
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    names = ", ".join([*PREPARERS, "chat"])
-    if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: gpt-prepare DATASET [--key=value ...]   (DATASET: {names})\n"
-              "       gpt-prepare DATASET --help   lists that dataset's settings")
-        sys.exit(0 if argv else 2)
-    name, rest = argv[0], argv[1:]
-    if name == "chat":  # conversations: rendered and masked, not a text corpus
-        from gpt_train.chat import prepare_chat
-        prepare_chat(rest)
-        return
-    if name not in PREPARERS:
-        near = difflib.get_close_matches(name, [*PREPARERS, "chat"], n=1)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        raise UserError(f"unknown dataset {name!r}{hint} (known: {names})")
-    prepare_corpus(rest, PREPARERS[name])

@@ -2,9 +2,10 @@
 restarted under --max_restarts, an overwrite, an evaluation, a pretrained folder.
 
 `plan` is nanoGPT's `init_from` chain: it returns the run's final settings (a resume's saved
-ones under what the command line changes; a loaded model's shape), the processes, out_dir's
-lock, the saved state, the folder the weights come from and whether the run may replace
-another's files. Every rewrite of the settings happens here. The loop takes it from there.
+ones under what the command line changes; a loaded model's shape), the processes and their
+precision, out_dir's lock, the saved state, the folder the weights come from and whether the
+run may replace another's files. Every rewrite of the settings happens here, and every refusal
+of settings that do not run together (`check_together`). The loop takes it from there.
 
 Not here: building the model and data (gpt_train.train), writing out_dir (gpt_train.checkpoint).
 """
@@ -18,11 +19,13 @@ from accelerate.utils import broadcast_object_list
 from gpt_train import checkpoint, run_lock
 from gpt_train.cli import check_type
 from gpt_train.config import TOKENS_PER_ITER, TrainConfig, tokens_per_iter, with_values
-from gpt_train.device import check_one_run, process_group_kwargs
+from gpt_train.device import check_one_run, mixed_precision, process_group_kwargs
 from gpt_train.errors import UserError
+from gpt_train.launch import launched_with_fsdp
 from gpt_train.lora import base_source, saved_base
 from gpt_train.lora import check_settings as check_lora_settings
 from gpt_train.model import pretrained_folder, read_model_config
+from gpt_train.optim import OPTIMIZERS
 from gpt_train.out_dir import (ADAPTER_DIR, BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE,
                                check_model_files, has_checkpoint, previous_run, read_run_config)
 
@@ -41,6 +44,8 @@ class Start:
     base_folder: str | None = None  # LoRA: where that model's frozen weights come from
     adapter: str | None = None  # LoRA resume: the saved adapter folder
     replace: bool = False  # another run's files in out_dir may be removed
+    mixed: str | None = None  # Accelerate's mixed precision for the device ("no", "bf16", "fp16"; None: the YAML's)
+    fsdp: bool = False  # launched with an FSDP config
     changes: list = field(default_factory=list)  # what the command line changes in a resumed run, one line each
 
     @property
@@ -51,6 +56,12 @@ class Start:
     @property
     def writes(self):
         return not self.cfg.eval_only  # an evaluation leaves out_dir as it was
+
+    @property
+    def judged(self):
+        """The folder lm-eval judges (lm_eval_tasks): the run's out_dir after each save, or the model
+        an evaluation reads (None for a scratch model: nothing to load)."""
+        return self.cfg.out_dir if self.writes else self.folder
 
     def release(self):
         if self.lock:
@@ -81,7 +92,9 @@ def plan(cfg):
         check_lora_settings(cfg)
     processes = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(processes)
-    start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes))
+    mixed, fsdp = mixed_precision(cfg.dtype, processes.device), launched_with_fsdp()  # a dtype the device lacks
+    check_together(cfg, mixed, fsdp)
+    start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes), mixed=mixed, fsdp=fsdp)
     with start.released_on_error():
         if start.writes and cfg.init_from != "resume" and not cfg.overwrite_output_dir:
             _refuse_another_run(cfg)
@@ -99,6 +112,26 @@ def plan(cfg):
             start.cfg = settings_for_checkpoint(cfg, start.model_config, start.where, can_crop=start.saved is None)
     start.replace = cfg.init_from != "resume" and (cfg.overwrite_output_dir or cfg.resume_from_checkpoint is True)
     return start
+
+
+def check_together(cfg, mixed, fsdp):
+    """What does not run together, refused before anything loads: an optimizer's, LoRA's and the
+    batch probe's limits under FSDP, chunked_loss under float16. LoRA's own limits:
+    gpt_train.lora.check_settings."""
+    if cfg.chunked_loss and mixed == "fp16":  # dtype='auto' on a GPU without bf16 (T4, V100) too
+        raise UserError("chunked_loss computes its gradients before float16's loss scaling, where they underflow: use "
+                        "--dtype=bfloat16 or --dtype=float32, or leave chunked_loss off")
+    if not fsdp:
+        return
+    refusal = OPTIMIZERS[cfg.optimizer].not_under_fsdp
+    if refusal:
+        raise UserError(f"optimizer={cfg.optimizer!r} does not run under FSDP: {refusal}")
+    if cfg.auto_find_batch_size:
+        raise UserError("auto_find_batch_size does not run under FSDP (its forward gathers weights across processes, "
+                        "where one process's out-of-memory error would stall the rest): set batch_size")
+    if cfg.finetune_method == "lora":
+        raise UserError("finetune_method='lora' does not run under FSDP here: LoRA's optimizer state is small "
+                        "enough for DDP (accelerate_configs/8xa100.yaml) or one GPU")
 
 
 def _plan_lora(start):

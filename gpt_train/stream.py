@@ -28,9 +28,9 @@ import threading
 import numpy as np
 import torch
 
-from gpt_train.data import TokenBins, to_device
+from gpt_train.data import BlockSampler, TokenBins, to_device
 from gpt_train.errors import UserError, first_line
-from gpt_train.prepare import load_data, local_files
+from gpt_train.sources import load_data, local_files
 
 STATE_FILE = "stream-{process}.json"
 DOCUMENTS_PER_READ = 16  # documents tokenized together: fewer calls, a small unread remainder to save
@@ -188,6 +188,47 @@ class TokenStream:
         self._closed.set()
         if self._thread is not None:
             self._thread.join()
+
+
+class StreamData:
+    """The stream as a run's training data (gpt_train.data's TrainingData): training batches from
+    this process's part of the stream, evaluation batches from its held-out head."""
+
+    def __init__(self, cfg, folder, processes):
+        self.name = cfg.stream_from
+        self.stream = TokenStream(cfg, stream_codec(cfg, folder), processes.process_index, processes.num_processes,
+                                  processes.device)
+        self.tokenizer = self.stream.codec.tokenizer()
+        self.sampler = BlockSampler(self.stream.eval_bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device)
+
+    def batches(self, accelerator, iteration, micro_steps):
+        """A whole step's micro-batches at a time, ending at the first step some process's part of the
+        stream cannot fill (stream_repeat=False)."""
+        while True:
+            batches = self.stream.iteration(micro_steps)
+            ended = batches is None
+            if accelerator.num_processes > 1:
+                ended = bool(accelerator.reduce(torch.tensor(int(ended), device=accelerator.device),
+                                                reduction="sum").item())
+            if ended:
+                return
+            yield from ((x, y, None) for x, y in batches)
+
+    def ended(self, iteration, max_iters):
+        return (f"{self.name} ended: stopped after iteration {iteration - 1} of {max_iters} "
+                "(stream_repeat=True starts it over instead)")
+
+    def retokenize(self, where):
+        return f"stream with the model's tokenizer (drop --tokenizer, or --tokenizer={where})"
+
+    def save_state(self, folder):
+        save_state(self.stream, folder)
+
+    def load_state(self, folder):
+        load_state(self.stream, folder)
+
+    def close(self):
+        self.stream.close()
 
 
 def stream_codec(cfg, folder):

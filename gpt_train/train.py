@@ -9,7 +9,6 @@ tokens per iteration do not depend on how many processes run.
     accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py
 """
 import dataclasses
-import functools
 import math
 import os
 import time
@@ -22,36 +21,31 @@ from torch.distributed.fsdp import MixedPrecisionPolicy
 
 from gpt_train import checkpoint, run_lock
 from gpt_train.auto_batch import find_batch_size
+from gpt_train.bins import BinData
 from gpt_train.chat import copy_template
-from gpt_train.data import (IGNORE_INDEX, SPLITS, BlockSampler, bits_per_byte, bytes_per_token, check_token_ids,
-                            open_dataset)
-from gpt_train.device import free_memory, fsdp_compute_dtype, mixed_precision, peer_failure
+from gpt_train.config import tokens_per_iter
+from gpt_train.data import IGNORE_INDEX, SPLITS, TrainingData, bits_per_byte, bytes_per_token, check_token_ids
+from gpt_train.device import free_memory, fsdp_compute_dtype, peer_failure
 from gpt_train.errors import UserError
 from gpt_train.evaluate import Judge
 from gpt_train.files import WRITE_FAILURES, describe_write_failure
 from gpt_train.hub import HubPusher
-from gpt_train.launch import launched_with_fsdp
-from gpt_train.memory import GB, Workload, check_fits, estimate
 from gpt_train.loss import use_chunked_loss
 from gpt_train.lora import add_adapters, check_base_unchanged, is_adapted, trainable_summary
+from gpt_train.memory import GB, Workload, check_fits, estimate
 from gpt_train.metrics import check_trackers, log, start_trackers, trackers
 from gpt_train.model import (build_model, count_parameters, crop_block_size, flops_per_token, load_pretrained,
-                             peak_flops, read_model_config, ready_for_training, scratch_vocab_size,
-                             use_causal_sdpa)
+                             read_model_config, ready_for_training, scratch_vocab_size, use_causal_sdpa)
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
-from gpt_train.config import tokens_per_iter
 from gpt_train.out_dir import RUN_CONFIG, STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
-from gpt_train.start import plan
 from gpt_train.plot import LivePlot
-from gpt_train.progress import Progress, bar, format_mfu
+from gpt_train.progress import Progress, bar, peak_flops
 from gpt_train.signals import StopSignals
-from gpt_train.stream import TokenStream, stream_codec
-from gpt_train.stream import load_state as load_stream_state
-from gpt_train.stream import save_state as save_stream_state
-from gpt_train.tokenizer import dataset_tokenizer, first_disagreement, model_tokenizer, token_byte_lengths
+from gpt_train.start import plan
+from gpt_train.stream import StreamData
+from gpt_train.tokenizer import first_disagreement, model_tokenizer, token_byte_lengths
 
 MAX_LOG_PERPLEXITY = 700.0  # exp() of more overflows a float; a diverged run's loss can get there
-MFU_WARMUP_ITERS = 5  # let the loop settle before timing it, as nanoGPT does
 
 
 class NonFiniteLoss(UserError):
@@ -67,12 +61,11 @@ class Run:
     model: torch.nn.Module
     optimizers: list  # AdamW, and Muon with optimizer='muon'
     schedulers: list  # one LambdaLR per optimizer, the same multiplier
-    sampler: BlockSampler  # evaluation batches; training ones too unless the run streams
-    tokenizer: object
+    data: TrainingData  # training batches, the evaluation sampler, the data's tokenizer (gpt_train.data)
+    tokenizer: object  # saved with every checkpoint: the model's, or the data's for a scratch model
     micro_steps: int  # micro-steps per optimizer step on this process
     tokens_per_iter: int
     bytes_per_token: float  # of the val text: turns val loss into bits per byte
-    writes: bool  # False for an evaluation, which leaves out_dir as it was
     iter_num: int = 0
     best_val_loss: float = math.inf
     best_iter: int | None = None  # where best_val_loss was measured
@@ -80,80 +73,70 @@ class Run:
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
-    judge: Judge | None = None  # benchmarks on each saved checkpoint
-    lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; not for eval_only)
-    stream: TokenStream | None = None  # stream_from: this process's training batches
+    judge: Judge | None = None  # benchmarks on each saved checkpoint, or on the evaluated model
+    lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
     eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
+
+    @property
+    def sampler(self):
+        return self.data.sampler  # evaluation batches (and, for bins, the training ones)
 
 
 def setup(cfg):
-    """The start (gpt_train.start), then precision, data and model, Accelerate's objects, and the
-    saved state on top: each decided once, in that order."""
-    start = plan(cfg)
+    """A training run from its settings, built and opened: ready for `fit`."""
+    return open_training(plan(cfg))
+
+
+def open_training(start):
+    """The run `build` makes, its micro-batch found (auto_find_batch_size), its out_dir opened."""
     with start.released_on_error():
-        cfg, processes = start.cfg, start.processes
-        check_trackers(cfg)
-        if schedule_warning(cfg):  # nanoGPT runs such a schedule, so do we
-            processes.print(schedule_warning(cfg))
-        mixed, fsdp_plugin = _precision(cfg, processes.device)
-        micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
-        set_seed(cfg.seed)  # identical initial weights on every process
-        bins, stream, model, tokenizer = _init_model(start, mixed)
-        val_bytes = bytes_per_token(bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))  # unwrapped
-        accelerator = Accelerator(
-            mixed_precision=mixed,
-            gradient_accumulation_steps=micro_steps,
-            step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
-            log_with=trackers(cfg, start.writes) or None,
-            project_config=ProjectConfiguration(logging_dir=os.path.join(cfg.out_dir, TENSORBOARD_DIR)),
-            dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
-            fsdp_plugin=fsdp_plugin,
-        )
-        set_seed(cfg.seed, device_specific=True)  # but each process its own dropout masks
-        optimizers = make_optimizers(_ready_to_train(model, cfg), cfg, processes.device.type)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
-        model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
-        optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
-        checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
-        run = Run(cfg, accelerator, model, optimizers, schedulers,
-                  BlockSampler(bins, cfg.block_size, cfg.batch_size, cfg.seed, processes.device), tokenizer,
-                  micro_steps=micro_steps, tokens_per_iter=tokens_per_iter(cfg), writes=start.writes,
-                  bytes_per_token=val_bytes, stream=stream, eval_batches=cfg.eval_iters)
-        if start.saved:
-            _restore(run, start)
-        if cfg.auto_find_batch_size and start.writes:  # after the restore: a resumed optimizer state is in memory
-            vocab_size = accelerator.unwrap_model(model, keep_torch_compile=False).config.vocab_size
-            state = 0 if start.saved else estimate(_workload(start, mixed, vocab_size)).optimizer
+        run = build(start)
+        if start.cfg.auto_find_batch_size:  # after the restore: a resumed optimizer state is in memory
+            vocab_size = run.accelerator.unwrap_model(run.model, keep_torch_compile=False).config.vocab_size
+            state = 0 if start.saved else estimate(_workload(start, vocab_size)).optimizer
             saved = start.saved and (start.saved.micro_batch or start.saved.config.get("batch_size"))
             find_batch_size(run, forward_loss, state, saved=saved)
-        run.lock, run.judge = start.lock, Judge(cfg, start.folder, processes.print)
-        run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
-        _start_logging(run, start.replace, resumed=bool(start.saved))
+        _open_run_folder(run, start)
         return run
 
 
-def _precision(cfg, device):
-    """Accelerate's mixed precision and FSDP plugin; a dtype the device lacks fails before any loading."""
-    if device.type == "cuda":
+def build(start):
+    """What training and an evaluation share, from the start (gpt_train.start): data and model,
+    Accelerate's objects, the saved state on top, the judge and the Hub; each decided once, in
+    that order. Refusals come before anything is loaded."""
+    cfg, processes = start.cfg, start.processes
+    check_trackers(cfg)
+    if schedule_warning(cfg):  # nanoGPT runs such a schedule, so do we
+        processes.print(schedule_warning(cfg))
+    if processes.device.type == "cuda":
         torch.set_float32_matmul_precision("high")  # TF32 tensor cores for what autocast leaves in float32
-    mixed = mixed_precision(cfg.dtype, device)
-    if cfg.chunked_loss and mixed == "fp16":  # dtype='auto' on a GPU without bf16 (T4, V100) too
-        raise UserError("chunked_loss computes its gradients before float16's loss scaling, where they underflow: use "
-                        "--dtype=bfloat16 or --dtype=float32, or leave chunked_loss off")
-    fsdp_plugin = _fsdp_plugin(mixed)
-    if fsdp_plugin and cfg.optimizer == "muon":
-        raise UserError("optimizer='muon' does not run under FSDP: Newton-Schulz needs whole matrices and FSDP "
-                        "shards them; use DDP (accelerate_configs/8xa100.yaml) or optimizer='adamw'")
-    if fsdp_plugin and cfg.optimizer == "adamw_8bit":
-        raise UserError("optimizer='adamw_8bit' does not run under FSDP here: FSDP already shards AdamW's state; use "
-                        "optimizer='adamw', or DDP (accelerate_configs/8xa100.yaml) with adamw_8bit")
-    if fsdp_plugin and cfg.auto_find_batch_size:
-        raise UserError("auto_find_batch_size does not run under FSDP (its forward gathers weights across processes, "
-                        "where one process's out-of-memory error would stall the rest): set batch_size")
-    if fsdp_plugin and cfg.finetune_method == "lora":
-        raise UserError("finetune_method='lora' does not run under FSDP here: LoRA's optimizer state is small "
-                        "enough for DDP (accelerate_configs/8xa100.yaml) or one GPU")
-    return mixed, fsdp_plugin
+    micro_steps = micro_steps_per_process(cfg.gradient_accumulation_steps, processes.num_processes)
+    set_seed(cfg.seed)  # identical initial weights on every process
+    data = (StreamData if cfg.stream_from else BinData)(cfg, start.folder, processes)  # before any weights
+    model, tokenizer = _init_model(start, data)
+    val_bytes = bytes_per_token(data.sampler.bins, "val", token_byte_lengths(tokenizer, model.config.vocab_size))
+    accelerator = Accelerator(
+        mixed_precision=start.mixed,
+        gradient_accumulation_steps=micro_steps,
+        step_scheduler_with_optimizer=False,  # we step it once per optimizer step ourselves
+        log_with=trackers(cfg, start.writes) or None,
+        project_config=ProjectConfiguration(logging_dir=os.path.join(cfg.out_dir, TENSORBOARD_DIR)),
+        dynamo_plugin=TorchDynamoPlugin(backend="inductor") if cfg.compile else None,
+        fsdp_plugin=_fsdp_plugin(start.mixed) if start.fsdp else None,
+    )
+    set_seed(cfg.seed, device_specific=True)  # but each process its own dropout masks
+    optimizers = make_optimizers(_ready_to_train(model, cfg), cfg, processes.device.type)
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, lr_multiplier(cfg)) for o in optimizers]
+    model, *prepared = accelerator.prepare(model, *optimizers, *schedulers)
+    optimizers, schedulers = prepared[:len(optimizers)], prepared[len(optimizers):]
+    checkpoint.store_weights_once(accelerator)  # resume has loaded them from the model folder already
+    run = Run(cfg, accelerator, model, optimizers, schedulers, data, tokenizer, micro_steps=micro_steps,
+              tokens_per_iter=tokens_per_iter(cfg), bytes_per_token=val_bytes, eval_batches=cfg.eval_iters)
+    if start.saved:
+        _restore(run, start)
+    run.lock, run.judge = start.lock, Judge(cfg, start.judged, processes.print)
+    run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
+    return run
 
 
 def _ready_to_train(model, cfg):
@@ -170,8 +153,7 @@ def _restore(run, start):
     """The saved state on top of what setup built: optimizer, scheduler and RNGs, then the loop's own."""
     cfg, saved = run.cfg, start.saved
     checkpoint.load_training_state(run.accelerator, cfg.out_dir)
-    if run.stream:
-        load_stream_state(run.stream, os.path.join(cfg.out_dir, STATE_DIR))
+    run.data.load_state(os.path.join(cfg.out_dir, STATE_DIR))
     for optimizer, scheduler in zip(run.optimizers, run.schedulers, strict=True):
         set_hyperparameters(optimizer, cfg)  # the settings' values, not those the state was saved with
         set_schedule(optimizer, scheduler.scheduler, cfg)
@@ -196,8 +178,6 @@ def _fsdp_plugin(mixed):
     Accelerate's FSDP2 policy also casts the gradient reduce-scatter and the model's output to
     bf16: gradients would be summed in bf16 and the loss rounded to 3 digits (4.1875, 4.1719).
     """
-    if not launched_with_fsdp():
-        return None
     plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* settings accelerate launch exported
     compute_dtype = fsdp_compute_dtype(mixed)
     if plugin.fsdp_version == 2 and compute_dtype is not None:
@@ -205,46 +185,29 @@ def _fsdp_plugin(mixed):
     return plugin
 
 
-def _prepare_hint(cfg):
-    script = os.path.join("data_prep", cfg.dataset, "prepare.py")
-    hint = f"python {script}" if os.path.exists(script) else "a data_prep/ script (see README)"
-    if cfg.dataset == "openwebtext":  # the default: someone trying things out wants the small data
-        hint += (" (a 54 GB download; to try gpt-train on a laptop instead: python data_prep/shakespeare_char/"
-                 "prepare.py, then pass configs/train_shakespeare_char_cpu.py)")
-    return hint
-
-
-def _init_model(start, mixed):
-    """(evaluation bins, training stream or None, model, tokenizer): the data and its tokenizer
-    first, once, then whether the run fits in memory, then the model: a scratch model takes its
+def _init_model(start, data):
+    """(model, tokenizer): whether the run fits in memory, then the model: a scratch model takes its
     vocabulary from the data, a loaded one keeps its own and must read the data as the data were
     written."""
     cfg, config, where = start.cfg, start.model_config, start.where
-    if cfg.stream_from:  # tokenized with the model's tokenizer unless told otherwise: nothing to disagree
-        stream = TokenStream(cfg, stream_codec(cfg, start.folder), start.processes.process_index,
-                             start.processes.num_processes, start.processes.device)
-        bins, data_tokenizer, data_name = stream.eval_bins, stream.codec.tokenizer(), cfg.stream_from
-    else:
-        data_name = cfg.resolved_data_dir
-        bins = open_dataset(data_name, cfg.block_size, _prepare_hint(cfg))  # before any weights: fail fast
-        stream, data_tokenizer = None, dataset_tokenizer(data_name)
+    bins = data.sampler.bins
     if not start.folder:
-        vocab_size = scratch_vocab_size(bins.vocab_size, data_tokenizer)
-        _check_memory(start, mixed, vocab_size)
-        model = build_model(cfg, vocab_size, data_tokenizer)
+        vocab_size = scratch_vocab_size(bins.vocab_size, data.tokenizer)
+        _check_memory(start, vocab_size)
+        model = build_model(cfg, vocab_size, data.tokenizer)
         check_token_ids(bins, model.config.vocab_size)
-        return bins, stream, model, data_tokenizer
-    _check_memory(start, mixed, config.vocab_size)
-    tokenizer = copy_template(data_tokenizer, model_tokenizer(start.folder))  # a chat dataset's template
-    data_vocab = bins.vocab_size or len(data_tokenizer)
+        return model, data.tokenizer
+    _check_memory(start, config.vocab_size)
+    tokenizer = copy_template(data.tokenizer, model_tokenizer(start.folder))  # a chat dataset's template
+    data_vocab = bins.vocab_size or len(data.tokenizer)
     if data_vocab > config.vocab_size:
-        raise UserError(f"{data_name} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
-                        f"{config.vocab_size}: {_encode_with(where, stream)}")
-    disagreement = first_disagreement(data_tokenizer, tokenizer, data_vocab)
+        raise UserError(f"{data.name} uses token ids up to {data_vocab - 1} but {where} has a vocabulary of "
+                        f"{config.vocab_size}: {data.retokenize(where)}")
+    disagreement = first_disagreement(data.tokenizer, tokenizer, data_vocab)
     if disagreement:
         i, theirs, ours = disagreement
-        raise UserError(f"{data_name} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
-                        f"data, {ours!r} in the model): {_encode_with(where, stream)}")
+        raise UserError(f"{data.name} was encoded with another tokenizer than {where}'s (id {i} is {theirs!r} in the "
+                        f"data, {ours!r} in the model): {data.retokenize(where)}")
     check_token_ids(bins, config.vocab_size)
     if start.base_folder:  # LoRA: its frozen base, cropped as the run's model, and the adapters on top
         base = load_pretrained(start.base_folder, read_model_config(start.base_folder, start.base))
@@ -252,47 +215,50 @@ def _init_model(start, mixed):
         model = add_adapters(model, cfg, start.base, start.adapter)
         if start.adapter:
             check_base_unchanged(model, start.folder, start.base)
-        return bins, stream, model, tokenizer
+        return model, tokenizer
     model = crop_block_size(load_pretrained(start.folder, config), cfg.block_size)
-    return bins, stream, ready_for_training(model, cfg.dropout), tokenizer
+    return ready_for_training(model, cfg.dropout), tokenizer
 
 
-def _check_memory(start, mixed, vocab_size):
+def _check_memory(start, vocab_size):
     """The run's estimated peak memory against the device's free memory (gpt_train.memory): refused
     in one line where it does not fit, said at the start on a GPU."""
     cfg, processes = start.cfg, start.processes
     free = free_memory(processes.device)
     if free is None or not cfg.memory_check:
         return
-    need = check_fits(_workload(start, mixed, vocab_size), free, processes.device.type, pretrained=bool(start.folder),
+    need = check_fits(_workload(start, vocab_size), free, processes.device.type, pretrained=bool(start.folder),
                       resumed=bool(start.saved), smaller_batch_ok=cfg.auto_find_batch_size)
     if processes.device.type == "cuda":
         processes.print(f"memory: {need} of {free / GB:,.1f} GB free")
 
 
-def _workload(start, mixed, vocab_size):
+def _workload(start, vocab_size):
     processes = start.processes
-    return Workload(start.cfg, vocab_size, processes.device.type, fsdp_compute_dtype(mixed), processes.num_processes,
-                    shards=processes.num_processes if launched_with_fsdp() else 1, training=start.writes)
+    return Workload(start.cfg, vocab_size, processes.device.type, fsdp_compute_dtype(start.mixed),
+                    processes.num_processes, shards=processes.num_processes if start.fsdp else 1,
+                    training=start.writes)
 
 
-def _encode_with(where, stream):
-    if stream:
-        return f"stream with the model's tokenizer (drop --tokenizer, or --tokenizer={where})"
-    return f"prepare the data with the model's tokenizer (data_prep/custom/prepare.py --tokenizer_from={where})"
+def _open_run_folder(run, start):
+    """out_dir opened for this run (another run's files replaced where allowed), the trackers
+    started, then the settings written, and the start reported."""
+    cfg = run.cfg
+    checkpoint.start_run_folder(cfg.out_dir, replace=start.replace)  # before TensorBoard puts runs/ there
+    _start_trackers(run, start)
+    checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))  # after: a failed wandb leaves none
+    _report_start(run, all_settings=os.path.join(cfg.out_dir, RUN_CONFIG))
 
 
-def _start_logging(run, replace, resumed):
+def _start_trackers(run, start):
+    run.tracker_run_id = start_trackers(run.accelerator, run.cfg, dataclasses.asdict(run.cfg), run.tracker_run_id,
+                                        resumed_at=run.iter_num if start.saved else None)
+
+
+def _report_start(run, all_settings):
     cfg, acc = run.cfg, run.accelerator
-    if run.writes:  # an evaluation leaves the run it reads as it was
-        checkpoint.start_run_folder(cfg.out_dir, replace=replace)  # before TensorBoard writes runs/ there
-    run.tracker_run_id = start_trackers(acc, cfg, dataclasses.asdict(cfg), run.tracker_run_id,
-                                        resumed_at=run.iter_num if resumed else None)
-    if run.writes:  # after the trackers: a run whose wandb cannot start leaves no settings behind
-        checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))
-    where = os.path.join(cfg.out_dir, RUN_CONFIG) if run.writes else "--print_config"
     changed = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != f.default}
-    acc.print(f"settings not at their defaults (all of them: {where}): "
+    acc.print(f"settings not at their defaults (all of them: {all_settings}): "
               + ", ".join(f"{k}={v!r}" for k, v in changed.items()))
     acc.print(f"tokens per iteration will be: {run.tokens_per_iter:,}")
     if run.sampler.bins.masked:
@@ -344,34 +310,9 @@ def forward_loss(model, x, y, targets=None):
 
 
 def train_batches(run):
-    """This process's (x, y, targets) micro-batches, iteration after iteration, from run.iter_num on.
-    `targets` (chat data, else None): the iteration's target tokens over all its micro-batches, per
-    micro-batch; dividing each one's summed loss by it makes the step's loss and gradient, after
-    Accelerate's and DDP's averaging, the mean over every target token of the iteration."""
-    acc, iteration = run.accelerator, run.iter_num
-    if run.stream:
-        yield from _streamed_batches(run)
-        return
-    while True:
-        offsets = run.sampler.iteration_offsets("train", iteration, run.micro_steps * acc.num_processes)
-        targets = run.sampler.targets_per_batch("train", offsets)
-        with acc.split_between_processes(offsets) as rows:  # each process its own micro_steps rows
-            yield from ((*run.sampler.batch("train", row), targets) for row in rows)
-        iteration += 1
-
-
-def _streamed_batches(run):
-    """The stream's micro-batches, a whole step at a time; they end, on every process at once, at
-    the first step some process's part of the stream cannot fill (stream_repeat=False)."""
-    acc = run.accelerator
-    while True:
-        batches = run.stream.iteration(run.micro_steps)
-        ended = batches is None
-        if acc.num_processes > 1:
-            ended = bool(acc.reduce(torch.tensor(int(ended), device=acc.device), reduction="sum").item())
-        if ended:
-            return
-        yield from ((x, y, None) for x, y in batches)
+    """This process's (x, y, targets) micro-batches from run.iter_num on (gpt_train.data's
+    TrainingData.batches); they end, on every process at once, where the data do."""
+    return run.data.batches(run.accelerator, run.iter_num, run.micro_steps)
 
 
 def save(run, val_loss=None):
@@ -383,8 +324,7 @@ def save(run, val_loss=None):
                          micro_batch=run.sampler.batch_size if run.cfg.auto_find_batch_size else None,
                          config=dataclasses.asdict(run.cfg))
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
-    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state,
-                               run.stream and functools.partial(save_stream_state, run.stream))
+    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state, run.data.save_state)
     run.judge(run.accelerator, run.iter_num, keep=True)  # before the push: the Hub gets the scores too
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
@@ -393,27 +333,24 @@ def fit(run):
     cfg, acc, model = run.cfg, run.accelerator, run.model
     rows_per_iter = run.sampler.batch_size * run.micro_steps  # auto_find_batch_size may have changed the split
     flops_per_iter = flops_per_token(acc.unwrap_model(model)) * rows_per_iter * cfg.block_size
-    peak = peak_flops(acc.device)  # None: a GPU not in the table says "mfu n/a", a CPU's lines leave it out
-    mfu_shown = acc.device.type != "cpu"
+    # peak None: a GPU not in the table says "mfu n/a"; a CPU's lines leave MFU out
+    progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter, flops_per_iter,
+                        peak_flops(acc.device), mfu_shown=acc.device.type != "cpu")  # log line, ETA, summary
+    plot = LivePlot(acc, cfg.out_dir)  # out_dir/loss.png, after each eval
     batches = train_batches(run)
-    batch = next(batches, None)  # (x, y, targets); None once a stream has ended
-    progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter,
-                        flops_per_iter, peak, mfu_shown)  # ETA on the log line, summary at the end
-    plot = LivePlot(acc, cfg.out_dir if run.writes else None)  # out_dir/loss.png, after each eval
+    batch = next(batches, None)  # (x, y, targets); None once the data have ended
     t0 = time.time()
-    local_iter_num, running_mfu = 0, -1.0
     while True:
         lr = run.schedulers[0].get_last_lr()[0]  # AdamW's; Muon's follows the same multiplier
 
         # evaluate the loss on train/val sets and write checkpoints
-        ended = batch is None  # a stream that ran out ends the run as max_iters does
-        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or not run.writes or ended:
-            evaluate_and_checkpoint(run, lr, running_mfu)
+        ended = batch is None  # data that ran out (a stream) end the run as max_iters does
+        if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or ended:
+            evaluate_and_checkpoint(run, lr, progress.mfu_record())
             plot.update()
-        if ended and run.writes:
-            acc.print(f"{cfg.stream_from} ended: stopped after iteration {run.iter_num - 1} of {cfg.max_iters} "
-                      "(stream_repeat=True starts it over instead)")
-        if not run.writes or run.iter_num >= cfg.max_iters or ended:  # an evaluation is one eval step
+        if ended:
+            acc.print(run.data.ended(run.iter_num, cfg.max_iters))
+        if run.iter_num >= cfg.max_iters or ended:
             break
 
         # forward, backward, update; gradients are synchronised only on the last micro-step
@@ -446,17 +383,10 @@ def fit(run):
             lossf = acc.reduce(loss_sum, reduction="mean").item() / run.micro_steps
             if not cfg.skip_nonfinite_steps:
                 check_finite(run, lossf, "loss")
-            if local_iter_num >= MFU_WARMUP_ITERS and peak:
-                mfu = flops_per_iter / dt / peak
-                running_mfu = mfu if running_mfu == -1.0 else 0.9 * running_mfu + 0.1 * mfu
-            tokens_per_sec = run.tokens_per_iter / dt
-            mfu_text = f"mfu {format_mfu(running_mfu)}, " if mfu_shown else ""
-            acc.print(f"iter {run.iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, "
-                      f"{mfu_text}{tokens_per_sec:,.0f} tok/s{progress.eta(run.iter_num, dt)}")
-            log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, "dt_ms": dt * 1000,
-                                             "tokens_per_sec": tokens_per_sec, **_mfu_record(running_mfu)})
+            line, record = progress.step_line(run.iter_num, lossf, dt)
+            acc.print(line)
+            log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, **record})
         run.iter_num += 1
-        local_iter_num += 1
 
         # pre-emption (SIGTERM) or Ctrl-C: checkpoint at this step boundary, then stop
         if run.stop and run.stop.agreed(at_sync_point=log_step):
@@ -466,38 +396,50 @@ def fit(run):
             acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                       "continue with --init_from=resume")
             break
-    if run.writes:
-        progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
+    progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
     run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
     return run
 
 
-def evaluate_and_checkpoint(run, lr, running_mfu):
-    """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
-    cfg, acc = run.cfg, run.accelerator
+def report_losses(run, lr, mfu_record=None):
+    """Both losses, printed and logged like nanoGPT's eval step; {split: loss}."""
+    acc = run.accelerator
     losses = estimate_loss(run)
     perplexity = {split: math.exp(min(loss, MAX_LOG_PERPLEXITY)) for split, loss in losses.items()}
     bpb = bits_per_byte(losses["val"], run.bytes_per_token)
     acc.print(f"step {run.iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f} "
               f"({bpb:.4f} bits per byte)")
-    if not run.writes:
-        acc.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
-        run.judge(acc, run.iter_num, keep=False)  # an evaluation writes nothing
     log(acc, "eval", run.iter_num, {"train/loss": losses["train"], "val/loss": losses["val"],
                                     "train/perplexity": perplexity["train"], "val/perplexity": perplexity["val"],
-                                    "val/bpb": bpb,
-                                    "lr": lr, **_mfu_record(running_mfu)})
+                                    "val/bpb": bpb, "lr": lr, **(mfu_record or {})})
+    return losses, perplexity
+
+
+def evaluate_and_checkpoint(run, lr, mfu_record):
+    """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
+    losses, _ = report_losses(run, lr, mfu_record)
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
-    if losses["val"] < run.best_val_loss or cfg.always_save_checkpoint:
+    if losses["val"] < run.best_val_loss or run.cfg.always_save_checkpoint:
         if losses["val"] < run.best_val_loss:
             run.best_val_loss, run.best_iter = losses["val"], run.iter_num
-        if run.iter_num > 0 and run.writes:
+        if run.iter_num > 0:
             save(run, val_loss=losses["val"])
 
 
-def _mfu_record(mfu):
-    return {"mfu": mfu * 100} if mfu >= 0 else {}  # no placeholder value in the log or in wandb
+def evaluate_only(start):
+    """eval_only: the model the start names, built as for training, evaluated once: its losses,
+    perplexity and benchmarks reported and logged, nothing written to out_dir (nanoGPT's
+    `if iter_num == 0 and eval_only: break`)."""
+    run = build(start)
+    _start_trackers(run, start)
+    _report_start(run, all_settings="--print_config")
+    losses, perplexity = report_losses(run, run.schedulers[0].get_last_lr()[0])
+    run.accelerator.print(f"perplexity: train {perplexity['train']:.2f}, val {perplexity['val']:.2f}")
+    run.judge(run.accelerator, run.iter_num, keep=False)  # an evaluation keeps no scores
+    run.accelerator.end_training()
+    run.data.close()
+    return run
 
 
 def check_finite(run, loss, what):
@@ -509,7 +451,10 @@ def check_finite(run, loss, what):
 
 
 def train(cfg):
-    run = setup(cfg)
+    start = plan(cfg)
+    if not start.writes:  # eval_only
+        return evaluate_only(start)
+    run = open_training(start)
     with StopSignals(run.accelerator) as run.stop:
         try:
             return fit(run)
@@ -527,9 +472,6 @@ def train(cfg):
                 raise
             raise UserError(f"{why}: {last_checkpoint_note(run.cfg.out_dir)}") from None
         finally:
-            if run.stream:
-                run.stream.close()  # its producer thread, also when the run failed
+            run.data.close()  # a stream's producer thread, also when the run failed
             if run.lock:
                 run.lock.release()  # the process's end would too; in-process callers need it now
-
-

@@ -9,7 +9,7 @@ and the gathering of the full model are all Accelerate's and PyTorch's real code
 from accelerate import PartialState
 from accelerate.utils import DistributedType
 
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 
 PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU  # gloo, CPU tensors: only the label changes
 main()

@@ -10,9 +10,9 @@ from transformers import pipeline
 from conftest import TINY_MODEL, forget_the_run, one_line_error, read_metrics, sha256
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
-from gpt_train.optim import adamw_8bit_class
-from gpt_train.cli import train as main
-from gpt_train.train import _precision, setup, train
+from gpt_train.optim import make_optimizers
+from gpt_train.commands import train as main
+from gpt_train.train import setup, train
 
 # n_embd=64: the blocks' matrices and the embedding reach bitsandbytes' 4,096 elements for 8-bit state
 EIGHT_BIT = [*TINY_MODEL, "--n_embd=64", "--optimizer=adamw_8bit", "--eval_interval=5", "--eval_iters=2",
@@ -66,7 +66,8 @@ def test_adamw_8bit_without_bitsandbytes_is_one_line(char_data, tmp_path, capsys
 
 def test_adamw_8bit_where_it_does_not_run_is_refused(char_data, tmp_path, monkeypatch):
     with pytest.raises(UserError, match="optimizer='adamw_8bit' does not run on mps"):
-        adamw_8bit_class("mps")
+        make_optimizers(torch.nn.Linear(2, 2), load_config(eight_bit_args(char_data, tmp_path / "out")), "mps")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for an FSDP config
     with pytest.raises(UserError, match="optimizer='adamw_8bit' does not run under FSDP"):
-        _precision(load_config(eight_bit_args(char_data, tmp_path / "out")), torch.device("cpu"))
+        train(load_config(eight_bit_args(char_data, tmp_path / "out")))
+    assert not (tmp_path / "out").exists()

@@ -10,7 +10,7 @@ from conftest import one_line_error, read_metrics
 from gpt_train import checkpoint
 from gpt_train.auto_batch import candidates
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.errors import UserError
 from gpt_train.train import train
 from out_of_memory import inject

@@ -14,7 +14,7 @@ from conftest import ROOT, forget_the_run, one_line_error, read_metrics
 from gpt_train.chat import DEFAULT_TEMPLATE
 from gpt_train.cli import load_config
 from gpt_train.data import IGNORE_INDEX, BlockSampler, open_dataset
-from gpt_train.prepare import main as prepare_main
+from gpt_train.commands import prepare as prepare_main
 from gpt_train.sample import SampleConfig, chat
 from gpt_train.train import forward_loss, train
 

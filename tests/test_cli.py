@@ -54,7 +54,7 @@ def test_print_config_shows_the_resolved_settings_as_a_preset_and_exits(tmp_path
 
 
 def test_print_config_still_reports_bad_settings(capsys):
-    from gpt_train.cli import train as main
+    from gpt_train.commands import train as main
     with pytest.raises(SystemExit) as stop:
         main(["--n_layr=2", "--print_config"])
     assert stop.value.code == 2 and "did you mean n_layer?" in capsys.readouterr().err
@@ -73,7 +73,7 @@ def test_console_entry_points_name_importable_mains():
 
 @pytest.mark.slow
 def test_gpt_prepare_dispatches_by_dataset_name(char_data, tmp_path, capsys):
-    from gpt_train.prepare import main
+    from gpt_train.commands import prepare as main
     main(["shakespeare_char", f"--out_dir={tmp_path}"])
     for split in ("train", "val"):  # what data_prep/shakespeare_char/prepare.py wrote
         assert (tmp_path / f"{split}.bin").read_bytes() == open(f"{char_data}/{split}.bin", "rb").read()

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
 
 from conftest import TINY_MODEL, sha256
 from gpt_train import checkpoint
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.convert import main as convert
 from gpt_train.sample import generate_sliding
 

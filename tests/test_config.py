@@ -131,3 +131,12 @@ def test_loader_records_which_settings_were_given(tmp_path):
     cfg = load_config([preset, "--per_device_train_batch_size=3"])
     assert cfg.explicit == {"n_layer", "batch_size"}
     assert load_config([]).explicit == frozenset()
+
+
+def test_every_optimizer_setting_has_its_facts_in_optims_table():
+    # the settings list the names (for --help and the check), optim.OPTIMIZERS what each one is
+    from gpt_train.config import OPTIMIZERS as NAMES
+    from gpt_train.optim import OPTIMIZERS
+
+    assert tuple(OPTIMIZERS) == NAMES
+    assert all(callable(facts.build) and facts.state_bytes > 0 for facts in OPTIMIZERS.values())

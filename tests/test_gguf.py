@@ -19,10 +19,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from conftest import ROOT, TINY_MODEL, one_line_error
-from gpt_train.cli import train
+from gpt_train.commands import train
 from gpt_train.convert import main as convert
 from gpt_train.gguf_export import CONV1D_WEIGHTS, byte_level
-from gpt_train.prepare import main as prepare
+from gpt_train.commands import prepare
 from gpt_train.tokenizer import char_tokenizer, save_tokenizer
 
 SHAKESPEARE = os.path.join(ROOT, "data_prep", "tinyshakespeare", "input.txt")

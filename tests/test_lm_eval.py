@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 
 from conftest import ROOT, TINY_MODEL, read_metrics, sha256
 from gpt_train import checkpoint
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train import evaluate as evaluate_module
 from gpt_train.evaluate import main as evaluate_main
 

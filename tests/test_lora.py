@@ -16,7 +16,7 @@ from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, re
 from gpt_train import push
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
-from gpt_train.train import _precision, train
+from gpt_train.train import train
 
 LORA = ["--finetune_method=lora", "--lora_r=4", "--lora_alpha=8", "--lora_dropout=0.1", "--learning_rate=1e-2",
         "--min_lr=1e-3", "--warmup_iters=2"]
@@ -157,9 +157,9 @@ def test_lora_settings_that_cannot_work_are_refused(char_data, base, tmp_path, s
 
 def test_lora_under_fsdp_is_refused_before_anything_loads(char_data, base, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch exports for an FSDP config
-    cfg = load_config(lora_args(char_data, base, str(tmp_path / "out")))
     with pytest.raises(UserError, match="finetune_method='lora' does not run under FSDP"):
-        _precision(cfg, torch.device("cpu"))
+        train(load_config(lora_args(char_data, base, str(tmp_path / "out"))))
+    assert not (tmp_path / "out").exists()
 
 
 def test_unknown_target_modules_are_one_line(char_data, base, tmp_path):

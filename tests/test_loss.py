@@ -139,10 +139,10 @@ def test_float16_is_refused_in_one_line(tiny_run, capsys, monkeypatch):
     loss's gradients only after they were rounded: refused before anything loads. No such GPU
     here: the precision it would resolve to is the one thing stood in for."""
     from conftest import one_line_error
-    from gpt_train import train as train_module
-    from gpt_train.cli import train as main
+    from gpt_train import start as start_module
+    from gpt_train.commands import train as main
     out_dir, args = tiny_run
-    monkeypatch.setattr(train_module, "mixed_precision", lambda dtype, device: "fp16")
+    monkeypatch.setattr(start_module, "mixed_precision", lambda dtype, device: "fp16")
     error = one_line_error(main, [*args, "--chunked_loss=True"], capsys)
     assert "chunked_loss computes its gradients before float16's loss scaling" in error
     assert "--dtype=bfloat16" in error and not os.path.exists(out_dir)

@@ -12,7 +12,7 @@ from benchmarks.memory_estimate import CASES, SHAPE, measured_and_estimated, tra
 from conftest import ROOT, forget_the_run, one_line_error, read_metrics
 from gpt_train import train as train_module
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.errors import UserError
 from gpt_train.memory import GB, Workload, check_fits, estimate
 

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from conftest import ROOT, forget_the_run, one_line_error
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.model import load_pretrained, read_model_config
-from gpt_train.prepare import main as prepare_main
+from gpt_train.commands import prepare as prepare_main
 from gpt_train.prepare import prepare_corpus
 
 

@@ -10,10 +10,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from conftest import ROOT, TINY_MODEL, one_line_error, read_metrics, run_script, sha256
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.convert import main as convert_main
 from gpt_train.plot import main as plot_main
-from gpt_train.prepare import main as prepare_main
+from gpt_train.commands import prepare as prepare_main
 from gpt_train.sample import main as sample_main
 
 SHAKESPEARE = os.path.join(ROOT, "data_prep", "tinyshakespeare", "input.txt")

@@ -30,7 +30,7 @@ from gpt_train import checkpoint
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.out_dir import has_checkpoint
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.train import NonFiniteLoss, fit, setup, train
 
 # Dropout on, so an exact resume also proves every RNG was restored.

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, read_metrics, sha256
 from gpt_train import checkpoint
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 
 pytestmark = pytest.mark.slow  # launched processes or lm-eval's task index: the full suite only
 

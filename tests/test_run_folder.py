@@ -19,7 +19,7 @@ import pytest
 
 from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, one_line_error, tree_digest
 from gpt_train import checkpoint
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.cli import load_config
 from gpt_train.convert import upgrade
 from gpt_train.errors import UserError

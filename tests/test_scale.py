@@ -11,7 +11,7 @@ from conftest import ROOT, TINY_MODEL, read_metrics, run_script
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.device import mixed_precision, process_group_kwargs, resolve_device, torch_dtype
-from gpt_train.model import gpu_peak_flops, peak_flops
+from gpt_train.progress import gpu_peak_flops, peak_flops
 from gpt_train.progress import format_mfu, mfu
 from gpt_train.train import micro_steps_per_process, setup, train
 

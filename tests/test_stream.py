@@ -16,7 +16,7 @@ import pytest
 from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, one_line_error, read_metrics, \
     sha256, torch_threads
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.stream import TokenStream, stream_codec
 from gpt_train.tokenizer import Gpt2Codec
 from gpt_train.train import train

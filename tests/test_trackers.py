@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import forget_the_run, one_line_error, tree_digest
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.errors import UserError
 from gpt_train.hub import published_files
 from gpt_train.out_dir import read_metrics

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer, GPT2LMHeadModel
 
 from conftest import one_line_error, read_metrics
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.optim import lr_multiplier
 from gpt_train.train import train
 

@@ -16,9 +16,9 @@ import pytest
 from conftest import ROOT, TINY_MODEL, one_line_error, read_metrics, run_script, tree_digest
 from gpt_train.bench import main as bench_main
 from gpt_train.cli import load_config
-from gpt_train.cli import train as main
+from gpt_train.commands import train as main
 from gpt_train.errors import UserError
-from gpt_train.prepare import main as prepare_main
+from gpt_train.commands import prepare as prepare_main
 from gpt_train.train import train
 
 SHORT = ["--max_iters=6", "--eval_interval=3", "--eval_iters=2"]
@@ -163,7 +163,7 @@ def test_a_cpu_run_reports_no_mfu(tiny_run, capsys):
 
 @pytest.mark.slow
 def test_help_answers_before_torch_is_imported():
-    code = ("import sys\nfrom gpt_train.cli import train\ntry:\n    train(['--help'])\nexcept SystemExit:\n    pass\n"
+    code = ("import sys\nfrom gpt_train.commands import train\ntry:\n    train(['--help'])\nexcept SystemExit:\n    pass\n"
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip().splitlines()[-1] == "False False"

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare chat`)
+from gpt_train.commands import prepare as main  # noqa: E402  (the same preparer as `gpt-prepare chat`)
 
 if __name__ == "__main__":
     main(["chat", *sys.argv[1:]])

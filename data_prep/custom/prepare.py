@@ -19,7 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare custom`)
+from gpt_train.commands import prepare as main  # noqa: E402  (the same preparer as `gpt-prepare custom`)
 
 if __name__ == "__main__":
     main(["custom", *sys.argv[1:]])

@@ -10,7 +10,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare fineweb`)
+from gpt_train.commands import prepare as main  # noqa: E402  (the same preparer as `gpt-prepare fineweb`)
 
 if __name__ == "__main__":
     main(["fineweb", *sys.argv[1:]])

@@ -12,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from gpt_train.prepare import main  # noqa: E402  (the same preparer as `gpt-prepare shakespeare`)
+from gpt_train.commands import prepare as main  # noqa: E402  (the same preparer as `gpt-prepare shakespeare`)
 
 if __name__ == "__main__":
     main(["shakespeare", *sys.argv[1:]])
