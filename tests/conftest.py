@@ -3,6 +3,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,6 +20,21 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n 2 on two cores: one torch thread per worker and per process it starts, or the
     # workers' thread pools oversubscribe the cores and small ops slow down tenfold
     os.environ["OMP_NUM_THREADS"] = "1"
+# The test files that take longest (seconds on one worker, measured with --junitxml on 2026-12-07),
+# slowest first. With --dist=loadfile and --no-loadscope-reorder (pyproject.toml) xdist hands the
+# files out in collection order: the long ones start at once and the short ones fill the gaps,
+# instead of the longest starting last while the other worker idles. A file not listed runs after
+# these, in its usual order; a stale list costs minutes, never a test.
+SLOWEST_FIRST = ["test_loss.py", "test_readme_walk.py", "test_stream.py", "test_restarts.py", "test_fsdp.py",
+                 "test_user_paths.py", "test_reliability.py", "test_muon.py", "test_memory.py", "test_run_folder.py",
+                 "test_lm_eval.py", "test_distributed.py", "test_gpu_checks.py", "test_auto_batch.py"]
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: index for index, name in enumerate(SLOWEST_FIRST)}
+    items.sort(key=lambda item: rank.get(os.path.basename(str(item.fspath)), len(rank)))  # stable within a file
+
+
 # datasets caches what it loads; tests keep theirs out of the user's ~/.cache.
 DATASETS_CACHE = os.path.join(tempfile.gettempdir(), f"gpt-train-tests-datasets-{os.getuid()}")
 os.environ["HF_DATASETS_CACHE"] = DATASETS_CACHE
@@ -111,6 +127,29 @@ def tiny_gpt2(tmp_path_factory):
     GPT2LMHeadModel(config).save_pretrained(folder)
     gpt2_tokenizer().save_pretrained(folder)
     return str(folder)
+
+
+TINY_CHECKPOINT_ITER = 4  # the shared tiny run's checkpoint: evaluated at 0, 2 and 4, saved at 2 and 4
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(char_data, tmp_path_factory):
+    """A finished tiny char run's out_dir (model folder, training state, metrics), trained once per
+    worker in place of a model per test file. Read it, or change a copy (`copy_of`): never it."""
+    from gpt_train.commands import train
+
+    out_dir = str(tmp_path_factory.mktemp("tiny_checkpoint") / "out")
+    train([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, f"--max_iters={TINY_CHECKPOINT_ITER}",
+           "--eval_interval=2", "--eval_iters=1"])
+    forget_the_run()
+    return out_dir
+
+
+def copy_of(folder, tmp_path_factory, name):
+    """A copy of `folder` that a module's tests may change, as out_dir would hold it."""
+    target = tmp_path_factory.mktemp(name) / "out"
+    shutil.copytree(folder, target)
+    return str(target)
 
 
 @pytest.fixture

@@ -10,9 +10,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, GPT2LMHeadModel, pipeline
 
-from conftest import TINY_MODEL, sha256
+from conftest import TINY_CHECKPOINT_ITER, copy_of, sha256
 from gpt_train import checkpoint
-from gpt_train.commands import train as main
 from gpt_train.convert import main as convert
 from gpt_train.sample import generate_sliding
 
@@ -22,11 +21,8 @@ CONTEXT = 32  # TINY_MODEL's block_size
 
 
 @pytest.fixture(scope="module")
-def char_folder(char_data, tmp_path_factory):
-    out_dir = str(tmp_path_factory.mktemp("clients") / "out")
-    main([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=2", "--eval_interval=2",
-          "--eval_iters=1"])
-    return out_dir
+def char_folder(tiny_checkpoint, tmp_path_factory):
+    return copy_of(tiny_checkpoint, tmp_path_factory, "clients")
 
 
 def read_json(folder, name):
@@ -112,7 +108,7 @@ def test_upgrade_rewrites_an_older_folder_in_place_and_its_run_still_resumes(cha
     for name in ("generation_config.json", "config.json", "tokenizer_config.json"):
         assert read_json(old, name) == read_json(char_folder, name)
     assert sha256(os.path.join(old, "model.safetensors")) == weights
-    assert checkpoint.read_trainer_state(old).iter_num == 2  # the manifest follows: the run still resumes
+    assert checkpoint.read_trainer_state(old).iter_num == TINY_CHECKPOINT_ITER  # the manifest follows: the run still resumes
     assert not [n for n in os.listdir(old) if n.startswith(".upgrade")]
     convert(["upgrade", old])
     assert capsys.readouterr().out.strip() == f"{old} is up to date"

@@ -13,23 +13,18 @@ import shutil
 
 import pytest
 
-from conftest import TINY_MODEL, one_line_error, tree_digest
-from gpt_train.cli import load_config
+from conftest import one_line_error, tree_digest
 from gpt_train.convert import main as convert_main
 from gpt_train.evaluate import main as evaluate_main
 from gpt_train.sample import main as sample_main
-from gpt_train.train import train
 
 ADVICE = "restore the folder from a copy"
 
 
 @pytest.fixture(scope="module")
-def trained(char_data, tmp_path_factory):
+def trained(tiny_checkpoint):
     """A finished tiny run's out_dir: a model folder with a char tokenizer, copied by each test."""
-    out_dir = str(tmp_path_factory.mktemp("trained") / "out")
-    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, "--max_iters=2",
-                       "--eval_interval=2", "--eval_iters=1"]))
-    return out_dir
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")

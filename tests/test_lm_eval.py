@@ -10,7 +10,7 @@ import time
 import pytest
 from huggingface_hub import ModelCard
 
-from conftest import ROOT, TINY_MODEL, read_metrics, sha256
+from conftest import ROOT, TINY_MODEL, copy_of, read_metrics, sha256
 from gpt_train import checkpoint
 from gpt_train.commands import train as main
 from gpt_train import evaluate as evaluate_module
@@ -70,8 +70,8 @@ def bpe_folder(bpe_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def char_folder(char_data, tmp_path_factory):
-    return trained(char_data, str(tmp_path_factory.mktemp("char") / "out"))
+def char_folder(tiny_checkpoint, tmp_path_factory):
+    return copy_of(tiny_checkpoint, tmp_path_factory, "char")  # lm-eval writes its results into it
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ from transformers import GPT2LMHeadModel
 import accelerate
 import accelerate.checkpointing
 from accelerate.state import AcceleratorState, GradientState, PartialState
-from conftest import ROOT, TINY_MODEL, forget_the_run, one_line_error, run_script, sha256, tree_digest
+from conftest import ROOT, TINY_CHECKPOINT_ITER, TINY_MODEL, forget_the_run, one_line_error, run_script, sha256, tree_digest
 from gpt_train import checkpoint
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -214,12 +214,9 @@ def test_resume_continues_the_same_wandb_run(tiny_run, tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def checkpointed(char_data, tmp_path_factory):
+def checkpointed(tiny_checkpoint):
     """A finished tiny run's out_dir, copied by each test that needs one."""
-    out_dir = str(tmp_path_factory.mktemp("checkpointed") / "out")
-    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL,
-                       "--gradient_accumulation_steps=1", "--max_iters=2", "--eval_interval=2", "--eval_iters=1"]))
-    return out_dir
+    return tiny_checkpoint
 
 
 def bad_token_ids(data_dir):
@@ -343,7 +340,8 @@ GUARDED = {
     "a model beyond any memory": (["--n_layer=48", "--n_embd=32768", "--n_head=32", "--out_dir=never-written"],
                                   None, None, "no setting here fits it: shard it over several GPUs", False),
     "a new run over a run": (["--overwrite_output_dir=False"], None, None, "holds another training run (a "
-                             "checkpoint at iteration 2): continue it with --init_from=resume", True),
+                             f"checkpoint at iteration {TINY_CHECKPOINT_ITER}): continue it with --init_from=resume",
+                             True),
 }
 
 

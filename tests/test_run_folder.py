@@ -53,11 +53,9 @@ def run_main(argv, capsys):
 
 
 @pytest.fixture(scope="module")
-def finished(char_data, tmp_path_factory):
-    """A finished tiny run (checkpoint at iteration 4), copied by each test that changes one."""
-    out_dir = str(tmp_path_factory.mktemp("finished") / "out")
-    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--max_iters=4"]))
-    return out_dir
+def finished(tiny_checkpoint):
+    """A finished tiny run (checkpoint at iteration 4: SHORT to max_iters=4), copied by each test that changes one."""
+    return tiny_checkpoint
 
 
 @pytest.fixture

@@ -10,29 +10,21 @@ import torch
 from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import TINY_MODEL, one_line_error, run_script
+from conftest import TINY_CHECKPOINT_ITER, TINY_MODEL, one_line_error, run_script
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
 from gpt_train.model import PADDED_GPT2_VOCAB, build_model
 from gpt_train.sample import main as sample_main
 from gpt_train.sample import SEPARATOR, SampleConfig, generate_sliding, model_source, sample
 from gpt_train.tokenizer import gpt2_tokenizer
-from gpt_train.train import train
 
 BLOCK = 32  # TINY_MODEL's context
 
 
 @pytest.fixture(scope="module")
-def char_model(char_data, tmp_path_factory):
-    """A tiny char-level model trained by train.py, as out_dir holds it."""
-    out_dir = str(tmp_path_factory.mktemp("char") / "out")
-    train(load_config([f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL,
-                       "--max_iters=20", "--eval_interval=10", "--eval_iters=2"]))
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-    return out_dir
+def char_model(tiny_checkpoint):
+    """A tiny char-level model trained by train.py, as out_dir holds it (sampling reads, never writes it)."""
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +78,9 @@ def test_model_card_names_dataset_progress_and_settings(char_model):
     card = ModelCard.load(os.path.join(char_model, "README.md"))
     assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
     assert "| dataset | `shakespeare_char` |" in card.text  # the --data_dir folder the bins came from
-    assert state["iter_num"] == 20 and f"| iteration | {state['iter_num']:,} |" in card.text
-    assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text and state["tokens_seen"] == 20 * 4 * BLOCK  # 20 iterations of 1 x 4 x 32
+    assert state["iter_num"] == TINY_CHECKPOINT_ITER and f"| iteration | {state['iter_num']:,} |" in card.text
+    assert f"| tokens seen | {state['tokens_seen']:,} |" in card.text
+    assert state["tokens_seen"] == TINY_CHECKPOINT_ITER * 4 * BLOCK  # iterations of 1 x 4 x 32
     bits = state["best_val_loss"] / math.log(2) / state["val_bytes_per_token"]  # ASCII characters: 1 byte each
     assert state["val_bytes_per_token"] == 1.0
     assert f"| best val loss of the run | {state['best_val_loss']:.4f} ({bits:.4f} bits per byte of val text), at " \
