@@ -18,7 +18,9 @@ assistant's tokens ({% generation %}, what transformers' assistant mask needs).
 
 Not here: the sampler that reads the mask (gpt_train.data), the loss (gpt_train.train).
 """
+import functools
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 
@@ -30,7 +32,10 @@ from gpt_train.data import MASK_DTYPE, MASK_SUFFIX, SPLITS, TOKEN_DTYPE
 from gpt_train.errors import UserError, first_line
 
 ROLES = ("system", "user", "assistant")
+# The tag transformers' return_assistant_tokens_mask needs around the assistant's text: {% generation %}
+GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 TOO_LONG = ("truncate", "drop")
+ROW_COLUMN = "__gpt_train_row"  # a record's place in its source, kept through the split
 DEFAULT_TEMPLATE = (
     "{%- for message in messages -%}"
     "{%- if message['role'] == 'assistant' -%}"
@@ -75,10 +80,9 @@ class ChatConfig:
 
 def chat_tokenizer(tokenizer_from):
     """The model's tokenizer, with a chat template that marks the assistant's tokens."""
-    from gpt_train.model import pretrained_folder
-    from gpt_train.tokenizer import model_tokenizer
+    from gpt_train.tokenizer import tokenizer_of
 
-    tokenizer = model_tokenizer(pretrained_folder(tokenizer_from))
+    tokenizer = tokenizer_of(tokenizer_from, "tokenizer_from")
     if tokenizer.eos_token is None:
         raise UserError(f"{tokenizer_from}'s tokenizer has no end-of-text token to end each assistant turn with "
                         "(a char vocabulary has none): fine-tune a model with GPT-2 BPE or its own BPE")
@@ -86,7 +90,7 @@ def chat_tokenizer(tokenizer_from):
         raise UserError(f"{tokenizer_from}'s tokenizer is not a fast (`tokenizers`) one: the assistant mask needs "
                         "its offsets")
     template = tokenizer.chat_template
-    if template and "generation" not in template:
+    if template and not GENERATION_MARKER.search(template):  # "generation" alone: add_generation_prompt has it
         raise UserError(f"{tokenizer_from}'s chat template does not mark the assistant's tokens "
                         "({% generation %}...{% endgeneration %}): add the markers to it, or remove "
                         "chat_template.jinja to use gpt-train's default")
@@ -95,16 +99,17 @@ def chat_tokenizer(tokenizer_from):
 
 
 def check_conversation(messages, where):
+    """`where()`: the conversation's place, for the message (only found when one is needed)."""
     if not isinstance(messages, list) or not messages:
-        raise UserError(f"{where} has no conversation: expected a non-empty list of {{role, content}}, got "
+        raise UserError(f"{where()} has no conversation: expected a non-empty list of {{role, content}}, got "
                         f"{type(messages).__name__}")
     for turn in messages:
         if not isinstance(turn, dict) or not isinstance(turn.get("content"), str):
-            raise UserError(f"{where}: every message needs a 'role' and a text 'content', got {turn!r:.80}")
+            raise UserError(f"{where()}: every message needs a 'role' and a text 'content', got {turn!r:.80}")
         if turn.get("role") not in ROLES:
-            raise UserError(f"{where}: role {turn.get('role')!r} is not one of {', '.join(ROLES)}")
+            raise UserError(f"{where()}: role {turn.get('role')!r} is not one of {', '.join(ROLES)}")
     if not any(turn["role"] == "assistant" for turn in messages):
-        raise UserError(f"{where} has no assistant message: there is nothing to learn from it")
+        raise UserError(f"{where()} has no assistant message: there is nothing to learn from it")
 
 
 def encode(tokenizer, messages):
@@ -116,35 +121,38 @@ def encode(tokenizer, messages):
 
 def prepare_chat(argv):
     from gpt_train.prepare import commit_dataset  # deferred: training imports this module, not the writer
-    from gpt_train.sources import load_source, progress_bars
+    from gpt_train.sources import load_source, progress_bars, record_place
     from gpt_train.tokenizer import save_tokenizer  # module, not them
 
     cfg = load_config(argv, ChatConfig)
     with progress_bars(cfg.source):
-        corpus, out_dir, _ = load_source(cfg, "messages_column")
+        corpus, out_dir, files = load_source(cfg, "messages_column")
     if len(corpus) < 2:
         raise UserError(f"{cfg.source} holds {len(corpus)} conversation(s): a train and a val split need at least 2")
     tokenizer = chat_tokenizer(cfg.tokenizer_from)
+    # each record keeps its place in the source through the shuffled split, for the messages
+    corpus = corpus.add_column(ROW_COLUMN, list(range(len(corpus))))
     parts = corpus.train_test_split(test_size=cfg.val_fraction, seed=cfg.seed)
+    place = functools.partial(record_place, cfg.source, files)
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir, prefix=".staging-") as staging:
         for split, part in zip(SPLITS, (parts["train"], parts["test"]), strict=True):
-            _write_split(cfg, tokenizer, part, split, staging)
+            _write_split(cfg, tokenizer, part, split, staging, place)
         save_tokenizer(tokenizer, staging)
         commit_dataset(staging, out_dir)
     print(f"wrote {out_dir}")
     return out_dir
 
 
-def _write_split(cfg, tokenizer, part, split, staging):
+def _write_split(cfg, tokenizer, part, split, staging, place):
+    """`place(row)`: where the source's row-th record is, for messages."""
     ids, masks, truncated, dropped = [], [], 0, 0
-    for i, record in enumerate(part[cfg.messages_column]):
-        check_conversation(record, f"conversation {i} of the {split} split")
+    for record, row in zip(part[cfg.messages_column], part[ROW_COLUMN], strict=True):
+        check_conversation(record, lambda: place(row))
         try:
             tokens, mask = encode(tokenizer, record)
         except Exception as e:  # the template's own errors (a role it refuses, a missing variable)
-            raise UserError(f"the chat template failed on conversation {i} of the {split} split: "
-                            f"{first_line(e)}") from None
+            raise UserError(f"the chat template failed on the conversation at {place(row)}: {first_line(e)}") from None
         if len(tokens) > cfg.max_tokens:
             if cfg.too_long == "drop":
                 dropped += 1

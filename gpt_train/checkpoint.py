@@ -37,7 +37,7 @@ from transformers.utils import logging as hf_logging
 from gpt_train.errors import UserError, first_line
 from gpt_train.files import WRITE_FAILURES, describe_write_failure, give_default_mode, write_json
 from gpt_train.model import COMPILED_PREFIX
-from gpt_train.metrics import drop_torn_last_line
+from gpt_train.metrics import drop_records_from, drop_torn_last_line
 from gpt_train.model_card import write_model_card
 from gpt_train.lora import is_adapted, merged_state_dict
 from gpt_train.out_dir import (ADAPTER_DIR, ATOMIC_TEMPORARY, COMMITTED_DIR, HUB_EVAL_RESULTS, METRICS, OLD_SUFFIX,
@@ -247,9 +247,10 @@ def _check_sharding_matches(accelerator, out_dir):
                         "--out_dir=NEW_DIR")
 
 
-def start_run_folder(out_dir, replace):
+def start_run_folder(out_dir, replace, resumed_at=None):
     """On the main process: out_dir created (another run's files removed first if `replace`) and what
-    a killed write left there cleared, before any tracker writes to it (TensorBoard's runs/)."""
+    a killed write left there cleared, before any tracker writes to it (TensorBoard's runs/); for a
+    resume (`resumed_at`: its iteration), what the interrupted session logged past its checkpoint."""
     if not PartialState().is_main_process:
         return
     if replace:
@@ -266,6 +267,8 @@ def start_run_folder(out_dir, replace):
     if torn:
         print(f"warning: {METRICS}'s last line was cut short ({torn} bytes, a write that never finished): "
               "dropped it")
+    if resumed_at is not None:
+        drop_records_from(out_dir, resumed_at)
 
 
 def write_run_settings(out_dir, settings):

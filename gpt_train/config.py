@@ -74,6 +74,8 @@ class TrainConfig:
     stream_val_documents: int = data_(1000, "the stream's first documents held out as val (the next as many are the "
                                       "train-loss sample)")
     stream_repeat: bool = data_(False, "start the stream over when it ends; False saves and stops there")
+    stream_allow_changed: bool = data_(False, "resume a streamed run although stream_from's local files changed "
+                                              "since its checkpoint (it then reads other data than it would have)")
     tokenizer: str = data_("", "stream_from's tokenizer: a model folder or Hub id; empty means init_from's, else "
                            "GPT-2's")
     gradient_accumulation_steps: int = data_(5 * 8, "micro-steps per optimizer step, summed over all processes")

@@ -4,7 +4,7 @@ model folders brought up to date for other clients; a folder as a GGUF file for 
     python -m gpt_train.convert from-nanogpt out-shakespeare-char/ckpt.pt hf-char [--meta=data/shakespeare_char]
     python -m gpt_train.convert to-nanogpt hf-char nanogpt/ckpt.pt
     python -m gpt_train.convert upgrade out-shakespeare-char
-    python -m gpt_train.convert to-gguf out-shakespeare-char [out.gguf] [--outtype=f16]
+    python -m gpt_train.convert to-gguf out-shakespeare-char [out.gguf] [--outtype=f16] [--force]
 
 The two networks are the same GPT-2; only the storage differs. nanoGPT keeps nn.Linear
 weights (out x in) where GPT-2 has Conv1D (in x out), `torch.compile` prefixes every name with
@@ -258,9 +258,10 @@ def main(argv=None):
     gg.add_argument("out_dir", metavar="OUT_DIR")
     gg.add_argument("gguf", metavar="GGUF_FILE", nargs="?", help="default: OUT_DIR-OUTTYPE.gguf beside the folder")
     gg.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="how the weight matrices are stored")
+    gg.add_argument("--force", action="store_true", help="replace GGUF_FILE if it exists")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "to-gguf":
-        path, notes = to_gguf(args.out_dir, args.gguf, args.outtype)
+        path, notes = to_gguf(args.out_dir, args.gguf, args.outtype, force=args.force)
         for note in notes:
             print(f"note: {note}")
         print(f"wrote {path}")

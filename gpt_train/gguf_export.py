@@ -33,7 +33,8 @@ from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError
 from gpt_train.files import atomic_path
-from gpt_train.out_dir import MODEL_CONFIG, check_model_files, check_model_folder
+from gpt_train.out_dir import (MODEL_CONFIG, check_model_files, check_model_folder, has_checkpoint, is_model_folder,
+                               written_by_gpt_train)
 from gpt_train.tokenizer import model_tokenizer
 
 ARCH = gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.GPT2]  # "gpt2"
@@ -51,9 +52,10 @@ EXACT_GELU = "gelu"
 NEVER_MERGED = "ÿ ÿ"  # two 0xFF bytes in GPT-2's byte alphabet
 
 
-def to_gguf(out_dir, path=None, outtype="f16"):
+def to_gguf(out_dir, path=None, outtype="f16", force=False):
     """Write out_dir's model as a GGUF file at `path` (default: OUT_DIR-OUTTYPE.gguf beside the
-    folder; a folder: that name inside it); returns (the path, notes worth printing)."""
+    folder; a folder: that name inside it); returns (the path, notes worth printing). An existing
+    file is replaced only with `force`, and never one a run folder holds as its own."""
     if outtype not in OUTTYPES:
         raise UserError(f"--outtype={outtype}: choose one of {', '.join(OUTTYPES)}")
     check_model_folder(out_dir)
@@ -64,6 +66,7 @@ def to_gguf(out_dir, path=None, outtype="f16"):
         path = os.path.join(os.path.dirname(os.path.abspath(out_dir)), default_name)
     elif os.path.isdir(path):
         path = os.path.join(path, default_name)
+    check_destination(path, force)
     tokenizer = model_tokenizer(out_dir)
     vocab = gguf_vocabulary(tokenizer, config.vocab_size)
     notes += vocab.pop("notes")
@@ -95,6 +98,33 @@ def to_gguf(out_dir, path=None, outtype="f16"):
         notes.append(f"{len(fell_back)} weights (e.g. {fell_back[0]}) have rows that are no multiple of "
                      f"{gguf.GGML_QUANT_SIZES[qtype][0]}: stored as f16, as llama.cpp's converter does")
     return path, notes
+
+
+def check_destination(path, force):
+    """Where the GGUF file may go: into an existing folder, over no file unless `force`, and never
+    over a file of a run or model folder that gpt-train writes (its weights, config, state)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"{path}: the folder {folder} does not exist; create it first or give another GGUF_FILE")
+    owner = _run_folder_owning(os.path.abspath(path))
+    if owner:
+        raise UserError(f"{path} is one of the files of the model folder {owner}: write the GGUF file elsewhere, "
+                        "e.g. leave GGUF_FILE out for OUT_DIR-OUTTYPE.gguf beside the folder")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{path} exists and is not a file: give another GGUF_FILE")
+    if os.path.exists(path) and not force:
+        raise UserError(f"{path} exists: replace it with --force, or give another GGUF_FILE")
+
+
+def _run_folder_owning(path):
+    """The model or run folder of which `path` is, or is inside, one of the entries gpt-train
+    writes (model.safetensors, training_state/...), or None."""
+    child, parent = path, os.path.dirname(path)
+    while parent != child:
+        if written_by_gpt_train(os.path.basename(child)) and (is_model_folder(parent) or has_checkpoint(parent)):
+            return parent
+        child, parent = parent, os.path.dirname(parent)
+    return None
 
 
 def _check_architecture(out_dir):

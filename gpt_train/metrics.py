@@ -10,6 +10,7 @@ Not here: computing the numbers (the loop), reading metrics.jsonl (gpt_train.out
 """
 import json
 import os
+import tempfile
 import time
 import traceback
 
@@ -17,6 +18,7 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import is_tensorboard_available, is_trackio_available, is_wandb_available
 
 from gpt_train.errors import UserError, first_line
+from gpt_train.files import atomic_path
 from gpt_train.out_dir import METRICS
 
 TAIL_CHUNK = 1 << 16
@@ -71,6 +73,33 @@ def drop_torn_last_line(out_dir):
     return end - keep
 
 
+def drop_records_from(out_dir, iteration):
+    """Before a resume from `iteration`: drop what the interrupted session logged from there on (its
+    steps past the checkpoint, the evaluation the resumed run repeats), as TensorBoard's purge_step
+    does, so that each iteration keeps one record of each event. Scores lm-eval gave the checkpoint
+    itself stay: the resumed run does not judge the same weights again. Lines that are no record
+    (edited by hand) stay as they are. The number of records dropped."""
+    path = os.path.join(out_dir, METRICS)
+    if not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8", errors="surrogateescape") as f:
+        lines = f.readlines()
+    kept = [line for line in lines if not _repeated(line, iteration)]
+    if len(kept) < len(lines):
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape") as f:
+            f.writelines(kept)
+    return len(lines) - len(kept)
+
+
+def _repeated(line, iteration):
+    try:
+        record = json.loads(line)
+        step = int(record["iter"])
+    except (ValueError, TypeError, KeyError):
+        return False
+    return step > iteration or (step == iteration and record.get("event") != "lm_eval")
+
+
 def trackers(cfg, writes):
     """What a run logs to: metrics.jsonl and TensorBoard's runs/ if it writes out_dir (an evaluation
     does not), and wandb and Trackio as report_to says."""
@@ -86,6 +115,24 @@ def check_trackers(cfg):
                             "pip install -r requirements.txt")
     if "wandb" in cfg.trackers:
         check_wandb_login()
+    if "trackio" in cfg.trackers:  # Trackio writes from a thread of its own, which fails without a word
+        _check_writable(trackio_dir(), "report_to=trackio", "set TRACKIO_DIR to a folder you can write to")
+
+
+def trackio_dir():
+    """Where Trackio keeps its runs, as trackio decides it (without importing it: ~1 s)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("TRACKIO_DIR") or os.path.join(constants.HF_HOME, "trackio")
+
+
+def _check_writable(folder, who, advice):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{who} cannot write to {folder} ({e.strerror or first_line(e)}): {advice}") from None
 
 
 def log(accelerator, event, iteration, values):
@@ -114,6 +161,10 @@ def start_trackers(accelerator, cfg, config, tracker_run_id, resumed_at=None):
     init = {"wandb": wandb,
             "tensorboard": {} if resumed_at is None else {"purge_step": resumed_at},
             "trackio": {"name": cfg.wandb_run_name, "resume": "never" if resumed_at is None else "allow"}}
+    if accelerator.is_main_process and "tensorboard" in {str(t) for t in accelerator.log_with}:
+        # a folder it cannot write fails TensorBoard's writer thread too, which prints its own traceback
+        _check_writable(os.path.join(accelerator.logging_dir, cfg.wandb_project), "report_to=tensorboard",
+                        "make it writable, or leave tensorboard out of report_to")
     try:
         accelerator.init_trackers(cfg.wandb_project, config=config, init_kwargs=init)
     except Exception as e:  # wandb raises its own types and plain ones (timeouts) alike

@@ -127,30 +127,31 @@ def set_dropout(model, dropout):
             module.p = dropout
 
 
-def pretrained_folder(init_from):
-    """The local folder holding `init_from`: a folder as given, or the Hub snapshot in the HF cache.
+def pretrained_folder(name, setting="init_from"):
+    """The local folder holding the model `name`: a folder as given, or the Hub snapshot in the HF
+    cache. `setting`: how the user gave it (init_from, tokenizer_from, ...), for the messages.
 
     A cached snapshot is used without asking the network. Otherwise the files are downloaded
     (config, safetensors weights and tokenizer only, not the TF/Flax/ONNX copies the OpenAI
     repos also hold); with no network this fails within seconds with what to do instead.
     """
-    if os.path.isdir(init_from):
-        return init_from
-    repo = GPT2_HUB_IDS.get(init_from, init_from)
-    if init_from.startswith((".", "/", "~")) or os.path.splitext(init_from)[1]:
-        raise UserError(f"init_from={init_from!r}: model folder not found")
+    if os.path.isdir(name):
+        return name
+    repo = GPT2_HUB_IDS.get(name, name)
+    if name.startswith((".", "/", "~")) or os.path.splitext(name)[1]:
+        raise UserError(f"{setting}={name!r}: model folder not found")
     try:
         return snapshot_download(repo, allow_patterns=HUB_FILES, local_files_only=True)
     except LocalEntryNotFoundError:
         pass
     except ValueError:  # not a valid repo id
-        raise UserError(f"init_from={init_from!r} is neither 'scratch', 'resume', a local model folder "
-                        "nor a Hub model id") from None
+        kinds = "'scratch', 'resume', " if setting == "init_from" else ""
+        raise UserError(f"{setting}={name!r} is neither {kinds}a local model folder nor a Hub model id") from None
     try:
         return snapshot_download(repo, allow_patterns=HUB_FILES, etag_timeout=HUB_TIMEOUT_S)
     except Exception as e:  # offline, unknown or gated repo: one line, with the way out
-        raise UserError(f"could not get {repo} from the Hugging Face Hub ({first_line(e)}): "
-                        f"download it first with `hf download {repo}`, or set init_from to a local model "
+        raise UserError(f"could not get {repo} ({setting}) from the Hugging Face Hub ({first_line(e)}): "
+                        f"download it first with `hf download {repo}`, or set {setting} to a local model "
                         "folder") from None
 
 

@@ -148,10 +148,9 @@ def _codec(cfg, splits):
     from gpt_train.tokenizer import BpeCodec, CharCodec, Gpt2Codec, ModelCodec  # deferred: imports transformers
 
     if cfg.tokenizer_from:
-        from gpt_train.model import pretrained_folder
-        from gpt_train.tokenizer import model_tokenizer
+        from gpt_train.tokenizer import tokenizer_of
 
-        codec = ModelCodec(model_tokenizer(pretrained_folder(cfg.tokenizer_from)))
+        codec = ModelCodec(tokenizer_of(cfg.tokenizer_from, "tokenizer_from"))
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false" if cfg.num_proc > 1 else "true")  # as bpe's
         for part in splits.values():  # a char vocabulary has no unknown token: name what it lacks, and where
             codec.check_covers(part, cfg.text_column, cfg.tokenizer_from)

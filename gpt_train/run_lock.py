@@ -17,8 +17,9 @@ import socket
 import time
 
 from gpt_train.errors import UserError
+from gpt_train.files import describe_write_failure
 from gpt_train.launch import restart_attempt
-from gpt_train.out_dir import LOCK
+from gpt_train.out_dir import LOCK, last_checkpoint_note
 
 RESTART_WAIT_S = 60  # a restarted worker group waits this long for the dead attempt's main process to go
 _held = {}  # real path of out_dir -> its OutDirLock, for the locks this process holds
@@ -88,9 +89,14 @@ def hold(out_dir):
         if _same_file(fd, path):
             break
         os.close(fd)  # the holder removed this file as it let go: lock the one now there
-    os.ftruncate(fd, 0)
     started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}, since {started}\n".encode())
+    except OSError as e:  # a full disk, a quota: the run could write nothing either, so it stops here
+        OutDirLock(out_dir, fd, created_dir).release()
+        raise UserError(f"cannot write to out_dir {out_dir}: {describe_write_failure(e, out_dir) or e.strerror}; "
+                        f"{last_checkpoint_note(out_dir)}") from None
     _held[os.path.realpath(out_dir)] = OutDirLock(out_dir, fd, created_dir)
     return _held[os.path.realpath(out_dir)]
 

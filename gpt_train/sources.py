@@ -46,7 +46,23 @@ def load_source(cfg, column_setting):
     if column not in corpus.column_names:
         raise UserError(f"{cfg.source} has no column {column!r} (columns: {', '.join(corpus.column_names)}): pass "
                         f"--{column_setting}=NAME")
-    return corpus.select_columns([column]), out_dir, files
+    corpus = corpus.select_columns([column])
+    if files:
+        _check_utf8(corpus, cfg.source, files)
+    return corpus, out_dir, files
+
+
+def _check_utf8(corpus, source, files):
+    """Text that is not UTF-8 (a file saved in Latin-1) named by file and line now: pyarrow keeps
+    such bytes when it loads JSON lines, and they fail only when a record is read, mid-preparation."""
+    import pyarrow as pa
+
+    try:
+        for chunk in corpus.data.table.column(0).chunks:
+            chunk.validate(full=True)  # checks every string's UTF-8, nested ones (messages) too
+    except pa.ArrowInvalid as e:
+        kind = loader_for(files)
+        raise UserError(f"could not read {source} as {kind}: {first_bad_file(files, kind) or first_line(e)}") from None
 
 
 def local_files(source):
@@ -153,3 +169,34 @@ def _one_json_document(path):
         return True
     except ValueError:
         return False
+
+
+def record_place(source, files, row):
+    """Where the `row`-th record (0-based, in the order datasets loads `files`) is, in the words a
+    user finds it by: 'FILE line N' for JSON lines, 'FILE record N' for a JSON array or a parquet
+    row, 'record N of SOURCE' for a Hub dataset. Only read for a message: it counts records again."""
+    if not files:
+        return f"record {row + 1:,} of {source}"
+    kind = loader_for(files)
+    for path in files:
+        if kind == "parquet":
+            import pyarrow.parquet as pq
+            count, lines = pq.read_metadata(path).num_rows, None
+        elif kind == "json" and not _one_json_document(path):
+            with open(path, "rb") as f:  # datasets skips blank lines: the row-th record is the row-th text line
+                lines = [number for number, line in enumerate(f, 1) if line.strip()]
+            count = len(lines)
+        else:
+            count, lines = _records(path, kind), None
+        if row < count:
+            return f"{path} line {lines[row]}" if lines else f"{path} record {row + 1:,}"
+        row -= count
+    return f"record {row + 1:,} past the end of {source}"
+
+
+def _records(path, kind):
+    if kind == "json":
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+        return len(document) if isinstance(document, list) else 1
+    return 1  # a .txt file is one document

@@ -22,7 +22,7 @@ from gpt_train.config import TOKENS_PER_ITER, TrainConfig, tokens_per_iter, with
 from gpt_train.device import check_one_run, mixed_precision, process_group_kwargs
 from gpt_train.errors import UserError
 from gpt_train.launch import launched_with_fsdp
-from gpt_train.lora import base_source, saved_base
+from gpt_train.lora import ADAPTER_CONFIG, base_source, saved_base
 from gpt_train.lora import check_settings as check_lora_settings
 from gpt_train.model import pretrained_folder, read_model_config
 from gpt_train.optim import OPTIMIZERS
@@ -142,7 +142,8 @@ def _plan_lora(start):
         return
     start.adapter, start.base = os.path.join(start.cfg.out_dir, ADAPTER_DIR), saved_base(start.cfg.out_dir)
     with start.processes.main_process_first():
-        start.base_folder = pretrained_folder(start.base)
+        start.base_folder = pretrained_folder(start.base, f"the LoRA base ({ADAPTER_DIR}/{ADAPTER_CONFIG}'s "
+                                                          "base_model_name_or_path)")
     check_model_files(start.base_folder)
 
 
@@ -192,7 +193,8 @@ def _refuse_another_run(cfg):
 
 
 # Settings a resumed run takes from the command line only: they say what to do with the run.
-NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir", "resume_from_checkpoint")
+NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir", "resume_from_checkpoint",
+               "stream_allow_changed")
 # Settings whose change makes a resumed run differ from the uninterrupted one.
 TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
               "learning_rate", "weight_decay", "beta1", "beta2", "grad_clip", "skip_nonfinite_steps", "decay_lr",

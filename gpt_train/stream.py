@@ -30,7 +30,8 @@ import torch
 
 from gpt_train.data import BlockSampler, TokenBins, to_device
 from gpt_train.errors import UserError, first_line
-from gpt_train.sources import load_data, local_files
+from gpt_train.out_dir import has_checkpoint
+from gpt_train.sources import first_bad_file, load_data, loader_for, local_files
 
 STATE_FILE = "stream-{process}.json"
 DOCUMENTS_PER_READ = 16  # documents tokenized together: fewer calls, a small unread remainder to save
@@ -56,12 +57,41 @@ def open_stream(cfg):
     except UserError:
         raise
     except Exception as e:  # no network, an unknown id or subset, a malformed file: all end here
+        files = local_files(cfg.stream_from)
+        bad = files and first_bad_file(files, loader_for(files))
+        if bad:
+            raise UserError(f"could not stream {cfg.stream_from}: {bad}") from None
         raise UserError(f"could not stream {cfg.stream_from!r}{_subset(cfg)} ({first_line(e)}): check the name, the "
                         "subset and the network, or stream local files with --stream_from=PATH") from None
     if cfg.stream_text_column not in columns:
         raise UserError(f"{cfg.stream_from} has no column {cfg.stream_text_column!r} (columns: {', '.join(columns)}): "
                         "pass --stream_text_column=NAME")
     return stream.select_columns([cfg.stream_text_column])
+
+
+def _more_sample(split, documents, val_documents):
+    """What gives the held-out `split` more text, given a stream whose head held `documents`; '' if
+    only a smaller block can help (the stream is that short)."""
+    if split == "val" and documents > val_documents:
+        return "raise stream_val_documents, or "
+    if split == "train" and documents < 2 * val_documents and documents >= 2:  # val took what the sample lacks
+        return f"lower stream_val_documents to at most {documents // 2:,} (the stream holds {documents:,}), or "
+    if split == "train" and documents >= 2 * val_documents:
+        return "raise stream_val_documents (the train sample is as many documents as val), or "
+    return ""
+
+
+def _take(cfg, documents, count):
+    """The texts of the next `count` documents, or a one-line error naming what is unreadable in the
+    files (bytes that are not UTF-8, a line that is no JSON), at the start or mid-run."""
+    try:
+        return [doc[cfg.stream_text_column] for doc in itertools.islice(documents, count)]
+    except Exception as e:
+        files = local_files(cfg.stream_from)
+        why = (files and first_bad_file(files, loader_for(files))) or first_line(e)
+        after = (f"; the last checkpoint in {cfg.out_dir} is intact: resume it then with --init_from=resume "
+                 "--stream_allow_changed=True" if has_checkpoint(cfg.out_dir) else "")
+        raise UserError(f"could not read {cfg.stream_from}: {why}: fix or leave out that file{after}") from None
 
 
 def _subset(cfg):
@@ -75,17 +105,17 @@ class TokenStream:
         self.cfg, self.codec, self.device = cfg, codec, torch.device(device)
         self.process, self.processes = process, processes
         self.rows, self.block_size = cfg.batch_size, cfg.block_size
-        head = [doc[cfg.stream_text_column]
-                for doc in itertools.islice(open_stream(cfg), 2 * cfg.stream_val_documents)]
+        head = _take(cfg, iter(open_stream(cfg)), 2 * cfg.stream_val_documents)
         val, sample = head[:cfg.stream_val_documents], head[cfg.stream_val_documents:]
         self.held_out = {_digest(text) for text in val}
         self.eval_bins = HeldOutBins(cfg.stream_from, {"val": self._encode(val), "train": self._encode(sample)})
         for split, tokens in self.eval_bins.arrays.items():
             if len(tokens) < cfg.block_size + 1:
                 raise UserError(f"the stream's {split} sample ({len(tokens):,} tokens of the first {len(head):,} "
-                                f"documents) is shorter than block_size+1 = {cfg.block_size + 1}: raise "
-                                "stream_val_documents or lower block_size")
+                                f"documents) is shorter than block_size+1 = {cfg.block_size + 1}: "
+                                f"{_more_sample(split, len(head), cfg.stream_val_documents)}lower block_size")
         self.epoch, self.tokens = 0, np.zeros(0, dtype=np.int64)
+        self.source = source_fingerprint(cfg.stream_from)  # a resume must read the files this run read
         self._open(None)
         self._state = self._last = self._snapshot()
         self._thread, self._queue, self._closed = None, None, threading.Event()
@@ -103,7 +133,7 @@ class TokenStream:
 
     def _read(self):
         """Tokenize the next few documents onto self.tokens; False at the end of the stream."""
-        texts = [doc[self.cfg.stream_text_column] for doc in itertools.islice(self.documents, DOCUMENTS_PER_READ)]
+        texts = _take(self.cfg, self.documents, DOCUMENTS_PER_READ)
         if not texts:
             return False
         texts = [text for text in texts if _digest(text) not in self.held_out]
@@ -130,7 +160,8 @@ class TokenStream:
 
     def _snapshot(self):
         # state_dict() is a copy already; the tokens array is only ever replaced, never written to
-        return {"epoch": self.epoch, "dataset": self.dataset.state_dict(), "tokens": self.tokens}
+        return {"epoch": self.epoch, "dataset": self.dataset.state_dict(), "tokens": self.tokens,
+                "source": self.source}
 
     def _produce(self):
         """The producer thread: micro-batches into the queue, each with the stream's place after it,
@@ -177,8 +208,15 @@ class TokenStream:
         as JSON."""
         return {**self._state, "tokens": self._state["tokens"].tolist()}
 
-    def load_state(self, state):
+    def load_state(self, state, where):
+        """The place `state` (read from the checkpoint in `where`) holds, if the source is the one it was
+        saved from (or stream_allow_changed says to go on anyway)."""
         assert self._thread is None, "the stream's place is restored before it starts"
+        change = _changed(state.get("source"), self.source)  # checkpoints from before it was recorded: None
+        if change and not self.cfg.stream_allow_changed:
+            raise UserError(f"{self.cfg.stream_from} changed since the checkpoint in {where} was saved ({change}): "
+                            "a resume would train on other data than the uninterrupted run. Restore the files it "
+                            "read, or resume anyway with --stream_allow_changed=True")
         self.epoch, self.tokens = state["epoch"], np.array(state["tokens"], dtype=np.int64)
         self._open(state["dataset"])
         self._state = self._last = self._snapshot()
@@ -234,11 +272,12 @@ class StreamData:
 def stream_codec(cfg, folder):
     """The stream's tokenizer as a codec: `tokenizer` (a model folder or Hub id), else the model's
     (init_from's folder), else GPT-2's; GPT-2's own through tiktoken, as the preparers encode it."""
-    from gpt_train.model import pretrained_folder
-    from gpt_train.tokenizer import Gpt2Codec, ModelCodec, is_gpt2_bpe, model_tokenizer
+    from gpt_train.tokenizer import Gpt2Codec, ModelCodec, is_gpt2_bpe, model_tokenizer, tokenizer_of
 
-    folder = pretrained_folder(cfg.tokenizer) if cfg.tokenizer else folder
-    tokenizer = model_tokenizer(folder) if folder else None
+    if cfg.tokenizer:
+        tokenizer = tokenizer_of(cfg.tokenizer, "tokenizer")
+    else:
+        tokenizer = model_tokenizer(folder) if folder else None
     return Gpt2Codec() if tokenizer is None or is_gpt2_bpe(tokenizer) else ModelCodec(tokenizer)
 
 
@@ -255,7 +294,37 @@ def load_state(stream, folder):
         raise UserError(f"{folder} holds the stream positions of {len(saved)} process(es), not {stream.processes}: "
                         f"resume a streamed run with the processes it was saved with ({len(saved)})")
     with open(os.path.join(folder, STATE_FILE.format(process=stream.process)), encoding="utf-8") as f:
-        stream.load_state(json.load(f))
+        stream.load_state(json.load(f), os.path.dirname(folder))
+
+
+def source_fingerprint(stream_from):
+    """{file: {bytes, sha256}} of the local files a stream reads (None for a Hub dataset, which the
+    Hub versions): what a resume compares to refuse data that changed under the run."""
+    files = local_files(stream_from)
+    if not files:
+        return None
+    fingerprint = {}
+    for path in files:
+        with open(path, "rb") as f:
+            fingerprint[path] = {"bytes": os.path.getsize(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+    return fingerprint
+
+
+def _changed(saved, now):
+    """What differs between two fingerprints, in a few words, or None."""
+    if saved is None or saved == now:
+        return None
+    now = now or {}
+    for path in sorted(set(saved) | set(now)):
+        if path not in now:
+            return f"{path} is gone"
+        if path not in saved:
+            return f"{path} was not part of it"
+        if saved[path]["bytes"] != now[path]["bytes"]:
+            return f"{path} had {saved[path]['bytes']:,} bytes, now {now[path]['bytes']:,}"
+        if saved[path]["sha256"] != now[path]["sha256"]:
+            return f"{path} has the same size but other contents"
+    return None
 
 
 def _digest(text):

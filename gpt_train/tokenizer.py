@@ -27,6 +27,7 @@ from transformers import AutoTokenizer, GPT2Tokenizer, PreTrainedTokenizerFast
 from gpt_train.data import read_meta
 from gpt_train.errors import UserError
 from gpt_train.files import write_json
+from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
 from gpt_train.out_dir import TOKENIZER_CONFIG
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
@@ -90,6 +91,14 @@ def dataset_tokenizer(data_dir):
     if meta and "stoi" in meta:
         return char_tokenizer(meta["stoi"])
     return gpt2_tokenizer()
+
+
+def tokenizer_of(name, setting):
+    """The tokenizer of the model `name`, as the setting `setting` named it: a model folder's, a Hub
+    model's, or for GPT-2's names (gpt2 ... gpt2-xl) the bundled GPT-2 BPE, which needs no network."""
+    if not os.path.isdir(name) and (name in GPT2_HUB_IDS or name in GPT2_HUB_IDS.values()):
+        return gpt2_tokenizer()
+    return model_tokenizer(pretrained_folder(name, setting))
 
 
 def model_tokenizer(folder):

@@ -76,6 +76,7 @@ class Run:
     judge: Judge | None = None  # benchmarks on each saved checkpoint, or on the evaluated model
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
     eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
+    evaluated_checkpoint: int | None = None  # the iteration of the evaluated checkpoint a resume starts from
 
     @property
     def sampler(self):
@@ -159,6 +160,7 @@ def _restore(run, start):
         set_schedule(optimizer, scheduler.scheduler, cfg)
     run.iter_num, run.best_val_loss, run.best_iter = saved.iter_num, saved.best_val_loss, saved.best_iter
     run.tracker_run_id, run.skipped_steps = saved.tracker_run_id, saved.skipped_steps
+    run.evaluated_checkpoint = saved.iter_num if saved.val_loss is not None else None
     for line in start.changes:
         start.processes.print(line)
     start.processes.print(f"resuming from iteration {run.iter_num:,} (best val {run.best_val_loss:.4f})")
@@ -244,7 +246,8 @@ def _open_run_folder(run, start):
     """out_dir opened for this run (another run's files replaced where allowed), the trackers
     started, then the settings written, and the start reported."""
     cfg = run.cfg
-    checkpoint.start_run_folder(cfg.out_dir, replace=start.replace)  # before TensorBoard puts runs/ there
+    checkpoint.start_run_folder(cfg.out_dir, replace=start.replace,  # before TensorBoard puts runs/ there
+                                resumed_at=run.iter_num if start.saved else None)
     _start_trackers(run, start)
     checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))  # after: a failed wandb leaves none
     _report_start(run, all_settings=os.path.join(cfg.out_dir, RUN_CONFIG))
@@ -423,7 +426,7 @@ def evaluate_and_checkpoint(run, lr, mfu_record):
     if losses["val"] < run.best_val_loss or run.cfg.always_save_checkpoint:
         if losses["val"] < run.best_val_loss:
             run.best_val_loss, run.best_iter = losses["val"], run.iter_num
-        if run.iter_num > 0:
+        if run.iter_num > 0 and run.iter_num != run.evaluated_checkpoint:  # a resume's own weights are saved
             save(run, val_loss=losses["val"])
 
 
@@ -445,9 +448,13 @@ def evaluate_only(start):
 def check_finite(run, loss, what):
     """Stop the run on a NaN or infinite loss, before anything is saved from it."""
     if not math.isfinite(loss):
-        raise NonFiniteLoss(f"{what} is {loss} at iteration {run.iter_num}: stopping; nothing was saved "
-                            f"after the last good checkpoint in {run.cfg.out_dir}. Lower learning_rate and "
-                            "continue with --init_from=resume, or set skip_nonfinite_steps=True")
+        out_dir, saved = run.cfg.out_dir, TrainerState.read_if_any(run.cfg.out_dir)
+        way_on = (f"nothing was saved after the last good checkpoint in {out_dir} (iteration {saved.iter_num:,}). "
+                  "Lower learning_rate and continue from it with --init_from=resume" if saved else
+                  f"no checkpoint was written to {out_dir}. Lower learning_rate and start the run again with "
+                  "--overwrite_output_dir=True")
+        raise NonFiniteLoss(f"{what} is {loss} at iteration {run.iter_num}: stopping; {way_on}, or set "
+                            "skip_nonfinite_steps=True")
 
 
 def train(cfg):

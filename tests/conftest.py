@@ -145,6 +145,21 @@ def tiny_checkpoint(char_data, tmp_path_factory):
     return out_dir
 
 
+@contextlib.contextmanager
+def tmpfs(path, size, read_only=False):
+    """A real file system of `size` bytes ("700k") at `path`, full or read-only as a test needs it."""
+    os.makedirs(path, exist_ok=True)
+    options = f"size={size}" + (",ro" if read_only else "")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"mount -t tmpfs failed (it needs root on Linux): {mounted.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def copy_of(folder, tmp_path_factory, name):
     """A copy of `folder` that a module's tests may change, as out_dir would hold it."""
     target = tmp_path_factory.mktemp(name) / "out"

@@ -176,3 +176,53 @@ def test_conversations_longer_than_the_context_are_truncated_or_dropped_and_coun
     altered = [int(line.split("; ")[1].split()[0 if too_long == "truncate" else 3]) for line in lines]
     assert all(a > 0 for a in altered) and (sum(counts) == kept if kept else sum(counts) + sum(altered) == 400)
     assert np.fromfile(tmp_path / "ds" / "train.mask.bin", dtype=np.uint8).any()
+
+
+def test_the_bad_conversation_is_named_by_its_file_and_line(tiny_gpt2, tmp_path, capsys):
+    good = open(TINY_CHATS, encoding="utf-8").read().splitlines()[:20]
+    bad = json.dumps({"messages": [{"role": "bot", "content": "hi"}]})
+    source = tmp_path / "chats.jsonl"
+    source.write_text("\n".join([*good[:12], "", bad, *good[12:]]) + "\n")  # a blank line before it, as people leave
+    error = one_line_error(prepare_main, ["chat", f"--source={source}", f"--tokenizer_from={tiny_gpt2}",
+                                          f"--out_dir={tmp_path / 'ds'}"], capsys)
+    assert error == f"error: {source} line 14: role 'bot' is not one of system, user, assistant"
+
+
+def test_a_template_that_does_not_mark_the_assistant_is_refused_though_it_says_generation(tiny_gpt2, tmp_path, capsys):
+    # ChatML as many models ship it: add_generation_prompt, no {% generation %} markers
+    chatml = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "
+              "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
+              "{% endif %}")
+    model = tmp_path / "chatml"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_gpt2)
+    tokenizer.chat_template = chatml
+    tokenizer.save_pretrained(model)
+    error = one_line_error(prepare_main, ["chat", f"--source={TINY_CHATS}", f"--tokenizer_from={model}",
+                                          f"--out_dir={tmp_path / 'ds'}"], capsys)
+    assert "chat template does not mark the assistant's tokens ({% generation %}" in error
+    assert not (tmp_path / "ds").exists()
+
+
+def test_a_latin1_conversation_file_is_one_line_naming_file_line_and_byte(tiny_gpt2, tmp_path, capsys):
+    lines = open(TINY_CHATS, "rb").read().splitlines(keepends=True)[:20]
+    lines[6] = lines[6].replace(b"?", "\u00e9?".encode("latin-1"), 1)  # a file saved in Latin-1
+    source = tmp_path / "chats.jsonl"
+    source.write_bytes(b"".join(lines))
+    error = one_line_error(prepare_main, ["chat", f"--source={source}", f"--tokenizer_from={tiny_gpt2}",
+                                          f"--out_dir={tmp_path / 'ds'}"], capsys)
+    assert f"{source} is not UTF-8 text (line 7, byte 0xe9)" in error
+
+
+def test_gpt2s_tokenizer_needs_no_network(tmp_path, monkeypatch, capsys):
+    import gpt_train.tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    real = gpt_train.tokenizer.pretrained_folder
+    monkeypatch.setattr(gpt_train.tokenizer, "pretrained_folder", lambda name, setting: pytest.fail(name) if
+                        name == "gpt2" else real(name, setting))  # neither the Hub nor its cache is asked
+    prepare_main(["chat", f"--source={TINY_CHATS}", "--tokenizer_from=gpt2", f"--out_dir={tmp_path / 'ds'}"])
+    assert AutoTokenizer.from_pretrained(tmp_path / "ds").chat_template == DEFAULT_TEMPLATE
+    error = one_line_error(prepare_main, ["chat", f"--source={TINY_CHATS}", "--tokenizer_from=someone/missing",
+                                          f"--out_dir={tmp_path / 'ds2'}"], capsys)
+    assert "(tokenizer_from)" in error and "set tokenizer_from to a local model folder" in error
+    assert "init_from" not in error

@@ -18,7 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from conftest import ROOT, TINY_MODEL, one_line_error
+from conftest import ROOT, TINY_MODEL, one_line_error, tree_digest
 from gpt_train.commands import train
 from gpt_train.convert import main as convert
 from gpt_train.gguf_export import CONV1D_WEIGHTS, byte_level
@@ -61,7 +61,7 @@ def folders(char_data, tiny_gpt2, tmp_path_factory):
 
 def to_gguf(folder, tmp_path, *options):
     path = str(tmp_path / "model.gguf")
-    convert(["to-gguf", folder, path, *options])
+    convert(["to-gguf", folder, path, "--force", *options])  # each call replaces the last one's file
     return path
 
 
@@ -206,7 +206,7 @@ def test_every_kind_converts_with_its_weights_and_untied_output(folders, tmp_pat
     assert (logits(model_from_gguf(path, "gelu_new"), ids) - logits(original, ids)).abs().max() < EXACT
 
 
-def test_the_default_name_sits_beside_the_folder_and_a_second_conversion_replaces_it(folders, tmp_path, capsys):
+def test_the_default_name_sits_beside_the_folder_and_only_force_replaces_a_file(folders, tmp_path, capsys):
     folder = str(tmp_path / "out-char")
     shutil.copytree(folders["char"], folder)
     convert(["to-gguf", folder])
@@ -219,8 +219,41 @@ def test_the_default_name_sits_beside_the_folder_and_a_second_conversion_replace
     assert os.path.getsize(tmp_path / "out-char-f32.gguf") > first
     with open(expected, "wb") as f:
         f.write(b"an older file")
-    convert(["to-gguf", folder])
+    assert one_line_error(convert, ["to-gguf", folder], capsys) == (
+        f"error: {expected} exists: replace it with --force, or give another GGUF_FILE")
+    assert open(expected, "rb").read() == b"an older file"
+    convert(["to-gguf", folder, "--force"])
     assert os.path.getsize(expected) == first and not [n for n in os.listdir(tmp_path) if n.endswith(".tmp")]
+
+
+def test_no_file_of_a_run_and_no_unrelated_file_is_overwritten_and_no_folder_is_made(folders, tiny_checkpoint,
+                                                                                   tmp_path, capsys):
+    run = str(tmp_path / "out-run")
+    shutil.copytree(tiny_checkpoint, run)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    before = tree_digest(run)
+    for target in ("model.safetensors", "config.json", "training_state"):
+        for force in ([], ["--force"]):  # the run's own files: not even with --force
+            error = one_line_error(convert, ["to-gguf", run, os.path.join(run, target), *force], capsys)
+            assert "is one of the files of the model folder" in error or "is not a file" in error, error
+    assert tree_digest(run) == before
+    assert "notes.txt exists: replace it with --force" in one_line_error(convert, ["to-gguf", run, str(notes)], capsys)
+    assert notes.read_text() == "mine"
+    missing = tmp_path / "nonexistent" / "dir" / "x.gguf"
+    assert "does not exist; create it first" in one_line_error(convert, ["to-gguf", run, str(missing)], capsys)
+    assert not (tmp_path / "nonexistent").exists()
+
+
+def test_a_conversion_that_fails_midway_leaves_no_file(folders, tmp_path, capsys, monkeypatch):
+    from gpt_train import gguf_export
+
+    def broken(*args):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(gguf_export, "_add_tensors", broken)
+    with pytest.raises(OSError):
+        convert(["to-gguf", folders["char"], str(tmp_path / "x.gguf")])
+    assert os.listdir(tmp_path) == []  # neither x.gguf nor its temporary
 
 
 def test_what_is_no_gpt2_folder_is_refused_in_one_line(tmp_path, capsys):

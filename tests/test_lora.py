@@ -124,6 +124,19 @@ def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
     assert sha256(os.path.join(out_dir, "adapter", "adapter_model.safetensors")) == before
 
 
+def test_a_resume_whose_base_is_gone_names_where_the_base_was_named(char_data, base, tmp_path):
+    moved = str(tmp_path / "base")
+    shutil.copytree(base, moved)
+    out_dir = str(tmp_path / "lora")
+    train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=4")))
+    forget_the_run()
+    shutil.rmtree(moved)  # the base folder deleted, or the run copied to a machine without it
+    with pytest.raises(UserError) as refused:
+        train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=8", "--init_from=resume")))
+    assert str(refused.value) == (f"the LoRA base (adapter/adapter_config.json's base_model_name_or_path)="
+                                  f"{os.path.abspath(moved)!r}: model folder not found")  # not init_from's
+
+
 @pytest.mark.parametrize("targets", ["c_attn,wte", "lm_head"])
 def test_lora_on_the_tied_embedding_is_refused(char_data, base, tmp_path, targets):
     with pytest.raises(UserError, match="GPT-2 ties its embedding to its output layer"):

@@ -11,7 +11,7 @@ from conftest import run_script, sha256
 from gpt_train.data import open_dataset, read_meta
 from gpt_train.errors import UserError
 from gpt_train.prepare import OWT_SPLIT_SEED, OWT_VAL_FRACTION, prepare_corpus
-from gpt_train.tokenizer import GPT2_EOT_ID, gpt2_encoding
+from gpt_train.tokenizer import GPT2_EOT_ID, gpt2_encoding, gpt2_tokenizer
 
 # sha256 of nanoGPT's data/shakespeare bins: its prepare.py run on the same input.txt with
 # tiktoken's "gpt2" encoding (301,966 and 36,059 tokens).
@@ -168,3 +168,31 @@ def test_failed_preparation_leaves_the_existing_dataset_alone(tmp_path):
     # Re-preparing as BPE replaces the char dataset whole: no stale meta.pkl claims a char vocabulary.
     prepare_corpus([f"--source={source}", f"--out_dir={out}", "--num_proc=1"])
     assert read_meta(out) is None and len(AutoTokenizer.from_pretrained(out)) == 50257
+
+
+def test_a_latin1_jsonl_file_is_one_line_naming_file_line_and_byte(tmp_path, capsys):
+    from conftest import one_line_error
+    from gpt_train.commands import prepare
+
+    source = tmp_path / "notes.jsonl"
+    write_jsonl(source, documents(30))
+    lines = source.read_bytes().splitlines(keepends=True)
+    lines[11] = json.dumps({"text": "caf\u00e9"}).replace("\\u00e9", "\u00e9").encode("latin-1") + b"\n"
+    source.write_bytes(b"".join(lines))
+    error = one_line_error(prepare, ["custom", f"--source={source}", f"--out_dir={tmp_path / 'ds'}"], capsys)
+    assert f"{source} is not UTF-8 text (line 12, byte 0xe9)" in error and "iconv" in error
+    assert not (tmp_path / "ds").exists()
+
+
+def test_tokenizer_from_gpt2_uses_the_bundled_files_offline(tmp_path, monkeypatch):
+    import gpt_train.tokenizer
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(gpt_train.tokenizer, "pretrained_folder", lambda name, setting: pytest.fail(name))
+    source = tmp_path / "notes.jsonl"
+    write_jsonl(source, documents(30))
+    out = prepare_corpus([f"--source={source}", "--tokenizer_from=gpt2", f"--out_dir={tmp_path / 'ds'}"])
+    gpt2 = gpt2_encoding()
+    ids = np.fromfile(os.path.join(out, "train.bin"), dtype=np.uint16)
+    assert gpt2.decode(ids.tolist()).count("<|endoftext|>") > 0  # GPT-2's ids, read back by GPT-2's encoding
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == gpt2_tokenizer().get_vocab()

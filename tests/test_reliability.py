@@ -169,11 +169,31 @@ def test_nan_loss_stops_naming_the_iteration_and_keeps_the_last_checkpoint(tiny_
     with pytest.raises(NonFiniteLoss, match="loss is nan at iteration 6: stopping"):
         train(load_config(blow_up))
     after = tree_digest(out_dir)
-    # The resumed session re-saved iteration 5 with its new settings at its first evaluation, as
-    # nanoGPT does; nothing of the diverged steps reached the checkpoint.
+    # nothing of the diverged steps reached the checkpoint
     weights = os.path.join(out_dir, "model.safetensors")
     assert after[weights] == before[weights]
     assert checkpoint.read_trainer_state(out_dir).iter_num == 5
+
+
+@pytest.mark.parametrize("from_a_checkpoint", [False, True], ids=["from scratch", "resumed"])
+def test_the_advice_after_a_nan_stop_works_when_followed(tiny_run, capsys, from_a_checkpoint):
+    out_dir, args = tiny_run
+    common = [*args, "--eval_interval=5", "--eval_iters=1", "--warmup_iters=0", "--min_lr=0"]
+    if from_a_checkpoint:
+        train(load_config([*common, "--max_iters=5"]))
+        forget_the_run()
+    first = [*common, "--max_iters=10", "--learning_rate=1e9"] + (["--init_from=resume"] if from_a_checkpoint else [])
+    error = one_line_error(main, first, capsys)
+    if from_a_checkpoint:
+        assert "nothing was saved after the last good checkpoint in" in error and "(iteration 5)" in error
+        advice = "--init_from=resume"
+    else:  # no checkpoint to continue: start again, which the run's own files would otherwise refuse
+        assert f"no checkpoint was written to {out_dir}" in error and "--init_from=resume" not in error
+        advice = "--overwrite_output_dir=True"
+    assert f"Lower learning_rate and {'continue from it' if from_a_checkpoint else 'start the run again'} with " \
+           f"{advice}" in error
+    train(load_config([*common, "--max_iters=10", "--learning_rate=3e-3", advice]))
+    assert checkpoint.read_trainer_state(out_dir).iter_num == 10
 
 
 def test_skip_nonfinite_steps_skips_and_counts_instead_of_updating(tiny_run, capsys):

@@ -4,7 +4,6 @@ read-only disks, a closed pipe at Ctrl-C. Real processes, real signals, real fil
 Each test names what a user would lose if it failed. A full or read-only disk is a real tmpfs,
 mounted for the test where the machine lets the tests mount one (root on Linux), else skipped.
 """
-import contextlib
 import json
 import os
 import resource
@@ -17,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ACCELERATE, ROOT, TINY_MODEL, free_port, one_line_error, tree_digest
+from conftest import ACCELERATE, ROOT, TINY_MODEL, forget_the_run, free_port, one_line_error, tmpfs, tree_digest
 from gpt_train import checkpoint
 from gpt_train.commands import train as main
 from gpt_train.cli import load_config
@@ -200,26 +199,14 @@ def test_a_torn_or_garbage_metrics_line_never_blocks_a_resume_or_a_plot(run_copy
     assert os.path.exists(os.path.join(out_dir, "notes.txt.k2x9_q0a.tmp"))
     assert f"warning: {METRICS}'s last line was cut short" in capsys.readouterr().out
     evals = [r["iter"] for r in read_metrics(out_dir, "eval")]
-    assert evals[-3:] == [4, 6, 8]
-    with open(path, "rb") as f:
-        assert f.read().count(b"\n") == len(lines) + 4 + 3  # train 4-7, evals 4, 6, 8: each on a line of its own
+    assert evals == [0, 2, 4, 6, 8]  # the evaluation at 4 once: the resumed run's replaces the first session's
+    with open(path, "rb") as f:  # train 4-7 and evals 6, 8 added, each on a line of its own
+        assert f.read().count(b"\n") == len(lines) + 4 + 2
     plot_main([out_dir])
     assert os.path.isfile(os.path.join(out_dir, "loss.png"))
 
 
 # ---- 5. real write failures: one line, the last checkpoint intact
-
-
-@contextlib.contextmanager
-def tmpfs(path, size):
-    os.makedirs(path)
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                      capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root on Linux")
-    try:
-        yield str(path)
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def checkpoint_files(out_dir):
@@ -235,6 +222,57 @@ def test_a_disk_that_fills_up_ends_in_one_line_and_keeps_the_last_checkpoint(cha
         assert error.endswith(f"the last checkpoint in {out_dir}, at iteration {saved}, is intact; continue with "
                               "--init_from=resume")
         assert not os.path.exists(os.path.join(out_dir, checkpoint.STAGING_DIR))
+
+
+def fill(disk):
+    """Fill the file system of `disk` to the last byte."""
+    with open(os.path.join(disk, "ballast"), "wb", buffering=0) as f:  # nothing left to flush at close
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+                f.flush()
+        except OSError:
+            pass
+        try:
+            while True:  # the last partial block
+                f.write(b"\0")
+                f.flush()
+        except OSError:
+            pass
+
+
+def test_a_resume_or_a_new_run_on_a_full_disk_is_one_line_and_changes_nothing(finished, char_data, tmp_path,
+                                                                              capsys):
+    with tmpfs(tmp_path / "disk", "2m") as disk:
+        out_dir = os.path.join(disk, "out")
+        shutil.copytree(finished, out_dir)
+        new = os.path.join(disk, "new")
+        os.makedirs(new)
+        fill(disk)
+        before = tree_digest(out_dir)
+        error = run_main([f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--init_from=resume",
+                          "--max_iters=8"], capsys)
+        assert error.startswith(f"error: cannot write to out_dir {out_dir}: the disk is full")
+        assert error.endswith(f"the last checkpoint in {out_dir}, at iteration 4, is intact; continue with "
+                              "--init_from=resume")
+        assert tree_digest(out_dir) == before and not os.path.exists(os.path.join(out_dir, LOCK))
+        error = run_main([f"--data_dir={char_data}", f"--out_dir={new}", *SHORT, "--max_iters=8"], capsys)
+        assert error.startswith(f"error: cannot write to out_dir {new}: the disk is full") and os.listdir(new) == []
+
+
+def test_running_a_finished_run_again_logs_each_evaluation_once_and_saves_nothing(finished, char_data, tmp_path,
+                                                                                  capsys):
+    out_dir = str(tmp_path / "out")
+    shutil.copytree(finished, out_dir)
+    weights = tree_digest(os.path.join(out_dir, "model.safetensors"))
+    args = [f"--data_dir={char_data}", f"--out_dir={out_dir}", *SHORT, "--max_iters=4"]
+    for _ in range(2):  # the quick start run twice more: --resume_from_checkpoint=True finds the finished run
+        train(load_config([*args, "--resume_from_checkpoint=True"]))
+        forget_the_run()
+    assert "saving checkpoint" not in capsys.readouterr().out  # the same weights are on disk already
+    assert tree_digest(os.path.join(out_dir, "model.safetensors")) == weights
+    evals = [r["iter"] for r in read_metrics(out_dir, "eval")]
+    assert evals == [0, 2, 4]
 
 
 @pytest.mark.slow

@@ -135,7 +135,7 @@ def test_a_stream_that_ends_saves_and_stops_or_starts_over_when_asked(corpus, tm
 
 @pytest.mark.parametrize("extra, message", [
     (["--stream_text_column=body"], "has no column 'body' (columns: text, id): pass --stream_text_column=NAME"),
-    (["--stream_val_documents=1", "--block_size=64"], "raise stream_val_documents or lower block_size"),
+    (["--stream_val_documents=1", "--block_size=64"], "raise stream_val_documents, or lower block_size"),
     (["--stream_subset=sample-10BT", "--stream_from="], "stream_subset is for streamed runs: set stream_from too"),
 ])
 def test_streaming_mistakes_are_one_line(corpus, tmp_path, capsys, extra, message):
@@ -166,3 +166,44 @@ def test_a_streamed_fine_tune_encodes_with_the_models_tokenizer(corpus, char_dat
     assert stream.eval_bins.arrays["val"].max() < 65  # Shakespeare's 65 characters, not GPT-2's ids
     train(cfg)
     assert read_metrics(str(tmp_path / "out"), "eval")
+
+
+def test_a_resume_after_the_source_changed_is_refused_in_one_line_unless_allowed(corpus, tmp_path, capsys):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(open(corpus["jsonl"], "rb").read())
+    out_dir = str(tmp_path / "out")
+    args = [*settings(str(source), out_dir, "--max_iters=4"), "--stream_text_column=content"]
+    train(load_config(args))
+    forget_the_run()
+    resume = [*args, "--init_from=resume", "--max_iters=8"]
+    data = source.read_bytes()
+    half = data[:data.index(b"\n", len(data) // 2) + 1]
+    source.write_bytes(half)  # truncated at a line's end: still a valid file
+    error = one_line_error(main, resume, capsys)
+    assert f"{source} had {len(data):,} bytes, now {len(half):,}" in error
+    assert error.endswith("Restore the files it read, or resume anyway with --stream_allow_changed=True")
+    source.write_bytes(data.replace(b"ROMEO", b"ROMEX", 1))  # edited in place, the same size
+    assert "has the same size but other contents" in one_line_error(main, resume, capsys)
+    assert [r["iter"] for r in read_metrics(out_dir, "eval")] == [0, 4]  # nothing trained on the changed data
+    train(load_config([*resume, "--stream_allow_changed=True"]))  # the documented way on
+    assert [r["iter"] for r in read_metrics(out_dir, "eval")] == [0, 4, 8]
+
+
+def test_bytes_that_are_not_utf8_mid_stream_are_one_line_naming_file_and_line(corpus, tmp_path, capsys):
+    source = tmp_path / "docs.jsonl"
+    lines = open(corpus["jsonl"], "rb").read().splitlines(keepends=True)
+    lines[300] = json.dumps({"content": "Caf\u00e9"}).encode("utf-8").replace(b"\\u00e9", b"\xe9") + b"\n"  # Latin-1
+    source.write_bytes(b"".join(lines))
+    error = one_line_error(main, [*settings(str(source), tmp_path / "out", "--max_iters=200"),
+                                  "--stream_text_column=content"], capsys)
+    assert f"{source} is not UTF-8 text (line 301, byte 0xe9)" in error, error
+
+
+def test_a_stream_too_short_for_its_val_documents_is_told_to_lower_them(corpus, tmp_path, capsys):
+    short = tmp_path / "short.parquet"  # 44 documents of 6 tokens: val takes 40, the train sample gets 4
+    pq.write_table(pa.table({"text": [f"line {i} of the short stream" for i in range(VAL_DOCS + 4)]}), short)
+    error = one_line_error(main, settings(str(short), tmp_path / "out"), capsys)
+    assert "lower stream_val_documents to at most 22 (the stream holds 44), or lower block_size" in error
+    train(load_config(settings(str(short), tmp_path / "out", "--stream_val_documents=22", "--max_iters=2",
+                               "--stream_repeat=True")))  # the advice, followed, trains
+    assert read_metrics(tmp_path / "out", "eval")

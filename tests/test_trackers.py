@@ -4,13 +4,14 @@ event files are read back, Trackio runs in its local mode, wandb with WANDB_MODE
 import glob
 import json
 import os
+import shutil
 import struct
 import sys
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import forget_the_run, one_line_error, tree_digest
+from conftest import forget_the_run, one_line_error, run_script, tmpfs, tree_digest
 from gpt_train.cli import load_config
 from gpt_train.commands import train as main
 from gpt_train.errors import UserError
@@ -124,13 +125,15 @@ def test_a_resume_continues_the_same_tensorboard_and_trackio_runs(tiny_run, tmp_
     (run,) = trackio_runs(project)
     tracked_run(args, *SHORT[1:], "--max_iters=6", "--init_from=resume")  # report_to is the run's own
     records = read_metrics(out_dir)
-    resumed = records[len(first):]
-    assert resumed[0] == {**resumed[0], "event": "eval", "iter": 4}  # the resumed run evaluates iteration 4 again
+    kept = [r for r in first if r["iter"] < 4]  # metrics.jsonl drops the first session's iteration 4 ...
+    assert records[:len(kept)] == kept
+    resumed = records[len(kept):]
+    assert resumed[0] == {**resumed[0], "event": "eval", "iter": 4}  # ... which the resumed run evaluates again
     # one TensorBoard run; the first session's iteration 4 hidden, as the resumed run logged it again
     assert os.listdir(os.path.join(out_dir, "runs")) == [project]
-    assert_tensorboard_holds(os.path.join(out_dir, "runs", project), [r for r in first if r["iter"] < 4] + resumed)
-    assert trackio_runs(project) == [run]  # the same Trackio run, its steps continued
-    assert [step for step, _ in trackio_log(project, run)] == [r["iter"] for r in records]
+    assert_tensorboard_holds(os.path.join(out_dir, "runs", project), kept + resumed)
+    assert trackio_runs(project) == [run]  # the same Trackio run, its steps continued (it keeps both 4s)
+    assert [step for step, _ in trackio_log(project, run)] == [r["iter"] for r in first + resumed]
 
     before = tree_digest(out_dir)
     tracked_run(args, "--init_from=resume", "--eval_only=True", "--report_to=tensorboard")
@@ -185,3 +188,27 @@ def test_a_tracker_that_is_not_installed_is_one_line_before_anything_is_written(
     assert one_line_error(main, [*args, *SHORT, "--report_to=trackio"], capsys) == (
         "error: report_to=trackio needs the trackio package, which is not installed: pip install -r requirements.txt")
     assert not os.path.exists(os.path.join(out_dir, "training_config.json"))
+
+
+def test_a_trackio_folder_that_cannot_be_written_is_one_line_before_training(tiny_run, tmp_path, monkeypatch,
+                                                                             capsys):
+    out_dir, args = tiny_run
+    blocker = tmp_path / "a-file"  # a path under a file: no user, root included, can make that folder
+    blocker.write_text("")
+    monkeypatch.setenv("TRACKIO_DIR", str(blocker / "trackio"))
+    error = one_line_error(main, [*args, *SHORT, "--report_to=trackio"], capsys)
+    assert error == (f"error: report_to=trackio cannot write to {blocker / 'trackio'} (Not a directory): set "
+                     "TRACKIO_DIR to a folder you can write to")
+    assert not os.path.exists(out_dir)
+
+
+@pytest.mark.slow  # the writer thread's traceback came at the interpreter's exit: a fresh one
+def test_a_tensorboard_folder_that_cannot_be_written_is_the_one_line_alone(tiny_checkpoint, char_data, tmp_path):
+    out_dir = str(tmp_path / "out")
+    shutil.copytree(tiny_checkpoint, out_dir)
+    with tmpfs(os.path.join(out_dir, "runs", "owt"), "1m", read_only=True) as folder:
+        result = run_script("train.py", f"--data_dir={char_data}", f"--out_dir={out_dir}", "--init_from=resume",
+                            "--max_iters=8", "--report_to=tensorboard", check=False)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: report_to=tensorboard cannot write to {folder} (Read-only file system): make "
+                             "it writable, or leave tensorboard out of report_to\n")  # no writer thread's traceback
