@@ -91,6 +91,8 @@ PLAN = {
         Skip("a BPE model and a generation task of your own (tests/test_lm_eval.py runs one)"),
     "python -m gpt_train.convert to-gguf out-bpe model.gguf --outtype=q8_0":
         Skip("a BPE model of your own (tests/test_gguf.py converts one)"),
+    "python -m gpt_train.convert to-gguf out-bpe model.gguf --force":
+        Skip("a BPE model of your own (tests/test_gguf.py replaces a file with --force)"),
     # docs/configuration.md
     "python train.py configs/train_shakespeare_char.py --per_device_train_batch_size=32 --max_steps=2000":
         ["--print_config"],  # a GPU run, its 2000 steps spelled --max_steps: resolved only
