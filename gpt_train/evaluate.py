@@ -22,10 +22,10 @@ import contextlib
 import datetime
 import functools
 import importlib.metadata
+import json
 import os
 import random
 import re
-import shutil
 import sys
 
 import numpy
@@ -46,6 +46,10 @@ HUB_PROBE_TIMEOUT_S = 5
 HEADLINE_METRICS = ("acc_norm", "acc")
 HUB_DATASET_ID = re.compile(r"[\w.-]+/[\w.-]+")  # "owner/name"; lm-eval's local tasks say "json", "csv" or a path
 LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"  # the source the Hub links each score to
+
+
+# lm-eval's generation settings that are numbers, as their type (an int is a float too)
+NUMERIC_GEN_KWARGS = {"max_gen_toks": int, "temperature": (int, float), "top_p": (int, float), "top_k": int}
 
 
 class NotInstalled(UserError):
@@ -125,7 +129,13 @@ def parse_gen_kwargs(text):
         from lm_eval.utils import simple_parse_args_string  # deferred: an optional extra
     except ImportError:
         raise NotInstalled("lm-eval is not installed: pip install -r requirements-eval.txt") from None
-    return simple_parse_args_string(text)
+    settings = simple_parse_args_string(text)
+    for name, kind in NUMERIC_GEN_KWARGS.items():
+        value = settings.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, kind) or value < 0):
+            raise UserError(f"--gen_kwargs={text}: {name} must be a {'whole ' if kind is int else ''}number >= 0, "
+                            f"got {value!r}")
+    return settings
 
 
 def _load_tasks(manager, names):
@@ -220,26 +230,68 @@ def scores_of(results):
 
 def save_results(out_dir, results):
     """OUT_DIR/eval_results.json, the model card's model-index and the Hub benchmarks' .eval_results/,
-    each file written atomically; returns the scores and the .eval_results/ files written."""
+    each file written atomically; returns the scores and the .eval_results/ files written.
+
+    eval_results.json keeps every task scored on these weights (the checkpoint's iteration): an
+    evaluation of other tasks adds to it, one of the same task replaces it, except that a run on
+    part of a benchmark (--limit) never replaces the whole benchmark's scores. Each task records
+    its limit and the generation settings lm-eval used (a cap on max_gen_toks included)."""
     scores = scores_of(results)
     state = TrainerState.read_if_any(out_dir)  # None: a folder not trained by gpt-train
     iteration = state.iter_num if state else None
-    settings = results.get("config", {})
-    record = {"iteration": iteration, "limit": settings.get("limit"), "gen_kwargs": settings.get("gen_kwargs"),
-              "results": scores}
-    write_json(os.path.join(out_dir, EVAL_RESULTS), record)
+    limit = results.get("config", {}).get("limit")
+    tasks = _kept_tasks(out_dir, iteration)
+    kept = [task for task in scores if limit and task in tasks and not tasks[task]["limit"]]
+    for task in kept:
+        print(f"note: {task}'s scores on the whole benchmark stay in {EVAL_RESULTS}; these were on {limit} "
+              "examples")
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    for task, metrics in scores.items():
+        if task not in kept:
+            tasks[task] = {"results": metrics, "limit": limit, "generation": _generation_of(results, task),
+                           "date": date}
+    write_json(os.path.join(out_dir, EVAL_RESULTS),
+               {"iteration": iteration, "results": {task: entry["results"] for task, entry in tasks.items()},
+                "tasks": {task: {k: v for k, v in entry.items() if k != "results"} for task, entry in tasks.items()}})
     card_path = os.path.join(out_dir, MODEL_CARD)
     if os.path.isfile(card_path):
         card = ModelCard.load(card_path)
         card.data.model_name = card.data.model_name or os.path.basename(os.path.abspath(out_dir))
-        card.data.eval_results = [EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task,
-                                             metric_type=metric, metric_value=value)
-                                  for task, metrics in scores.items() for metric, value in metrics.items()]
+        card.data.eval_results = [
+            EvalResult(task_type="text-generation", dataset_type=task, dataset_name=task, metric_type=metric,
+                       metric_value=value, **_limited_source(entry["limit"]))
+            for task, entry in tasks.items() for metric, value in entry["results"].items()]
         with atomic_path(card_path) as tmp:
             card.save(tmp)
         from gpt_train.checkpoint import refresh_manifest  # deferred: it imports transformers and peft
         refresh_manifest(out_dir, [MODEL_CARD])
     return scores, save_hub_results(out_dir, results, scores)
+
+
+def _kept_tasks(out_dir, iteration):
+    """{task: {results, limit, generation, date}} that eval_results.json holds for the weights at
+    `iteration`; {} for other weights or none. A file of the earlier format (one evaluation) too."""
+    try:
+        with open(os.path.join(out_dir, EVAL_RESULTS), encoding="utf-8") as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict) or saved.get("iteration") != iteration or not isinstance(saved.get("results"), dict):
+        return {}
+    described = saved.get("tasks") or {}
+    return {task: {"results": metrics, "limit": (described.get(task) or {}).get("limit", saved.get("limit")),
+                   "generation": (described.get(task) or {}).get("generation", saved.get("gen_kwargs")),
+                   "date": (described.get(task) or {}).get("date")}
+            for task, metrics in saved["results"].items()}
+
+
+def _generation_of(results, task):
+    """The generation settings lm-eval ran a generation task with (its own, --gen_kwargs', the cap on
+    max_gen_toks); None for other tasks."""
+    config = results.get("configs", {}).get(task) or {}
+    if config.get("output_type") != "generate_until":
+        return None
+    return config.get("generation_kwargs") or None
 
 
 def hub_results(results, scores):
@@ -267,20 +319,27 @@ def hub_results(results, scores):
     return entries
 
 
+def _limited_source(limit):
+    """A card's score taken on part of a benchmark says so (the Hub wants a link with the name)."""
+    if not limit:
+        return {}
+    return {"source_name": f"lm-eval on the first {limit} examples", "source_url": LM_EVAL_URL}
+
+
 def save_hub_results(out_dir, results, scores):
-    """OUT_DIR/.eval_results/<task>.yaml for each Hub benchmark scored, replacing those of an earlier
-    evaluation; none for a run limited to part of each benchmark, which leaderboards would take
-    for the whole. Returns the paths written, relative to out_dir."""
+    """OUT_DIR/.eval_results/<task>.yaml for each Hub benchmark scored, replacing that task's earlier
+    file and keeping the other tasks' (a checkpoint of new weights drops them all:
+    gpt_train.checkpoint); none for a run limited to part of each benchmark, which leaderboards
+    would take for the whole. Returns the paths written, relative to out_dir."""
     entries = hub_results(results, scores)
     limit = results.get("config", {}).get("limit")
     if entries and limit:
         print(f"note: no {HUB_EVAL_RESULTS}/ for the Hub's leaderboards: scored on {limit} examples per task, not "
               "the whole benchmark")
-        entries = {}
+        return []
     folder = os.path.join(out_dir, HUB_EVAL_RESULTS)
     if os.path.islink(folder):  # never write through a link: its target is not ours
         os.remove(folder)
-    shutil.rmtree(folder, ignore_errors=True)  # an earlier evaluation's tasks no longer describe the model
     written = []
     for task, entry in entries.items():
         with atomic_path(os.path.join(folder, f"{task}.yaml")) as tmp, open(tmp, "w", encoding="utf-8") as f:

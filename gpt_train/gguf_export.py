@@ -89,6 +89,8 @@ def to_gguf(out_dir, path=None, outtype="f16", force=False):
         writer.add_file_type(file_type)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_vocabulary(writer, vocab)
+        if getattr(tokenizer, "chat_template", None):  # a chat fine-tune: llama.cpp's chat reads it from here
+            writer.add_chat_template(tokenizer.chat_template)
         fell_back = _add_tensors(writer, model, qtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
@@ -97,6 +99,9 @@ def to_gguf(out_dir, path=None, outtype="f16", force=False):
     if fell_back:
         notes.append(f"{len(fell_back)} weights (e.g. {fell_back[0]}) have rows that are no multiple of "
                      f"{gguf.GGML_QUANT_SIZES[qtype][0]}: stored as f16, as llama.cpp's converter does")
+    notes.append(f"the model knows {config.n_positions} positions (learned, not extended): run llama.cpp with "
+                 f"-c {config.n_positions} and a prompt plus -n of at most {config.n_positions} tokens; past them "
+                 "it aborts (GGML_ASSERT)")
     return path, notes
 
 

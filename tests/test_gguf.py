@@ -356,3 +356,20 @@ def test_llama_cpp_tokenizes_and_scores_the_text_as_gpt_train_does(folders, kind
     measured = float(report.split("Final estimate: PPL = ")[1].split()[0])
     # llama.cpp computes GPT-2's tanh GELU and the trained ones exact GELU: near, not equal (1e-6 apart here)
     assert measured == pytest.approx(our_perplexity(folder, ids, context), rel=1e-3)
+
+
+def test_a_chat_folders_template_goes_into_the_gguf_and_the_context_is_printed(folders, tmp_path, capsys):
+    from gpt_train.chat import DEFAULT_TEMPLATE
+
+    chat = str(tmp_path / "out-chat")
+    shutil.copytree(folders["gpt2"], chat)
+    tokenizer = AutoTokenizer.from_pretrained(chat)
+    tokenizer.chat_template = DEFAULT_TEMPLATE  # what a chat fine-tune's folder carries (chat_template.jinja)
+    tokenizer.save_pretrained(chat)
+    path = to_gguf(chat, tmp_path)
+    _, values = fields(path)
+    assert values["tokenizer.chat_template"] == DEFAULT_TEMPLATE  # what llama.cpp's chat path applies
+    context = GPT2Config.from_pretrained(chat).n_positions
+    assert f"note: the model knows {context} positions (learned, not extended): run llama.cpp with -c {context}" \
+        in capsys.readouterr().out
+    assert "tokenizer.chat_template" not in fields(to_gguf(folders["char"], tmp_path))[1]  # none: none written

@@ -12,7 +12,7 @@ import yaml
 from huggingface_hub import ModelCard, parse_eval_result_entries
 from transformers import AutoModelForCausalLM
 
-from conftest import TOKEN, run_script
+from conftest import TOKEN, run_script, tree_digest
 from gpt_train import checkpoint, push
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -220,12 +220,13 @@ def test_hub_benchmarks_scores_are_written_in_the_hubs_format_pushed_and_dropped
     with open(os.path.join(out_dir, written[0]), "rb") as f:
         assert upload[3][written[0]] == f.read()
 
-    # part of each benchmark is no benchmark score: none for the leaderboards, and the earlier ones go
+    # part of each benchmark is no benchmark score: none for the leaderboards, and the whole ones stay
+    before = tree_digest(os.path.join(out_dir, ".eval_results"), os.path.join(out_dir, "eval_results.json"))
     save_results(out_dir, lm_eval_results(limit=100))
-    assert "note: no .eval_results/ for the Hub's leaderboards: scored on 100 examples per task" in \
-        capsys.readouterr().out
-    assert not os.path.exists(os.path.join(out_dir, ".eval_results"))
-    save_results(out_dir, lm_eval_results())
+    out = capsys.readouterr().out
+    assert "note: no .eval_results/ for the Hub's leaderboards: scored on 100 examples per task" in out
+    assert "note: hellaswag's scores on the whole benchmark stay in eval_results.json" in out
+    assert tree_digest(os.path.join(out_dir, ".eval_results"), os.path.join(out_dir, "eval_results.json")) == before
     train(load_config(["--init_from=resume", f"--out_dir={out_dir}", "--max_iters=4", "--lr_decay_iters=4"]))
     assert not os.path.exists(os.path.join(out_dir, ".eval_results"))  # they described the older weights
     assert written_by_gpt_train(".eval_results")  # so overwrite_output_dir removes them with the run

@@ -132,19 +132,44 @@ def test_a_generation_task_asking_more_tokens_than_the_context_is_capped_in_one_
                      "max_gen_toks=16 there (half the context; the prompt keeps the rest)"]
     assert "|shakespeare_gen_default" in out and "|shakespeare_gen " in out  # the other task kept its 10 tokens
     with open(os.path.join(folder, "eval_results.json")) as f:
-        assert json.load(f)["gen_kwargs"] is None
+        generation = {task: entry["generation"] for task, entry in json.load(f)["tasks"].items()}
+    assert generation["shakespeare_gen_default"]["max_gen_toks"] == 16  # the cap, recorded with the scores
+    assert generation["shakespeare_gen"]["max_gen_toks"] == 10  # the task's own
 
     judge(["shakespeare_gen"], folder, tasks, "--gen_kwargs=temperature=0,max_gen_toks=40")  # lm-eval's syntax
     out = capsys.readouterr().out
     assert "note: shakespeare_gen would generate up to 40 tokens, past the model's context of 32: max_gen_toks=16" in out
     with open(os.path.join(folder, "eval_results.json")) as f:
-        assert json.load(f)["gen_kwargs"] == {"temperature": 0, "max_gen_toks": 16}  # passed on to lm-eval
+        saved = json.load(f)["tasks"]
+    assert saved["shakespeare_gen"]["generation"].items() >= {"temperature": 0, "max_gen_toks": 16}.items()
+    assert saved["shakespeare_gen_default"]["generation"]["max_gen_toks"] == 16  # the earlier evaluation's, kept
     judge(["shakespeare_gen"], folder, tasks, "--gen_kwargs=max_gen_toks=4")
     assert "note:" not in capsys.readouterr().out
     with open(os.path.join(folder, "eval_results.json")) as f:
-        assert json.load(f)["gen_kwargs"] == {"max_gen_toks": 4}
+        assert json.load(f)["tasks"]["shakespeare_gen"]["generation"]["max_gen_toks"] == 4
     assert one_line(["shakespeare_gen"], folder, tasks, capsys, "--gen_kwargs=temperature").startswith(
         "error: --gen_kwargs=temperature: ")
+    assert one_line(["shakespeare_gen"], folder, tasks, capsys, "--gen_kwargs=max_gen_toks=abc") == (
+        "error: --gen_kwargs=max_gen_toks=abc: max_gen_toks must be a whole number >= 0, got 'abc'\n")
+
+
+def test_a_smaller_evaluation_never_erases_a_larger_one_and_other_tasks_add_up(bpe_folder, tasks, tmp_path, capsys):
+    folder = str(tmp_path / "judged")
+    shutil.copytree(bpe_folder, folder)
+    judge(["shakespeare_ppl"], folder, tasks)  # the whole benchmark
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        full = json.load(f)["results"]["shakespeare_ppl"]
+    judge(["shakespeare_ppl", "shakespeare_mc"], folder, tasks, "--limit=2")
+    assert "note: shakespeare_ppl's scores on the whole benchmark stay in eval_results.json" in capsys.readouterr().out
+    with open(os.path.join(folder, "eval_results.json")) as f:
+        saved = json.load(f)
+    assert saved["results"]["shakespeare_ppl"] == full and saved["tasks"]["shakespeare_ppl"]["limit"] is None
+    assert saved["tasks"]["shakespeare_mc"]["limit"] == 2  # a task only scored in part is kept, marked as such
+    card = ModelCard.load(os.path.join(folder, "README.md"))
+    sources = {r.dataset_name: r.source_name for r in card.data.eval_results}
+    assert sources == {"shakespeare_ppl": None, "shakespeare_mc": "lm-eval on the first 2 examples"}
+    index = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert index[("shakespeare_ppl", "bits_per_byte")] == full["bits_per_byte"]
 
 
 def test_gpt_train_evaluate_starts_a_char_model_after_a_newline_and_refuses_its_generation(char_folder, tasks,
@@ -221,7 +246,7 @@ def test_lm_eval_tasks_judge_every_checkpoint_and_leave_the_training_as_it_was(c
                for r in scores)
     with open(os.path.join(judged, "eval_results.json")) as f:
         saved = json.load(f)
-    assert saved["iteration"] == 6 and saved["limit"] == 2
+    assert saved["iteration"] == 6 and {entry["limit"] for entry in saved["tasks"].values()} == {2}
     assert saved["results"]["shakespeare_mc"]["acc"] == scores[-1]["lm_eval/shakespeare_mc/acc"]
     card = ModelCard.load(os.path.join(judged, "README.md"))
     assert {r.dataset_name for r in card.data.eval_results} == {"shakespeare_ppl", "shakespeare_mc"}
@@ -233,8 +258,8 @@ def test_lm_eval_tasks_judge_every_checkpoint_and_leave_the_training_as_it_was(c
     assert not os.path.exists(os.path.join(plain, "eval_results.json"))
 
     main(["--init_from=resume", f"--out_dir={judged}", "--max_iters=9", "--lr_decay_iters=9"])  # the card changed
-    # it still resumes (card and manifest agree); as in nanoGPT, a resume saves its first iteration again
-    assert [r["iter"] for r in read_metrics(judged, "lm_eval")] == [3, 6, 6, 9]
+    # it still resumes (card and manifest agree), and the checkpoint it starts from is not judged twice
+    assert [r["iter"] for r in read_metrics(judged, "lm_eval")] == [3, 6, 9]
 
 
 def test_a_failing_lm_eval_task_is_a_warning_and_an_unknown_one_is_refused_before_training(char_data, tasks,

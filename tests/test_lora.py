@@ -108,12 +108,18 @@ def test_a_lora_run_pushes_the_merged_model_and_its_adapter_never_a_linked_adapt
     assert not [name for name in hub.uploads()[-1][3] if name.startswith("adapter/")]
 
 
-def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
+def lora_run_on_a_copy(char_data, base, tmp_path):
+    """(the base's copy, the out_dir of a LoRA run of 4 iterations on it)."""
     moved = str(tmp_path / "base")
     shutil.copytree(base, moved)
     out_dir = str(tmp_path / "lora")
     train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=4")))
     forget_the_run()
+    return moved, out_dir
+
+
+def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
+    moved, out_dir = lora_run_on_a_copy(char_data, base, tmp_path)
     weights = load_file(os.path.join(moved, "model.safetensors"))
     weights["transformer.h.0.attn.c_attn.weight"] += 0.01  # the base folder trained on, say
     save_file(weights, os.path.join(moved, "model.safetensors"), metadata={"format": "pt"})
@@ -125,11 +131,7 @@ def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
 
 
 def test_a_resume_whose_base_is_gone_names_where_the_base_was_named(char_data, base, tmp_path):
-    moved = str(tmp_path / "base")
-    shutil.copytree(base, moved)
-    out_dir = str(tmp_path / "lora")
-    train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=4")))
-    forget_the_run()
+    moved, out_dir = lora_run_on_a_copy(char_data, base, tmp_path)
     shutil.rmtree(moved)  # the base folder deleted, or the run copied to a machine without it
     with pytest.raises(UserError) as refused:
         train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=8", "--init_from=resume")))

@@ -104,7 +104,7 @@ def test_hub_model_without_network_fails_fast_with_one_line(char_data, tmp_path)
     assert time.monotonic() - start < 30
     assert result.returncode == 2 and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: could not get openai-community/gpt2-xl from the Hugging Face Hub")
+    assert len(lines) == 1 and lines[0].startswith("error: could not get openai-community/gpt2-xl (init_from) from the Hugging Face Hub")
     assert lines[0].endswith("download it first with `hf download openai-community/gpt2-xl`, "
                              "or set init_from to a local model folder")
 

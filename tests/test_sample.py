@@ -184,4 +184,4 @@ def test_sampling_a_hub_model_without_network_fails_fast_with_one_line(tmp_path)
     assert time.monotonic() - start < 30
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [result.stderr.strip()]
-    assert result.stderr.startswith("error: could not get openai-community/gpt2 from the Hugging Face Hub")
+    assert result.stderr.startswith("error: could not get openai-community/gpt2 (init_from) from the Hugging Face Hub")
