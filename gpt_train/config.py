@@ -111,6 +111,8 @@ class TrainConfig:
     lora_alpha: float = training(16.0, "LoRA scaling: an adapter's update is multiplied by lora_alpha / lora_r")
     lora_dropout: float = training(0.05, "dropout on the adapters' input")
     lora_target_modules: str = training("c_attn,c_proj,c_fc", "modules given adapters: GPT-2's attention and MLP")
+    lora_base: str = training("", "for a LoRA resume whose base moved (a run folder copied to another machine): "
+                              "where the base is now; checked against the checkpoint, and saved in its place")
 
     decay_lr: bool = schedule(True, "warmup then decay as lr_schedule says; False keeps learning_rate constant")
     lr_schedule: str = schedule("cosine", "'cosine' (nanoGPT's) or 'wsd': warmup, flat at the peak, then a linear "

@@ -207,13 +207,14 @@ def load_generator(cfg):
 
 
 def check_encodable(tokenizer, prompt):
-    """The prompt must encode: a char vocabulary has no unknown token, so say which characters it lacks."""
-    try:
-        ids = tokenizer(prompt)["input_ids"]
-    except Exception:  # tokenizers raises a bare Exception ("Missing [UNK] token")
-        missing = sorted(set(prompt) - set(tokenizer.get_vocab()))
+    """The prompt must encode as written: a char vocabulary would read a character it lacks as '?'
+    (or, in folders saved before that, fail), so say which characters it lacks."""
+    vocab = tokenizer.get_vocab()
+    missing = sorted(set(prompt) - set(vocab)) if all(len(token) == 1 for token in vocab) else []
+    if missing:
         raise UserError(f"the model's vocabulary has no {', '.join(map(repr, missing[:10]))}: "
-                        "remove them from the prompt") from None
+                        "remove them from the prompt")
+    ids = tokenizer(prompt)["input_ids"]
     if not ids:
         raise UserError("the prompt is empty: give --start=TEXT or --start=FILE:path")
 

@@ -90,6 +90,9 @@ def plan(cfg):
         cfg, changes = with_saved_settings(cfg, read_run_config(cfg.out_dir), os.path.join(cfg.out_dir, RUN_CONFIG))
     elif cfg.finetune_method == "lora":
         check_lora_settings(cfg)
+    if cfg.lora_base and cfg.finetune_method != "lora":
+        raise UserError(f"lora_base={cfg.lora_base!r} names a LoRA run's base, and this run trains every weight "
+                        "(finetune_method='full'): leave it out")
     processes = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(processes)
     mixed, fsdp = mixed_precision(cfg.dtype, processes.device), launched_with_fsdp()  # a dtype the device lacks
@@ -137,13 +140,26 @@ def check_together(cfg, mixed, fsdp):
 def _plan_lora(start):
     """LoRA's frozen base: init_from's model; for a resume, the model its adapter names, with the
     saved adapter on top (out_dir's own weights are merged ones, which never unmerge exactly)."""
+    cfg = start.cfg
     if not start.saved:
-        start.base, start.base_folder = base_source(start.cfg.init_from), start.folder
+        if cfg.lora_base:
+            raise UserError(f"lora_base={cfg.lora_base!r} points a resumed LoRA run at its moved base; a new run "
+                            "adapts init_from's model: leave lora_base out")
+        start.base, start.base_folder = base_source(cfg.init_from), start.folder
         return
-    start.adapter, start.base = os.path.join(start.cfg.out_dir, ADAPTER_DIR), saved_base(start.cfg.out_dir)
+    start.adapter = os.path.join(cfg.out_dir, ADAPTER_DIR)
+    if cfg.lora_base:  # checked against the checkpoint's merged weights once loaded (train.build)
+        start.base, where = base_source(cfg.lora_base), "lora_base"
+    else:
+        start.base, where = saved_base(cfg.out_dir), f"the LoRA base ({ADAPTER_DIR}/{ADAPTER_CONFIG}'s " \
+                                                     "base_model_name_or_path)"
     with start.processes.main_process_first():
-        start.base_folder = pretrained_folder(start.base, f"the LoRA base ({ADAPTER_DIR}/{ADAPTER_CONFIG}'s "
-                                                          "base_model_name_or_path)")
+        try:
+            start.base_folder = pretrained_folder(start.base, where)
+        except UserError as e:
+            if cfg.lora_base:
+                raise
+            raise UserError(f"{e}; if the base moved, say where it is now with --lora_base=PATH") from None
     check_model_files(start.base_folder)
 
 
@@ -194,7 +210,7 @@ def _refuse_another_run(cfg):
 
 # Settings a resumed run takes from the command line only: they say what to do with the run.
 NOT_RESUMED = ("init_from", "out_dir", "eval_only", "overwrite_output_dir", "resume_from_checkpoint",
-               "stream_allow_changed")
+               "stream_allow_changed", "lora_base")
 # Settings whose change makes a resumed run differ from the uninterrupted one.
 TRAJECTORY = ("dataset", "data_dir", "gradient_accumulation_steps", "batch_size", "block_size", "dropout",
               "learning_rate", "weight_decay", "beta1", "beta2", "grad_clip", "skip_nonfinite_steps", "decay_lr",

@@ -32,6 +32,7 @@ from gpt_train.out_dir import TOKENIZER_CONFIG
 
 GPT2_ASSETS = os.path.join(os.path.dirname(__file__), "assets", "gpt2")
 GPT2_EOT = "<|endoftext|>"
+UNKNOWN_CHAR = "?"  # what a char vocabulary that has it reads a character it lacks as (char_tokenizer)
 GPT2_EOT_ID = 50256
 GPT2_VOCAB = 50257
 MODEL_INPUT_NAMES = ("input_ids", "attention_mask")  # what GPT-2's forward takes from a tokenizer
@@ -47,10 +48,18 @@ def gpt2_tokenizer():
 
 
 def char_tokenizer(stoi):
-    """A fast tokenizer mapping each character of `stoi` to its id, round-tripping exactly."""
+    """A fast tokenizer mapping each character of `stoi` to its id, round-tripping exactly.
+
+    A character the vocabulary lacks reads as UNKNOWN_CHAR where it has one, as a codec's
+    errors="replace" does: `pipeline()` and lm-eval go on where tokenizers would raise "Missing
+    [UNK] token". It is the tokenizer model's fallback, not a special token that decoding skips, so
+    the vocabulary and the model are unchanged; sample.py and the preparers still name such a
+    character and refuse it.
+    """
     if any(len(ch) != 1 for ch in stoi):
         raise UserError("meta.pkl's stoi must map single characters to ids")
-    model = Tokenizer(models.WordLevel(vocab=dict(stoi), unk_token=None))
+    unknown = UNKNOWN_CHAR if UNKNOWN_CHAR in stoi else None
+    model = Tokenizer(models.WordLevel(vocab=dict(stoi), unk_token=unknown))
     model.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), "isolated")
     model.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(tokenizer_object=model, clean_up_tokenization_spaces=False,

@@ -130,13 +130,49 @@ def test_a_resume_refuses_a_base_that_changed_since(char_data, base, tmp_path):
     assert sha256(os.path.join(out_dir, "adapter", "adapter_model.safetensors")) == before
 
 
-def test_a_resume_whose_base_is_gone_names_where_the_base_was_named(char_data, base, tmp_path):
+def test_a_run_folder_copied_with_its_base_to_another_place_loads_in_peft_and_resumes_there(char_data, base,
+                                                                                             tmp_path):
     moved, out_dir = lora_run_on_a_copy(char_data, base, tmp_path)
-    shutil.rmtree(moved)  # the base folder deleted, or the run copied to a machine without it
+    new_base, new_run = str(tmp_path / "elsewhere" / "base"), str(tmp_path / "elsewhere" / "lora")
+    shutil.copytree(moved, new_base)
+    shutil.copytree(out_dir, new_run)
+    shutil.rmtree(moved)  # the first machine is gone: its absolute path names nothing
+    shutil.rmtree(out_dir)
+    adapter = os.path.join(new_run, "adapter")
+    # peft without gpt-train: the base given where it is now, the adapter from its new place
+    adapted = PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(new_base), adapter).eval()
+    x = torch.randint(0, 65, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(input_ids=x).logits, GPT2LMHeadModel.from_pretrained(new_run)(
+            input_ids=x).logits, atol=1e-5, rtol=1e-5)
+    resume = lora_args(char_data, new_base, new_run, "--max_iters=8", "--init_from=resume")
     with pytest.raises(UserError) as refused:
-        train(load_config(lora_args(char_data, moved, out_dir, "--max_iters=8", "--init_from=resume")))
+        train(load_config(resume))
     assert str(refused.value) == (f"the LoRA base (adapter/adapter_config.json's base_model_name_or_path)="
-                                  f"{os.path.abspath(moved)!r}: model folder not found")  # not init_from's
+                                  f"{os.path.abspath(moved)!r}: model folder not found; if the base moved, say "
+                                  "where it is now with --lora_base=PATH")  # not init_from's
+    forget_the_run()
+    other = str(tmp_path / "other")  # another model of the same shape
+    shutil.copytree(new_base, other)
+    weights = load_file(os.path.join(other, "model.safetensors"))
+    weights["transformer.h.1.mlp.c_fc.weight"] *= 1.01
+    save_file(weights, os.path.join(other, "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UserError, match=f"{other} is not the model the adapter in {new_run} was trained on"):
+        train(load_config([*resume, f"--lora_base={other}"]))
+    forget_the_run()
+    run = train(load_config([*resume, f"--lora_base={new_base}"]))
+    assert run.iter_num == 8
+    with open(os.path.join(adapter, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == os.path.abspath(new_base)  # saved in its place
+    AutoPeftModelForCausalLM.from_pretrained(adapter)  # and so peft finds it alone again
+
+
+def test_lora_base_is_for_a_resumed_lora_run_alone(char_data, base, tmp_path):
+    with pytest.raises(UserError, match="a new run adapts init_from's model: leave lora_base out"):
+        train(load_config(lora_args(char_data, base, str(tmp_path / "new"), f"--lora_base={base}")))
+    with pytest.raises(UserError, match=r"this run trains every weight \(finetune_method='full'\): leave it out"):
+        train(load_config([f"--data_dir={char_data}", f"--out_dir={tmp_path / 'full'}", *TINY_MODEL,
+                           f"--init_from={base}", f"--lora_base={base}"]))
 
 
 @pytest.mark.parametrize("targets", ["c_attn,wte", "lm_head"])

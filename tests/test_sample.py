@@ -175,6 +175,19 @@ def test_characters_outside_a_char_vocabulary_are_named(char_model):
         draw(char_model, "--start=ROMEO€:", "--num_samples=1")
 
 
+def test_a_pipeline_reads_a_character_a_char_vocabulary_lacks_as_a_question_mark(char_model):
+    """tokenizers would raise "Missing [UNK] token"; the vocabulary and the decoding stay as they were."""
+    from transformers import pipeline
+
+    generate = pipeline("text-generation", model=char_model, device="cpu")
+    tokenizer = generate.tokenizer
+    assert tokenizer("Café")["input_ids"] == tokenizer("Caf?")["input_ids"]
+    assert tokenizer.unk_token is None and len(tokenizer) == 65  # no token added, nothing decoding skips
+    assert tokenizer.decode(tokenizer("Why? No.")["input_ids"], skip_special_tokens=True) == "Why? No."
+    greedy = {"max_new_tokens": 8, "do_sample": False, "return_full_text": False}
+    assert generate("Café", **greedy)[0]["generated_text"] == generate("Caf?", **greedy)[0]["generated_text"]
+
+
 @pytest.mark.slow
 def test_sampling_a_hub_model_without_network_fails_fast_with_one_line(tmp_path):
     from test_pretrained import CLOSED_PORT_HUB
