@@ -21,12 +21,10 @@ skips an unreadable RNG file with a note at INFO level: the run would go on, ine
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
 import functools
-import hashlib
 import logging
 import os
 import pickle
 import shutil
-from concurrent.futures import ThreadPoolExecutor
 
 from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
@@ -35,7 +33,8 @@ from torch.distributed.checkpoint.api import CheckpointException
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
-from gpt_train.files import WRITE_FAILURES, describe_write_failure, give_default_mode, write_json
+from gpt_train.files import (WRITE_FAILURES, describe_write_failure, file_problem, give_default_mode, manifest,
+                             write_json)
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.metrics import drop_records_from, drop_torn_last_line
 from gpt_train.model_card import write_model_card
@@ -48,8 +47,6 @@ from gpt_train.tokenizer import save_tokenizer
 # Tied input/output embeddings are stored once; Accelerate warns about it at every save.
 logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
-HASH_CHUNK = 16 << 20
-HASH_THREADS = 8
 DAMAGED_STATE = (OSError, RuntimeError, ValueError, KeyError, EOFError, pickle.UnpicklingError, SafetensorError,
                  CheckpointException)
 FSDP_MODEL_STATE = "pytorch_model_fsdp"  # how Accelerate names an FSDP model state (sharded folder or full file)
@@ -117,7 +114,7 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     save_tokenizer(tokenizer, staging, context=model.config.n_positions)
     write_model_card(staging, trainer_state)
     give_default_mode(staging)  # safetensors writes model.safetensors 0600
-    trainer_state.files = _manifest(staging)
+    trainer_state.files = manifest(staging)
     write_json(os.path.join(staging, STATE_DIR, TRAINER_STATE), trainer_state.to_dict())
     _flush_tree(staging)
 
@@ -211,7 +208,7 @@ def read_trainer_state(out_dir, repair=True):
     state = TrainerState.read(out_dir)
     check_model_folder(out_dir, ": its checkpoint is incomplete and cannot be resumed")
     for name, expected in state.files.items():
-        problem = _file_problem(os.path.join(out_dir, name), expected)
+        problem = file_problem(os.path.join(out_dir, name), expected)
         if problem:
             raise UserError(f"the checkpoint in {out_dir} is damaged: {name} {problem}. "
                             "It cannot be resumed; start again or restore a copy of out_dir")
@@ -297,47 +294,14 @@ def remove_previous_run(out_dir):
     return removed
 
 
-def refresh_manifest(out_dir, names):
+def refreshmanifest(out_dir, names):
     """After files of out_dir's model folder were rewritten on purpose (convert upgrade): the
     checkpoint's manifest describes them as they are now, so resume still trusts it."""
     state = TrainerState.read_if_any(out_dir)
     if state is None:
         return  # a model folder without a checkpoint: nothing to keep in step
-    state.files.update(_manifest(out_dir, names))
+    state.files.update(manifest(out_dir, names))
     write_json(os.path.join(out_dir, STATE_DIR, TRAINER_STATE), state.to_dict())
-
-
-def _manifest(folder, names=None):
-    """{relative path: {"size", "sha256"}} of every file under folder (or of the top-level files
-    `names`). Files are hashed in parallel: hashlib lets go of the GIL on large buffers."""
-    if names is None:
-        paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found]
-    else:
-        paths = [os.path.join(folder, n) for n in names]
-    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(paths) or 1)) as pool:
-        digests = list(pool.map(_sha256, paths))
-    return {os.path.relpath(path, folder).replace(os.sep, "/"): {"size": os.path.getsize(path), "sha256": digest}
-            for path, digest in zip(paths, digests, strict=True)}
-
-
-def _file_problem(path, expected):
-    if not os.path.isfile(path):
-        return "is missing"
-    size = os.path.getsize(path)
-    if size != expected["size"]:
-        return f"has {size} bytes, the checkpoint wrote {expected['size']}"
-    # checkpoints written before every file had a digest are checked by size where they have none
-    if "sha256" in expected and _sha256(path) != expected["sha256"]:
-        return "does not match the file the checkpoint wrote (sha256 differs)"
-    return None
-
-
-def _sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _flush_tree(folder):

@@ -49,7 +49,8 @@ hub_ = section("hub (TrainingArguments' names; the token is HF_TOKEN or `hf auth
 
 @dataclass
 class TrainConfig:
-    out_dir: str = io_("out", "folder for the model, its training state and metrics.jsonl")
+    out_dir: str = io_("out", "folder for the model, its training state and metrics.jsonl; or a store's URL "
+                              "(s3://bucket/prefix, gs://..., hf://buckets/...): docs/out-dir.md")
     eval_interval: int = io_(2000, "evaluate train and val loss every this many iterations")
     log_interval: int = io_(1, "print the training loss every this many iterations")
     progress: bool = io_(True, "tqdm bars for long steps (eval), on a terminal only; TQDM_DISABLE=1 hides them too")

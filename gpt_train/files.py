@@ -8,10 +8,12 @@ umask); tempfile's 0600 would make datasets and model folders private to their w
 Not here: whole folders committed at once (gpt_train.checkpoint, gpt_train.prepare stage them).
 """
 import errno
+import hashlib
 import json
 import os
 import resource
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 from safetensors import SafetensorError
 
@@ -25,6 +27,8 @@ WRITE_ERRNOS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 TORCH_WRITE_MESSAGES = ("inline_container.cc", "PytorchStreamWriter", "basic_ios::clear", "file write failed")
 WRITE_FAILURES = (OSError, RuntimeError, SafetensorError)
 FULL_BELOW_BYTES = 64 << 10  # free space under this when a write fails: the disk filled up
+HASH_CHUNK = 16 << 20
+HASH_THREADS = 8
 
 
 def default_mode():
@@ -110,3 +114,37 @@ def write_json(path, obj, **options):
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, **options)
         f.write("\n")
+
+
+def manifest(folder, names=None):
+    """{relative path: {"size", "sha256"}} of every file under folder (or of the files `names`,
+    relative to it). Files are hashed in parallel: hashlib lets go of the GIL on large buffers."""
+    if names is None:
+        paths = [os.path.join(root, n) for root, _, found in os.walk(folder) for n in found]
+    else:
+        paths = [os.path.join(folder, n) for n in names]
+    with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(paths) or 1)) as pool:
+        digests = list(pool.map(sha256, paths))
+    return {os.path.relpath(path, folder).replace(os.sep, "/"): {"size": os.path.getsize(path), "sha256": digest}
+            for path, digest in zip(paths, digests, strict=True)}
+
+
+def file_problem(path, expected):
+    """None if the file at `path` is the one `expected` ({"size", "sha256"}) describes, else what differs."""
+    if not os.path.isfile(path):
+        return "is missing"
+    size = os.path.getsize(path)
+    if size != expected["size"]:
+        return f"has {size} bytes, the checkpoint wrote {expected['size']}"
+    # checkpoints written before every file had a digest are checked by size where they have none
+    if "sha256" in expected and sha256(path) != expected["sha256"]:
+        return "does not match the file the checkpoint wrote (sha256 differs)"
+    return None
+
+
+def sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -22,6 +22,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
+from gpt_train.store import is_url, model_folder
 
 VOCAB_MULTIPLE = 64  # vocabularies rounded up to a multiple of it, as nanoGPT does for GPT-2: faster matmuls
 PADDED_GPT2_VOCAB = 50304  # GPT-2's 50,257, so rounded
@@ -137,6 +138,8 @@ def pretrained_folder(name, setting="init_from"):
     """
     if os.path.isdir(name):
         return name
+    if is_url(name):  # a run folder on object storage: its newest checkpoint's model, cached here
+        return model_folder(name, setting)
     repo = GPT2_HUB_IDS.get(name, name)
     if name.startswith((".", "/", "~")) or os.path.splitext(name)[1]:
         raise UserError(f"{setting}={name!r}: model folder not found")

@@ -27,6 +27,7 @@ from gpt_train.device import resolve_device, torch_dtype
 from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.model import GPT2_HUB_IDS, pretrained_folder
 from gpt_train.out_dir import check_model_files, check_model_folder
+from gpt_train.store import is_url, model_folder
 
 SEPARATOR = "---------------"  # between samples, as nanoGPT prints them
 FILE_PREFIX = "FILE:"
@@ -165,6 +166,10 @@ class SlidingTextGenerationPipeline(TextGenerationPipeline):
 
 def model_source(cfg):
     """What to load: out_dir for 'resume', openai-community/* for GPT-2 names, else init_from."""
+    if cfg.init_from == "resume" and is_url(cfg.out_dir):
+        return model_folder(cfg.out_dir, "out_dir")
+    if is_url(cfg.init_from):
+        return model_folder(cfg.init_from, "init_from")
     if cfg.init_from == "resume":
         check_model_folder(cfg.out_dir, ": train a model first (python train.py ...) or point --out_dir at a "
                                         "folder written by train.py or save_pretrained")

@@ -26,6 +26,7 @@ from gpt_train.lora import ADAPTER_CONFIG, base_source, saved_base
 from gpt_train.lora import check_settings as check_lora_settings
 from gpt_train.model import pretrained_folder, read_model_config
 from gpt_train.optim import OPTIMIZERS
+from gpt_train.store import LocalHome, home_of, is_url
 from gpt_train.out_dir import (ADAPTER_DIR, BEFORE_FIRST_CHECKPOINT, RUN_CONFIG, STATE_DIR, TRAINER_STATE,
                                check_model_files, has_checkpoint, previous_run, read_run_config)
 
@@ -37,6 +38,7 @@ class Start:
     cfg: object  # the final settings
     processes: PartialState
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
+    home: object = field(default_factory=LocalHome)  # where out_dir lives: this disk or a store (gpt_train.store)
     saved: object = None  # the TrainerState a resume continues
     folder: str | None = None  # where the weights come from: out_dir, a pretrained folder, or None (scratch)
     model_config: object = None  # that folder's GPT2Config
@@ -84,6 +86,12 @@ def plan(cfg):
     anything reads a checkpoint it may repair or checks that out_dir is free, so two runs
     started together cannot both pass.
     """
+    cfg, home = _out_dir_home(cfg)
+    with home.naming():
+        return _plan(cfg, home)
+
+
+def _plan(cfg, home):
     changes = []
     cfg = _resume_choice(cfg)
     if cfg.init_from == "resume":  # the run's own settings, changed only where the user says so
@@ -97,7 +105,8 @@ def plan(cfg):
     check_one_run(processes)
     mixed, fsdp = mixed_precision(cfg.dtype, processes.device), launched_with_fsdp()  # a dtype the device lacks
     check_together(cfg, mixed, fsdp)
-    start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes), mixed=mixed, fsdp=fsdp)
+    start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes, home), home=home, mixed=mixed,
+                  fsdp=fsdp)
     with start.released_on_error():
         if start.writes and cfg.init_from != "resume" and not cfg.overwrite_output_dir:
             _refuse_another_run(cfg)
@@ -163,15 +172,29 @@ def _plan_lora(start):
     check_model_files(start.base_folder)
 
 
-def _hold_out_dir(cfg, processes):
-    """The run's lock on out_dir, taken by the main process for all of them; every process learns
-    the outcome. An evaluation writes nothing and takes none."""
+def _out_dir_home(cfg):
+    """out_dir on a store (a URL): the run works in its local copy, brought up to date with the store
+    first (gpt_train.store); resume_from_checkpoint=URL continues the run there."""
+    target = cfg.resume_from_checkpoint
+    if isinstance(target, str) and is_url(target):
+        cfg = with_values(cfg, out_dir=target)
+    home = home_of(cfg.out_dir)
+    if isinstance(home, LocalHome):
+        return cfg, home
+    if isinstance(target, str) and is_url(target):
+        cfg = with_values(cfg, resume_from_checkpoint=home.folder)
+    return with_values(cfg, out_dir=home.folder), home
+
+
+def _hold_out_dir(cfg, processes, home):
+    """The run's lock on out_dir, taken by the main process for all of them (for a store, its lease
+    too); every process learns the outcome. An evaluation writes nothing and takes none."""
     if cfg.eval_only:
         return None
     lock, refusal = None, None
     if processes.is_main_process:
         try:
-            lock = run_lock.hold(cfg.out_dir)
+            lock = home.hold(cfg.out_dir)
         except UserError as e:
             refusal = str(e)
     if processes.num_processes > 1:

@@ -75,6 +75,7 @@ class Run:
     hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
     judge: Judge | None = None  # benchmarks on each saved checkpoint, or on the evaluated model
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
+    home: object = None  # where out_dir lives (gpt_train.store): a store gets each checkpoint after its save
     eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
     evaluated_checkpoint: int | None = None  # the iteration of the evaluated checkpoint a resume starts from
 
@@ -135,7 +136,7 @@ def build(start):
               tokens_per_iter=tokens_per_iter(cfg), bytes_per_token=val_bytes, eval_batches=cfg.eval_iters)
     if start.saved:
         _restore(run, start)
-    run.lock, run.judge = start.lock, Judge(cfg, start.judged, processes.print)
+    run.lock, run.home, run.judge = start.lock, start.home, Judge(cfg, start.judged, processes.print)
     run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
     return run
 
@@ -248,6 +249,7 @@ def _open_run_folder(run, start):
     cfg = run.cfg
     checkpoint.start_run_folder(cfg.out_dir, replace=start.replace,  # before TensorBoard puts runs/ there
                                 resumed_at=run.iter_num if start.saved else None)
+    start.home.opened(cfg.out_dir, start.replace)  # a store's previous run goes with the local one
     _start_trackers(run, start)
     checkpoint.write_run_settings(cfg.out_dir, dataclasses.asdict(cfg))  # after: a failed wandb leaves none
     _report_start(run, all_settings=os.path.join(cfg.out_dir, RUN_CONFIG))
@@ -329,6 +331,7 @@ def save(run, val_loss=None):
     run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
     checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state, run.data.save_state)
     run.judge(run.accelerator, run.iter_num, keep=True)  # before the push: the Hub gets the scores too
+    run.home.after_save(run.cfg.out_dir, run.iter_num)  # a store's copy (gpt_train.store)
     run.hub.after_save(run.cfg.out_dir, run.iter_num)
 
 
@@ -401,6 +404,7 @@ def fit(run):
             break
     progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
+    run.home.finish(cfg.out_dir, run.iter_num)  # the logs' last lines to a store
     run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
     return run
 
@@ -459,6 +463,11 @@ def check_finite(run, loss, what):
 
 def train(cfg):
     start = plan(cfg)
+    with start.home.naming():  # a store's run is named by its URL, not by its working copy
+        return _train(start)
+
+
+def _train(start):
     if not start.writes:  # eval_only
         return evaluate_only(start)
     run = open_training(start)

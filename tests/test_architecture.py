@@ -26,6 +26,8 @@ FOUNDATION = {
 # Modules that must not know a sibling: what a model is does not depend on how it is trained.
 FORBIDDEN = {
     "model": {"config", "optim"},
+    # a storage backend moves files: it knows nothing of what they hold or how they were trained
+    "store": {"config", "model", "optim", "train", "start", "checkpoint", "data", "stream"},
 }
 # Settings that decide what kind of start a run is: gpt_train.start reads them, the loop reads its answer.
 START_SETTINGS = {"eval_only", "init_from", "resume_from_checkpoint", "overwrite_output_dir"}

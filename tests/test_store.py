@@ -1,0 +1,164 @@
+"""out_dir on object storage (gpt_train.store), against S3's API served for real on loopback:
+moto's server reached through s3fs over HTTP, as a run on a cloud machine reaches AWS."""
+import io
+import json
+import os
+import shutil
+import uuid
+
+import pytest
+
+from conftest import TINY_MODEL, free_port, read_metrics, sha256
+from gpt_train import store as store_module
+from gpt_train.cli import load_config
+from gpt_train.errors import UserError
+from gpt_train.sample import SampleConfig, sample
+from gpt_train.store import CHECKPOINTS, LEASE, Lease, Store, model_folder, working_copy
+from gpt_train.train import train
+
+SECRET = "gpt-train-test-secret-never-written"  # a fake credential: it must appear in no file and no log
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """S3's endpoint on 127.0.0.1 (moto's server mode), and the environment a user sets for AWS."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError as e:
+        pytest.skip(f"moto's server is not installed ({e}): pip install -r requirements-dev.txt")
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=int(port), verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "gpt-train-test-key", "AWS_SECRET_ACCESS_KEY": SECRET,
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}"}
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    yield env
+    server.stop()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
+@pytest.fixture
+def bucket(s3, tmp_path, monkeypatch):
+    """A new bucket, and a cache of local copies of its own (a fresh machine for each test)."""
+    import s3fs
+    name = f"runs-{uuid.uuid4().hex[:12]}"
+    s3fs.S3FileSystem().mkdir(name)
+    monkeypatch.setenv("GPT_TRAIN_CACHE", str(tmp_path / "cache"))
+    return name
+
+
+def store_args(char_data, out_dir, *extra):
+    return [f"--data_dir={char_data}", f"--out_dir={out_dir}", *TINY_MODEL, "--dropout=0.1", "--eval_interval=2",
+            "--eval_iters=2", "--always_save_checkpoint=True", *extra]
+
+
+def objects(url):
+    store = Store(url)
+    store.fs.invalidate_cache()
+    return sorted(p[len(store.root) + 1:] for p in store.fs.find(store.root))
+
+
+def test_a_run_on_s3_publishes_each_checkpoint_and_resumes_on_another_machine_exactly(char_data, bucket, tmp_path,
+                                                                                      capsys):
+    url = f"s3://{bucket}/shakespeare/run1"
+    train(load_config(store_args(char_data, url, "--max_iters=4")))
+    printed = capsys.readouterr().out
+    assert f"uploaded the checkpoint at iteration 4 to {url}/{CHECKPOINTS}/0000000004-" in printed
+    assert not os.path.exists("s3:") and not os.path.exists(tmp_path / "s3:")  # never a local folder named s3:
+    stored = objects(url)
+    manifests = [name for name in stored if name.startswith(CHECKPOINTS) and name.count("/") == 1]
+    assert len(manifests) == 1  # the checkpoint at 2 went once the one at 4 was committed
+    name = manifests[0][len(CHECKPOINTS) + 1:-len(".json")]
+    with Store(url).fs.open(f"{bucket}/shakespeare/run1/{manifests[0]}") as f:
+        record = json.load(f)
+    assert record["iteration"] == 4 and "model.safetensors" in record["files"]
+    assert "training_state/trainer_state.json" in record["files"]
+    assert {f"{CHECKPOINTS}/{name}/{rel}" for rel in record["files"]} | {manifests[0]} == {
+        o for o in stored if o.startswith(CHECKPOINTS)}  # every object is in the manifest, and no other
+    assert {"metrics.jsonl", "training_config.json", "loss.png"} <= set(stored) and LEASE not in stored
+
+    shutil.rmtree(working_copy(url))  # another machine: nothing local, the store holds the run
+    train(load_config(store_args(char_data, url, "--max_iters=8", "--init_from=resume")))
+    printed = capsys.readouterr().out
+    assert f"brought the checkpoint at iteration 4 from {url}" in printed and "resuming from iteration 4" in printed
+    whole = str(tmp_path / "whole")
+    train(load_config(store_args(char_data, whole, "--max_iters=8")))
+    resumed = model_folder(url, "out_dir")
+    assert sha256(os.path.join(resumed, "model.safetensors")) == sha256(os.path.join(whole, "model.safetensors"))
+    assert [r["val/loss"] for r in read_metrics(working_copy(url), "eval")] == [
+        r["val/loss"] for r in read_metrics(whole, "eval")]
+
+    out = io.StringIO()
+    sample(load_config([f"--out_dir={url}", "--device=cpu", "--num_samples=1", "--max_new_tokens=20",
+                        "--start=ROMEO:"], SampleConfig), out)
+    assert out.getvalue().startswith("ROMEO:")
+
+
+def test_a_second_read_downloads_nothing_and_a_damaged_object_is_refused_in_one_line(char_data, bucket,
+                                                                                    monkeypatch):
+    url = f"s3://{bucket}/run"
+    train(load_config(store_args(char_data, url, "--max_iters=2")))
+    first = model_folder(url, "out_dir")
+    store = Store(url)
+    with monkeypatch.context() as patch:
+        patch.setattr(type(store.fs), "get_file", lambda *a, **k: pytest.fail("downloaded again"))
+        assert model_folder(url, "out_dir") == first
+    shutil.rmtree(os.path.dirname(first))  # the cache gone: read from the store again
+    name, newest = store.newest()
+    store.fs.pipe_file(store.path(CHECKPOINTS, name, "model.safetensors"), b"not the weights")
+    with pytest.raises(UserError, match=rf"the checkpoint {url}/{CHECKPOINTS}/{name} is damaged: model.safetensors "
+                                        "has 15 bytes, the checkpoint wrote"):
+        model_folder(url, "out_dir")
+    shutil.rmtree(os.path.dirname(first))  # what the refused read kept (the whole files) goes too
+    store.fs.rm_file(store.path(CHECKPOINTS, name, "config.json"))
+    with pytest.raises(UserError, match="is damaged: config.json is missing"):
+        model_folder(url, "out_dir")
+
+
+def test_a_second_writer_is_refused_until_the_first_ones_lease_goes_stale(char_data, bucket, monkeypatch, capsys):
+    url = f"s3://{bucket}/run"
+    other = Lease(Store(url)).take()  # a run on another machine
+    other.holder = "pid 1 on elsewhere"
+    try:
+        with pytest.raises(UserError, match=rf"{url} is in use by another training run \(pid \d+ on "):
+            train(load_config(store_args(char_data, url, "--max_iters=2")))
+    finally:
+        other._stop.set()  # the other machine dies: its lease is no longer refreshed
+    monkeypatch.setattr(store_module, "LEASE_STALE_S", 0.0)
+    train(load_config(store_args(char_data, url, "--max_iters=2")))
+    assert "that run is gone, this one takes over" in capsys.readouterr().out
+    with pytest.raises(UserError, match="was taken over by another run"):
+        other.check()  # the old holder, were it alive, would commit nothing more
+
+
+def test_overwrite_deletes_only_what_gpt_train_wrote_under_the_prefix(char_data, bucket, capsys):
+    url = f"s3://{bucket}/run"
+    train(load_config(store_args(char_data, url, "--max_iters=2")))
+    fs = Store(url).fs
+    fs.pipe_file(f"{bucket}/run/notes.txt", b"mine")
+    fs.pipe_file(f"{bucket}/run-other/model.safetensors", b"another prefix")
+    with pytest.raises(UserError, match=f"{url} holds another training run \\(a checkpoint at iteration 2\\)"):
+        train(load_config(store_args(char_data, url, "--max_iters=2")))
+    train(load_config(store_args(char_data, url, "--max_iters=2", "--overwrite_output_dir=True")))
+    assert f"removed the previous run in {url}" in capsys.readouterr().out
+    assert fs.cat_file(f"{bucket}/run/notes.txt") == b"mine"
+    assert fs.cat_file(f"{bucket}/run-other/model.safetensors") == b"another prefix"
+
+
+def test_store_mistakes_are_one_line(char_data, s3, tmp_path, monkeypatch):
+    monkeypatch.setenv("GPT_TRAIN_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(UserError, match=r"out_dir='s3://no-such-bucket-here/run': the bucket does not exist"):
+        train(load_config(store_args(char_data, "s3://no-such-bucket-here/run", "--max_iters=2")))
+    with pytest.raises(UserError, match=r"out_dir='gs://b/run' is on gs://, whose filesystem is not installed .*: "
+                                        "pip install gcsfs"):
+        train(load_config(store_args(char_data, "gs://b/run", "--max_iters=2")))
+    with pytest.raises(UserError, match=r"fsspec knows no nosuch:// filesystem"):
+        train(load_config(store_args(char_data, "nosuch://b/run", "--max_iters=2")))
+    with pytest.raises(UserError, match=r"init_from='s3://no-such-bucket-here/run': the bucket does not exist"):
+        model_folder("s3://no-such-bucket-here/run", "init_from")
+    assert not os.path.exists("s3:") and not os.path.exists("gs:")
