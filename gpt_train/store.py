@@ -259,7 +259,8 @@ class Lease:
         self._thread = None
 
     def _body(self):
-        return json.dumps({"holder": self.holder, "token": self.token, "refreshed": time.time()}).encode()
+        return json.dumps({"holder": self.holder, "token": self.token, "refreshed": time.time(),
+                           "host": socket.gethostname(), "pid": os.getpid()}).encode()
 
     def take(self):
         fs = self.store.fs
@@ -280,11 +281,12 @@ class Lease:
     def _take_over_if_stale(self):
         held, etag = self._read()
         age = time.time() - held.get("refreshed", 0)
-        if age < LEASE_STALE_S:
+        if age < LEASE_STALE_S and not _gone(held):
             raise UserError(f"{self.store.url} is in use by another training run ({held.get('holder', 'unknown')}, "
                             f"seen {age:.0f} s ago): wait for it to end or stop it, or use another out_dir")
-        print(f"note: {self.store.url}'s lease was not refreshed for {age:.0f} s ({held.get('holder')}): that "
-              "run is gone, this one takes over")
+        why = "its process is gone" if _gone(held) else f"it was not refreshed for {age:.0f} s"
+        print(f"note: {self.store.url}'s lease was held by {held.get('holder')}, and {why}: that run is gone, this "
+              "one takes over")
         self._replace(etag)
 
     def _read(self):
@@ -347,6 +349,20 @@ class Lease:
                 self.store.fs.rm_file(self.path)
         except Exception:  # the store went away: the lease goes stale and is taken over
             pass
+
+
+def _gone(held):
+    """Whether the lease's holder ran on this machine and has ended (killed, restarted): no need to
+    wait for its lease to go stale."""
+    if held.get("host") != socket.gethostname() or not isinstance(held.get("pid"), int):
+        return False
+    try:
+        os.kill(held["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
 
 
 class StoreHome:

@@ -3,12 +3,19 @@ moto's server reached through s3fs over HTTP, as a run on a cloud machine reache
 import io
 import json
 import os
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 import uuid
 
 import pytest
 
-from conftest import TINY_MODEL, free_port, read_metrics, sha256
+from conftest import DATASETS_CACHE, ROOT, TINY_MODEL, free_port, read_metrics, run_script, sha256
 from gpt_train import store as store_module
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -162,3 +169,108 @@ def test_store_mistakes_are_one_line(char_data, s3, tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"init_from='s3://no-such-bucket-here/run': the bucket does not exist"):
         model_folder("s3://no-such-bucket-here/run", "init_from")
     assert not os.path.exists("s3:") and not os.path.exists("gs:")
+
+
+class StallingProxy:
+    """A TCP relay on loopback in front of the S3 server that, once told, holds the first request
+    whose request line matches (a server that stalls mid-upload): the upload neither ends nor fails."""
+
+    def __init__(self, upstream_port):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall_on, self.stalled = None, threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(self.upstream)
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, source, sink, upload):
+        try:
+            while chunk := source.recv(65536):
+                if upload and self.stall_on and re.search(self.stall_on, chunk[:300]):
+                    self.stalled.set()
+                    time.sleep(3600)  # held: the client waits on a server that never answers
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for s in (source, sink):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self):
+        self.listener.close()
+
+
+def test_a_kill_9_mid_upload_leaves_the_last_checkpoint_and_resume_from_the_store_is_exact(char_data, s3, bucket,
+                                                                                         tmp_path):
+    """Stalled while uploading the checkpoint at iteration 4, then killed: the store keeps the one at
+    2 whole; a resume on a machine with nothing local continues from it to the uninterrupted weights."""
+    url = f"s3://{bucket}/run"
+    proxy = StallingProxy(int(s3["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]))
+    proxy.stall_on = rb"^PUT /[^ ]*/checkpoints/0000000004-[0-9a-f]+/model\.safetensors"
+    env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "TOKENIZERS_PARALLELISM": "false",
+           "HF_DATASETS_CACHE": DATASETS_CACHE}
+    run = subprocess.Popen([sys.executable, "train.py", *store_args(char_data, url, "--max_iters=8")], cwd=ROOT,
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert proxy.stalled.wait(120), "the upload of the checkpoint at iteration 4 never started"
+        time.sleep(0.5)
+    finally:
+        run.send_signal(signal.SIGKILL)
+        printed = run.communicate(timeout=60)[0]
+        proxy.close()
+    assert "uploaded the checkpoint at iteration 2" in printed and "iteration 4 to" not in printed, printed
+    store = Store(url)
+    name, newest = store.newest()
+    assert newest["iteration"] == 2
+    partial = [o for o in objects(url) if o.startswith(f"{CHECKPOINTS}/0000000004-")]
+    assert partial and not [o for o in partial if o.count("/") == 1]  # objects of 4, and no manifest for them
+
+    shutil.rmtree(os.environ["GPT_TRAIN_CACHE"])  # a new machine, at once: the dead run's lease is taken over
+    result = run_script("train.py", *store_args(char_data, url, "--max_iters=8", "--init_from=resume"))
+    assert "its process is gone: that run is gone, this one takes over" in result.stdout
+    assert "resuming from iteration 2" in result.stdout
+    whole = str(tmp_path / "whole")
+    run_script("train.py", *store_args(char_data, whole, "--max_iters=8"))
+    name, newest = store.newest()
+    assert newest["iteration"] == 8 and not [o for o in objects(url) if o.startswith(f"{CHECKPOINTS}/0000000004-")]
+    assert sha256(os.path.join(model_folder(url, "out_dir"), "model.safetensors")) == sha256(
+        os.path.join(whole, "model.safetensors"))
+    sampled = run_script("sample.py", f"--out_dir={url}", "--device=cpu", "--num_samples=1", "--max_new_tokens=10",
+                         "--start=ROMEO:")
+    assert sampled.stdout.startswith("ROMEO:")
+
+
+def test_wrong_credentials_are_one_line(char_data, bucket, monkeypatch):
+    import moto.core.responses
+    import moto.settings
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server checks keys from now on
+    monkeypatch.setattr(moto.core.responses.ActionAuthenticatorMixin, "request_count", 0)
+    with pytest.raises(UserError, match=rf"could not list s3://{bucket}/run \(PermissionError: The AWS Access Key Id "
+                                        r"you provided does not exist in our records.\): check the credentials"):
+        train(load_config(store_args(char_data, f"s3://{bucket}/run", "--max_iters=2")))
+
+
+def test_no_credential_is_written_anywhere(char_data, bucket, tmp_path, capsys):
+    url = f"s3://{bucket}/run"
+    train(load_config(store_args(char_data, url, "--max_iters=2", "--wandb_project=p")))
+    printed = "".join(capsys.readouterr())
+    assert SECRET not in printed
+    for root, _, names in os.walk(tmp_path):
+        for name in names:
+            with open(os.path.join(root, name), "rb") as f:
+                assert SECRET.encode() not in f.read(), os.path.join(root, name)
+    fs = Store(url).fs
+    for key in fs.find(bucket):
+        assert SECRET.encode() not in fs.cat_file(key), key
