@@ -294,7 +294,7 @@ def remove_previous_run(out_dir):
     return removed
 
 
-def refreshmanifest(out_dir, names):
+def refresh_manifest(out_dir, names):
     """After files of out_dir's model folder were rewritten on purpose (convert upgrade): the
     checkpoint's manifest describes them as they are now, so resume still trusts it."""
     state = TrainerState.read_if_any(out_dir)
