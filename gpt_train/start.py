@@ -103,6 +103,7 @@ def _plan(cfg, home):
                         "(finetune_method='full'): leave it out")
     processes = PartialState(**process_group_kwargs(cfg.device, cfg.backend, cfg.ddp_timeout))
     check_one_run(processes)
+    home.check_processes(processes)
     mixed, fsdp = mixed_precision(cfg.dtype, processes.device), launched_with_fsdp()  # a dtype the device lacks
     check_together(cfg, mixed, fsdp)
     start = Start(cfg, processes, changes=changes, lock=_hold_out_dir(cfg, processes, home), home=home, mixed=mixed,

@@ -407,6 +407,15 @@ class StoreHome:
             raise
         return _Held(lock, self.lease)
 
+    def check_processes(self, processes):
+        """Every process writes its part of the training state into its machine's working copy,
+        which only the main machine publishes: one machine for now."""
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", processes.num_processes))
+        if processes.num_processes > local:
+            raise UserError(f"out_dir={self.url!r} is on a store, which gpt-train trains into from one machine "
+                            f"({processes.num_processes} processes, {local} on this one): for several machines, "
+                            "give an out_dir on a filesystem they all see (docs/scaling.md)")
+
     @contextlib.contextmanager
     def naming(self):
         """Errors name the URL the user gave, not the working copy."""
@@ -512,6 +521,9 @@ class LocalHome:
 
     hold = staticmethod(run_lock.hold)
     naming = staticmethod(contextlib.nullcontext)
+
+    def check_processes(self, processes):
+        pass
 
     def opened(self, folder, replace):
         pass

@@ -142,6 +142,12 @@ PLAN = {
     # docs/sampling.md
     'python sample.py --out_dir=out-shakespeare-char --start="ROMEO:" --num_samples=3 --max_new_tokens=200': [],
     "python sample.py --init_from=gpt2-xl --start=FILE:prompt.txt --top_p=0.9": SHORT_SAMPLING,
+    # docs/out-dir.md
+    "export AWS_PROFILE=...": Skip("credentials of your own"),
+    "python train.py configs/train_gpt2.py --out_dir=s3://my-bucket/runs/gpt2 --resume_from_checkpoint=True":
+        Skip("a bucket of your own (tests/test_store.py trains on S3's API served on loopback)"),
+    "python sample.py --out_dir=s3://my-bucket/runs/gpt2": Skip("follows the run above (tests/test_store.py samples "
+                                                                "from its bucket)"),
     # docs/scaling.md
     "accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py":
         Skip("needs 8 GPUs"),

@@ -212,6 +212,7 @@ class StallingProxy:
         self.listener.close()
 
 
+@pytest.mark.slow
 def test_a_kill_9_mid_upload_leaves_the_last_checkpoint_and_resume_from_the_store_is_exact(char_data, s3, bucket,
                                                                                          tmp_path):
     """Stalled while uploading the checkpoint at iteration 4, then killed: the store keeps the one at
