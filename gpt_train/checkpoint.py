@@ -20,12 +20,14 @@ skips an unreadable RNG file with a note at INFO level: the run would go on, ine
 
 Not here: what to save when (the loop decides), uploading (gpt_train.hub).
 """
+import contextlib
 import functools
 import logging
 import os
 import pickle
 import shutil
 
+import torch
 from accelerate import PartialState
 from accelerate.utils import DistributedType, gather_object
 from safetensors import SafetensorError
@@ -62,32 +64,123 @@ def store_weights_once(accelerator):
         accelerator.register_load_state_pre_hook(lambda models, input_dir: models.clear())
 
 
-def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state, process_state=None):
+def save_checkpoint(accelerator, model, tokenizer, out_dir, trainer_state, process_state=None, later=False):
     """Write model folder and training state; every process must call this (sharded states).
-    `process_state(folder)`: what else each process writes into training_state/ (a stream's place)."""
+    `process_state(folder)`: what else each process writes into training_state/ (a stream's place).
+
+    `later` (async_save): the main process copies what it would write to host memory and returns
+    the rest of the save (the writes, the manifest, the commit) as a function for another thread;
+    the other processes' parts (their RNG states, a stream's place) are small and written now.
+    Otherwise the checkpoint is committed on return, which returns None."""
+    main = accelerator.is_main_process
     staging = os.path.join(out_dir, STAGING_DIR)
-    if accelerator.is_main_process:
+    if main:
         recover(out_dir)  # a save killed earlier is finished or discarded before we start
         os.makedirs(staging)
     accelerator.wait_for_everyone()
+    deferred = [] if later and main else None
+
     # every process writes its part of the training state, then the main process the model folder
     def write_state():
-        accelerator.save_state(os.path.join(staging, STATE_DIR))
+        with _writes_deferred(deferred):  # Accelerate decides what is saved; with `later`, not when
+            accelerator.save_state(os.path.join(staging, STATE_DIR))
         if process_state:
             process_state(os.path.join(staging, STATE_DIR))
 
     _write_on_every_process(accelerator, out_dir, write_state)
     state_dict = _full_state_dict(accelerator, model)
-    write_folder = functools.partial(_write_model_folder, accelerator.unwrap_model(model, keep_torch_compile=False),
-                                     state_dict, tokenizer, staging, trainer_state)
-    _write_on_every_process(accelerator, out_dir, write_folder if accelerator.is_main_process else None)
-    if accelerator.is_main_process:
-        _drop_hub_results(out_dir)
-        committed = os.path.join(out_dir, COMMITTED_DIR)
-        os.rename(staging, committed)  # the commit point
-        _fsync_dir(out_dir)
-        _move_into_place(committed, out_dir)
+    unwrapped, rest = accelerator.unwrap_model(model, keep_torch_compile=False), None
+
+    def write_folder():
+        nonlocal rest
+        plain, weights = _model_to_write(unwrapped, state_dict, staging)
+        if deferred is None:
+            _write_model_folder(plain, weights, tokenizer, staging, trainer_state)
+        else:
+            rest = functools.partial(_finish_later, deferred, plain, to_host(weights), tokenizer, staging,
+                                     trainer_state, out_dir)
+
+    _write_on_every_process(accelerator, out_dir, write_folder if main else None)
+    if main and deferred is None:
+        _commit(out_dir)
     accelerator.wait_for_everyone()
+    return rest
+
+
+def _commit(out_dir):
+    _drop_hub_results(out_dir)
+    committed = os.path.join(out_dir, COMMITTED_DIR)
+    os.rename(os.path.join(out_dir, STAGING_DIR), committed)  # the commit point
+    _fsync_dir(out_dir)
+    _move_into_place(committed, out_dir)
+
+
+def _finish_later(deferred, model, state_dict, tokenizer, staging, trainer_state, out_dir):
+    """A save's writes from host memory, on a background thread, then its commit: what
+    save_checkpoint(later=True) returned. A refused write is the same one line as in the loop."""
+    try:
+        for write, obj, args, kwargs in deferred:
+            write(obj, *args, **kwargs)
+        _write_model_folder(model, state_dict, tokenizer, staging, trainer_state)
+    except WRITE_FAILURES as e:
+        failure = describe_write_failure(e, out_dir) or (first_line(e) if isinstance(e, OSError) else None)
+        if failure is None:
+            raise
+        shutil.rmtree(staging, ignore_errors=True)
+        raise UserError(f"could not write a checkpoint to {out_dir}: {failure}; {last_checkpoint_note(out_dir)}") \
+            from None
+    _commit(out_dir)
+
+
+@contextlib.contextmanager
+def _writes_deferred(deferred):
+    """Accelerate's save_state with its writes (accelerate's `save`, torch.save) kept in `deferred`
+    as (function, host copy, args, kwargs) instead of done; a plain save_state where it is None."""
+    if deferred is None:
+        yield
+        return
+    import accelerate.checkpointing as accelerate_checkpointing
+
+    def keep(write):
+        def kept(obj, *args, **kwargs):
+            deferred.append((write, to_host(obj), args, kwargs))
+        return kept
+
+    saved = accelerate_checkpointing.save, torch.save
+    accelerate_checkpointing.save, torch.save = keep(accelerate_checkpointing.save), keep(torch.save)
+    try:
+        yield
+    finally:
+        accelerate_checkpointing.save, torch.save = saved
+
+
+def to_host(obj, copies=None):
+    """`obj` with every tensor copied to CPU memory (containers rebuilt, nothing shared with the
+    live training state); tensors that were views of one storage stay one tensor (tied weights)."""
+    copies = {} if copies is None else copies
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), tuple(obj.shape), obj.stride(), obj.device)
+        if key not in copies:
+            copies[key] = obj.detach().to("cpu", copy=True)
+        return copies[key]
+    if isinstance(obj, dict):
+        return type(obj)((k, to_host(v, copies)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_host(v, copies) for v in obj)
+    return obj
+
+
+def _model_to_write(model, state_dict, staging):
+    """(the plain model, its weights) for the model folder. LoRA: the adapter alone is written now (it
+    is small), beside a plain folder of the merged weights."""
+    if not is_adapted(model):
+        return model, state_dict
+    hf_logging.disable_progress_bar()
+    try:  # save_embedding_layers=False: peft's "auto" asks the Hub about the base at every save
+        model.save_pretrained(os.path.join(staging, ADAPTER_DIR), save_embedding_layers=False)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.get_base_model(), merged_state_dict(model)
 
 
 def _drop_hub_results(out_dir):
@@ -104,10 +197,6 @@ def _write_model_folder(model, state_dict, tokenizer, staging, trainer_state):
     """The Hugging Face folder, its model card and the manifest of the whole staged checkpoint."""
     hf_logging.disable_progress_bar()  # a per-save progress bar would drown the training log
     try:
-        if is_adapted(model):  # LoRA: the adapter alone beside a plain folder of the merged weights
-            # save_embedding_layers=False: peft's "auto" asks the Hub about the base at every save
-            model.save_pretrained(os.path.join(staging, ADAPTER_DIR), save_embedding_layers=False)
-            model, state_dict = model.get_base_model(), merged_state_dict(model)
         model.save_pretrained(staging, state_dict=state_dict)
     finally:
         hf_logging.enable_progress_bar()

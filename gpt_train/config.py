@@ -59,6 +59,8 @@ class TrainConfig:
     overwrite_output_dir: bool = io_(False, "train from scratch or a pretrained model into an out_dir that "
                                      "holds another run, replacing it")
     always_save_checkpoint: bool = io_(True, "save at every eval, not only when val loss improves")
+    async_save: bool = io_(False, "write each checkpoint on a background thread: training stops only to copy the "
+                                  "state to host memory (not under FSDP)")
     report_to: str = io_("none", "trackers besides metrics.jsonl, comma-separated: 'tensorboard' (event files in "
                          "out_dir/runs/<wandb_project>/), 'trackio' (Trackio's local store, TRACKIO_DIR), 'wandb' "
                          "(wandb_log=True); 'none': metrics.jsonl alone")

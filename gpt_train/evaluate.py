@@ -189,11 +189,14 @@ class Judge:
             report("warning: lm_eval_tasks skipped: init_from='scratch' gives lm-eval no model folder to load")
         self.folder = folder
 
-    def __call__(self, accelerator, iter_num, keep):
+    def __call__(self, accelerator, iter_num, keep, ready=None):
         """The folder judged on the main process (the others wait at their next collective, up to
-        ddp_timeout: keep lm_eval_limit small on long tasks), its scores logged like the losses."""
+        ddp_timeout: keep lm_eval_limit small on long tasks), its scores logged like the losses.
+        `ready()`: waits until the folder holds the checkpoint (a save in the background)."""
         if not self.folder:
             return
+        if ready:
+            ready()
         scores = accelerator.on_main_process(during_training)(self.cfg, self.folder, str(accelerator.device), keep)
         if scores:
             from gpt_train.metrics import log  # deferred, as the module's other heavy imports (see main)

@@ -131,6 +131,9 @@ def check_together(cfg, mixed, fsdp):
     """What does not run together, refused before anything loads: an optimizer's, LoRA's and the
     batch probe's limits under FSDP, chunked_loss under float16. LoRA's own limits:
     gpt_train.lora.check_settings."""
+    if cfg.async_save and fsdp:
+        raise UserError("async_save copies the whole training state to this machine's memory, and under FSDP each "
+                        "process writes its own shard with torch.distributed.checkpoint: set async_save=False")
     if cfg.chunked_loss and mixed == "fp16":  # dtype='auto' on a GPU without bf16 (T4, V100) too
         raise UserError("chunked_loss computes its gradients before float16's loss scaling, where they underflow: use "
                         "--dtype=bfloat16 or --dtype=float32, or leave chunked_loss off")

@@ -39,6 +39,7 @@ from gpt_train.model import (build_model, count_parameters, crop_block_size, flo
 from gpt_train.optim import lr_multiplier, make_optimizers, schedule_warning, set_hyperparameters, set_schedule
 from gpt_train.out_dir import RUN_CONFIG, STATE_DIR, TENSORBOARD_DIR, TrainerState, last_checkpoint_note
 from gpt_train.plot import LivePlot
+from gpt_train.saver import Saver
 from gpt_train.progress import Progress, bar, peak_flops
 from gpt_train.signals import StopSignals
 from gpt_train.start import plan
@@ -76,6 +77,7 @@ class Run:
     judge: Judge | None = None  # benchmarks on each saved checkpoint, or on the evaluated model
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
     home: object = None  # where out_dir lives (gpt_train.store): a store gets each checkpoint after its save
+    saver: Saver | None = None  # writes checkpoints: at once, or in the background (async_save)
     eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
     evaluated_checkpoint: int | None = None  # the iteration of the evaluated checkpoint a resume starts from
 
@@ -137,6 +139,7 @@ def build(start):
     if start.saved:
         _restore(run, start)
     run.lock, run.home, run.judge = start.lock, start.home, Judge(cfg, start.judged, processes.print)
+    run.saver = Saver(background=cfg.async_save)
     run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
     return run
 
@@ -328,11 +331,12 @@ def save(run, val_loss=None):
                          skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
                          micro_batch=run.sampler.batch_size if run.cfg.auto_find_batch_size else None,
                          config=dataclasses.asdict(run.cfg))
-    run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
-    checkpoint.save_checkpoint(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state, run.data.save_state)
-    run.judge(run.accelerator, run.iter_num, keep=True)  # before the push: the Hub gets the scores too
-    run.home.after_save(run.cfg.out_dir, run.iter_num)  # a store's copy (gpt_train.store)
-    run.hub.after_save(run.cfg.out_dir, run.iter_num)
+    out_dir, iter_num = run.cfg.out_dir, run.iter_num
+    run.accelerator.print(f"saving checkpoint to {out_dir}")
+    run.saver.save(run.accelerator, run.model, run.tokenizer, out_dir, state, run.data.save_state)
+    run.judge(run.accelerator, iter_num, keep=True, ready=run.saver.wait)  # before the push: the Hub gets the scores
+    run.saver.then(lambda: (run.home.after_save(out_dir, iter_num),  # a store's copy (gpt_train.store)
+                            run.hub.after_save(out_dir, iter_num)))
 
 
 def fit(run):
@@ -393,6 +397,7 @@ def fit(run):
             acc.print(line)
             log(acc, "train", run.iter_num, {"train/step_loss": lossf, "lr": lr, **record})
         run.iter_num += 1
+        run.saver.check()  # a save that failed in the background stops the run here
 
         # pre-emption (SIGTERM) or Ctrl-C: checkpoint at this step boundary, then stop
         if run.stop and run.stop.agreed(at_sync_point=log_step):
@@ -402,6 +407,7 @@ def fit(run):
             acc.print(f"{run.stop.name} received: stopped after iteration {run.iter_num - 1}; "
                       "continue with --init_from=resume")
             break
+    run.saver.wait()  # the save in flight ends before the run reports its end
     progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
     run.home.finish(cfg.out_dir, run.iter_num)  # the logs' last lines to a store
@@ -478,6 +484,7 @@ def _train(start):
             run.accelerator.end_training()  # close trackers and the process group before exiting
             raise
         except WRITE_FAILURES as e:  # the disk filled, a size limit, out_dir turned read-only: what is left
+            run.saver.close()  # a background save ends (or fails) first: the note names what is left
             why = describe_write_failure(e, run.cfg.out_dir)
             if why:
                 raise UserError(f"could not write to {run.cfg.out_dir}: {why}; "
@@ -488,6 +495,7 @@ def _train(start):
                 raise
             raise UserError(f"{why}: {last_checkpoint_note(run.cfg.out_dir)}") from None
         finally:
+            run.saver.close()  # a save in flight is finished, also when the run failed
             run.data.close()  # a stream's producer thread, also when the run failed
             if run.lock:
                 run.lock.release()  # the process's end would too; in-process callers need it now

@@ -213,25 +213,29 @@ class StallingProxy:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("async_save", [False, True])
 def test_a_kill_9_mid_upload_leaves_the_last_checkpoint_and_resume_from_the_store_is_exact(char_data, s3, bucket,
-                                                                                         tmp_path):
+                                                                                         tmp_path, async_save):
     """Stalled while uploading the checkpoint at iteration 4, then killed: the store keeps the one at
-    2 whole; a resume on a machine with nothing local continues from it to the uninterrupted weights."""
+    2 whole; a resume on a machine with nothing local continues from it to the uninterrupted weights.
+    With async_save the loop trains on while the upload stalls, until the next save waits for it."""
     url = f"s3://{bucket}/run"
     proxy = StallingProxy(int(s3["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]))
     proxy.stall_on = rb"^PUT /[^ ]*/checkpoints/0000000004-[0-9a-f]+/model\.safetensors"
     env = {**os.environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{proxy.port}", "TOKENIZERS_PARALLELISM": "false",
            "HF_DATASETS_CACHE": DATASETS_CACHE}
-    run = subprocess.Popen([sys.executable, "train.py", *store_args(char_data, url, "--max_iters=8")], cwd=ROOT,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run = subprocess.Popen([sys.executable, "train.py", *store_args(char_data, url, "--max_iters=8",
+                                                                     f"--async_save={async_save}")],
+                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         assert proxy.stalled.wait(120), "the upload of the checkpoint at iteration 4 never started"
-        time.sleep(0.5)
+        time.sleep(3 if async_save else 0.5)
     finally:
         run.send_signal(signal.SIGKILL)
         printed = run.communicate(timeout=60)[0]
         proxy.close()
     assert "uploaded the checkpoint at iteration 2" in printed and "iteration 4 to" not in printed, printed
+    assert ("iter 5: loss" in printed) == async_save, printed  # in the background the stalled upload held no step
     store = Store(url)
     name, newest = store.newest()
     assert newest["iteration"] == 2
