@@ -205,11 +205,10 @@ class Store:
 
     def delete_run(self):
         """What gpt-train wrote under the URL (overwrite_output_dir); nothing else there. The names removed."""
-        removed = []
+        removed = [CHECKPOINTS] if self.fs.exists(self.path(CHECKPOINTS)) else []
         self.delete_checkpoints()
         if self.fs.exists(self.path(CHECKPOINTS)):
             self.fs.rm(self.path(CHECKPOINTS), recursive=True)
-            removed.append(CHECKPOINTS)
         for path in self.fs.ls(self.root, detail=False) if self.fs.exists(self.root) else []:
             name = os.path.basename(path.rstrip("/"))
             if written_by_gpt_train(name) and name not in NOT_PUBLISHED:

@@ -152,7 +152,8 @@ def test_overwrite_deletes_only_what_gpt_train_wrote_under_the_prefix(char_data,
     with pytest.raises(UserError, match=f"{url} holds another training run \\(a checkpoint at iteration 2\\)"):
         train(load_config(store_args(char_data, url, "--max_iters=2")))
     train(load_config(store_args(char_data, url, "--max_iters=2", "--overwrite_output_dir=True")))
-    assert f"removed the previous run in {url}" in capsys.readouterr().out
+    assert f"removed the previous run in {url}: checkpoints, loss.png, metrics.jsonl, training_config.json" in \
+        capsys.readouterr().out
     assert fs.cat_file(f"{bucket}/run/notes.txt") == b"mine"
     assert fs.cat_file(f"{bucket}/run-other/model.safetensors") == b"another prefix"
 
