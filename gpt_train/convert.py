@@ -41,6 +41,7 @@ from gpt_train.gguf_export import OUTTYPES, to_gguf
 from gpt_train.model import COMPILED_PREFIX, gpt2_config, read_model_config, set_generation_defaults
 from gpt_train.out_dir import GENERATION_CONFIG, TrainerState, check_model_files, check_model_folder, read_run_config
 from gpt_train.prepare import write_meta
+from gpt_train.store import is_url, readable
 from gpt_train.tokenizer import (GPT2_VOCAB, dataset_tokenizer, gpt2_tokenizer, is_gpt2_bpe, model_tokenizer,
                                  save_tokenizer)
 
@@ -260,6 +261,13 @@ def main(argv=None):
     gg.add_argument("--outtype", default="f16", choices=list(OUTTYPES), help="how the weight matrices are stored")
     gg.add_argument("--force", action="store_true", help="replace GGUF_FILE if it exists")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if is_url(getattr(args, "out_dir", None)) and args.command != "to-nanogpt" and (
+            args.command != "to-gguf" or not args.gguf):
+        raise UserError(f"{args.command} writes {'beside' if args.command == 'to-gguf' else 'into'} OUT_DIR, and "
+                        f"{args.out_dir} is on a store: " + ("name GGUF_FILE" if args.command == "to-gguf" else
+                                                            "give a local folder"))
+    if args.command in ("to-gguf", "to-nanogpt"):  # readers: a store's run is read from its cached copy
+        args.out_dir = readable(args.out_dir, "OUT_DIR")
     if args.command == "to-gguf":
         path, notes = to_gguf(args.out_dir, args.gguf, args.outtype, force=args.force)
         for note in notes:

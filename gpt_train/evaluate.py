@@ -39,6 +39,7 @@ from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.files import atomic_path, write_json
 from gpt_train.out_dir import (EVAL_RESULTS, HUB_EVAL_RESULTS, MODEL_CARD, TrainerState, check_model_files,
                                check_model_folder)
+from gpt_train.store import is_url, model_folder
 
 HUB_PROBE_TIMEOUT_S = 5
 # The one score a benchmark's leaderboard gets: length-normalised accuracy where the task has it
@@ -400,6 +401,9 @@ def main(argv=None):
     parser.add_argument("--gen_kwargs", help="generation settings for generation tasks, as lm-eval's: "
                                              "'temperature=0,max_gen_toks=32'")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if is_url(args.out_dir):  # a store's run: judged in its cached copy, where the scores are kept
+        url, args.out_dir = args.out_dir, model_folder(args.out_dir, "OUT_DIR")
+        print(f"note: {url} is judged in its local copy {args.out_dir}; the store's run folder is left as it is")
     check_model_folder(args.out_dir)  # mistakes first: torch, transformers and lm-eval take seconds to import
     from lm_eval.utils import make_table
 

@@ -10,11 +10,13 @@ from gpt_train.errors import UserError, exit_on_user_error, first_line
 from gpt_train.config import check_repo_id
 from gpt_train.hub import check_login, snapshot, upload_snapshot
 from gpt_train.out_dir import check_model_folder
+from gpt_train.store import readable
 
 COMMIT_MESSAGE = "Upload model trained with gpt-train"
 
 
 def push(out_dir, repo_id, private=False):
+    out_dir = readable(out_dir, "OUT_DIR")  # a store's run: its newest checkpoint's model, cached here
     check_model_folder(out_dir, ": give the out_dir of a training run that has saved a checkpoint")
     check_repo_id(repo_id)
     check_login()

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from conftest import DATASETS_CACHE, ROOT, TINY_MODEL, free_port, read_metrics, run_script, sha256
+from conftest import DATASETS_CACHE, ROOT, TINY_MODEL, free_port, one_line_error, read_metrics, run_script, sha256
 from gpt_train import store as store_module
 from gpt_train.cli import load_config
 from gpt_train.errors import UserError
@@ -180,7 +180,7 @@ class StallingProxy:
         self.upstream = ("127.0.0.1", upstream_port)
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.stall_on, self.stalled = None, threading.Event()
+        self.stall_on, self.stalled, self.fail_on = None, threading.Event(), None
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self):
@@ -196,6 +196,8 @@ class StallingProxy:
     def _pump(self, source, sink, upload):
         try:
             while chunk := source.recv(65536):
+                if upload and self.fail_on and re.search(self.fail_on, chunk[:300]):
+                    return  # the connection drops mid-request: a server failing mid-upload
                 if upload and self.stall_on and re.search(self.stall_on, chunk[:300]):
                     self.stalled.set()
                     time.sleep(3600)  # held: the client waits on a server that never answers
@@ -280,3 +282,42 @@ def test_no_credential_is_written_anywhere(char_data, bucket, tmp_path, capsys):
     fs = Store(url).fs
     for key in fs.find(bucket):
         assert SECRET.encode() not in fs.cat_file(key), key
+
+
+def test_push_and_convert_read_a_run_on_the_store_and_what_would_write_there_is_one_line(char_data, bucket,
+                                                                                       tmp_path, hub, capsys):
+    from gpt_train import push
+    from gpt_train.convert import main as convert_main
+    url = f"s3://{bucket}/run"
+    train(load_config(store_args(char_data, url, "--max_iters=2")))
+    push.main([url, "someone/tiny"])
+    assert "model.safetensors" in hub.uploads()[-1][3] and f"pushed {url} to " in capsys.readouterr().out
+    gguf = str(tmp_path / "tiny.gguf")
+    convert_main(["to-gguf", url, gguf])
+    assert os.path.getsize(gguf) > 0 and capsys.readouterr().out.splitlines()[-1] == f"wrote {gguf}"
+    assert one_line_error(convert_main, ["to-gguf", url], capsys) == (
+        f"error: to-gguf writes beside OUT_DIR, and {url} is on a store: name GGUF_FILE")
+    assert one_line_error(convert_main, ["upgrade", url], capsys) == (
+        f"error: upgrade writes into OUT_DIR, and {url} is on a store: give a local folder")
+
+
+def test_a_store_that_fails_mid_upload_stops_the_run_in_one_line_keeping_the_last_checkpoint(char_data, s3, bucket,
+                                                                                            monkeypatch, capsys):
+    import s3fs
+
+    from gpt_train.commands import train as main
+    proxy = StallingProxy(int(s3["AWS_ENDPOINT_URL_S3"].rsplit(":", 1)[1]))
+    proxy.fail_on = rb"^PUT /[^ ]*/checkpoints/0000000004-[0-9a-f]+/model\.safetensors"
+    url = f"s3://{bucket}/run"
+    with monkeypatch.context() as patch:
+        patch.setenv("AWS_ENDPOINT_URL_S3", f"http://127.0.0.1:{proxy.port}")
+        patch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's own retries off: s3fs's still run, in seconds
+        s3fs.S3FileSystem.clear_instance_cache()  # a client for the endpoint now set
+        try:
+            error = one_line_error(main, store_args(char_data, url, "--max_iters=8"), capsys)
+        finally:
+            proxy.close()
+            s3fs.S3FileSystem.clear_instance_cache()
+    assert error.startswith(f"error: could not upload the checkpoint at iteration 4 to {url} ("), error
+    assert error.endswith("run again (a resume continues from the last checkpoint)")
+    assert Store(url).newest()[1]["iteration"] == 2
