@@ -439,6 +439,7 @@ class StoreHome:
     def finish(self, folder, iteration):
         if _main_process():
             self.store.publish_logs(folder)
+            print(f"the run is on {self.url}: sample from it with python sample.py --out_dir={self.url}")
 
 
 class _Held:
