@@ -22,6 +22,7 @@ def run_args(char_data, out_dir, *extra):
             "--eval_iters=2", "--always_save_checkpoint=True", *extra]
 
 
+@pytest.mark.slow
 def test_a_background_save_writes_the_checkpoint_the_loop_would_have_byte_for_byte(char_data, tmp_path):
     for mode in ("False", "True"):
         train(load_config(run_args(char_data, tmp_path / mode, "--max_iters=6", f"--async_save={mode}")))

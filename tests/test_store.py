@@ -284,6 +284,7 @@ def test_no_credential_is_written_anywhere(char_data, bucket, tmp_path, capsys):
         assert SECRET.encode() not in fs.cat_file(key), key
 
 
+@pytest.mark.slow
 def test_push_and_convert_read_a_run_on_the_store_and_what_would_write_there_is_one_line(char_data, bucket,
                                                                                        tmp_path, hub, capsys):
     from gpt_train import push
@@ -301,6 +302,7 @@ def test_push_and_convert_read_a_run_on_the_store_and_what_would_write_there_is_
         f"error: upgrade writes into OUT_DIR, and {url} is on a store: give a local folder")
 
 
+@pytest.mark.slow
 def test_a_store_that_fails_mid_upload_stops_the_run_in_one_line_keeping_the_last_checkpoint(char_data, s3, bucket,
                                                                                             monkeypatch, capsys):
     import s3fs
