@@ -149,6 +149,11 @@ PLAN = {
     "python sample.py --out_dir=s3://my-bucket/runs/gpt2": Skip("follows the run above (tests/test_store.py samples "
                                                                 "from its bucket)"),
     # docs/scaling.md
+    "torchrun --standalone --nproc_per_node=8 train.py configs/train_gpt2.py":
+        Skip("needs 8 GPUs (tests/test_restarts.py runs plain torchrun on two CPU processes)"),
+    "torchrun --nnodes=1:2 --nproc_per_node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 "
+    "--rdzv-id=gpt2 train.py configs/train_gpt2.py --resume_from_checkpoint=True":
+        Skip("needs 8 GPUs (tests/test_restarts.py restarts a killed worker under torchrun's elastic agent on CPUs)"),
     "accelerate launch --config_file accelerate_configs/8xa100.yaml train.py configs/train_gpt2.py":
         Skip("needs 8 GPUs"),
     "accelerate launch --config_file accelerate_configs/2x8xa100.yaml --machine_rank 0 --main_process_ip 10.0.0.1 "

@@ -122,6 +122,49 @@ def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
         assert f"{LOST}{out_dir} has no checkpoint yet; start the run again" in output
 
 
+TORCHRUN = os.path.join(os.path.dirname(ACCELERATE), "torchrun")
+PLAIN_ENV = {k: v for k, v in ENV.items() if not k.startswith("ACCELERATE_")}  # torchrun alone, as nanoGPT runs
+
+
+def torchrun(launcher_args, train_args):
+    return subprocess.Popen([TORCHRUN, *launcher_args, "train.py", *train_args], cwd=ROOT, env=PLAIN_ENV, text=True,
+                            bufsize=1, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_plain_torchrun_trains_as_accelerate_launch_does(char_data, tmp_path, uninterrupted):
+    """nanoGPT's own command, `torchrun --standalone --nproc_per_node=N train.py config`, with no
+    Accelerate launcher: the same losses and byte-identical weights."""
+    out_dir = str(tmp_path / "out")
+    code, out = finish(torchrun(["--standalone", "--nproc_per_node=2"],
+                                [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN]))
+    assert code == 0, out
+    assert "2 process(es) on cpu" in out and out.count("tokens per iteration will be") == 1
+    expected_losses, expected_weights = uninterrupted
+    assert losses(out) == expected_losses
+    assert sha256(os.path.join(out_dir, "model.safetensors")) == expected_weights
+
+
+def test_torchruns_elastic_agent_restarts_a_killed_worker_and_the_run_ends_as_if_uninterrupted(
+        char_data, tmp_path, uninterrupted):
+    """torchrun's elastic form (c10d rendezvous, --max-restarts): a worker killed after the first
+    checkpoint; the group restarts and resumes from it by itself."""
+    out_dir = str(tmp_path / "out")
+    proc = torchrun(["--nnodes=1:2", "--nproc_per_node=2", "--max-restarts=3", "--rdzv-backend=c10d",
+                     f"--rdzv-endpoint=127.0.0.1:{free_port()}", "--rdzv-id=elastic-test"],
+                    [f"--data_dir={char_data}", f"--out_dir={out_dir}", *RUN, "--resume_from_checkpoint=True"])
+    lines = []
+    read_until(proc, "iter 15:", lines)
+    os.kill(worker(proc, 1).pid, signal.SIGKILL)
+    code, rest = finish(proc)
+    output = "".join(lines) + rest
+    assert code == 0, output
+    after_restart = output.split("failed (exitcode")[-1]
+    assert "resuming from iteration 10 (best val" in after_restart
+    expected_losses, expected_weights = uninterrupted
+    assert losses(after_restart) == {i: expected_losses[i] for i in range(10, 30)}
+    assert sha256(os.path.join(out_dir, "model.safetensors")) == expected_weights
+
+
 def test_a_lost_node_stops_the_other_in_seconds_with_one_line_and_both_resume_exactly(char_data, tmp_path,
                                                                                         uninterrupted):
     out_dir = str(tmp_path / "out")
