@@ -149,6 +149,8 @@ PLAN = {
     "python sample.py --out_dir=s3://my-bucket/runs/gpt2": Skip("follows the run above (tests/test_store.py samples "
                                                                 "from its bucket)"),
     # docs/scaling.md
+    "sbatch --gpus-per-node=8 --cpus-per-task=64 accelerate_configs/slurm_requeue.sh configs/train_gpt2.py":
+        Skip("a SLURM cluster with GPUs (tests/test_slurm.py submits the script to a one-host SLURM on CPUs)"),
     "torchrun --standalone --nproc_per_node=8 train.py configs/train_gpt2.py":
         Skip("needs 8 GPUs (tests/test_restarts.py runs plain torchrun on two CPU processes)"),
     "torchrun --nnodes=1:2 --nproc_per_node=8 --max-restarts=3 --rdzv-backend=c10d --rdzv-endpoint=node0:29500 "
