@@ -16,8 +16,13 @@ from gpt_train.checkpoint import save_checkpoint
 
 
 class Saver:
-    def __init__(self, background=False):
+    """Every checkpoint of a run goes through here: written, judged (lm_eval_tasks), then handed to
+    the publishers in order (a store's copy, the Hub), each with `after_save(out_dir, iteration)`
+    and, at the run's end, `finish(out_dir, iteration)`."""
+
+    def __init__(self, background=False, judge=None, publishers=()):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="gpt-train-save") if background else None
+        self.judge, self.publishers = judge, list(publishers)
         self.pending = []
 
     def save(self, accelerator, model, tokenizer, out_dir, trainer_state, process_state=None):
@@ -28,13 +33,23 @@ class Saver:
                                later=self.pool is not None)
         if rest is not None:
             self.pending.append(self.pool.submit(rest))
+        iteration = trainer_state.iter_num
+        if self.judge:  # lm-eval reads the committed folder, before the push: the Hub gets its scores too
+            self.judge(accelerator, iteration, keep=True, ready=self.wait)
+        self._then(lambda: [publisher.after_save(out_dir, iteration) for publisher in self.publishers])
 
-    def then(self, step):
+    def _then(self, step):
         """`step()` once the checkpoint saved last is committed: now, or after it on the save thread."""
         if self.pool is None:
             step()
         else:
             self.pending.append(self.pool.submit(step))
+
+    def finish(self, out_dir, iteration):
+        """At the run's end, once the last save is in: each publisher's last word (logs, the final push)."""
+        self.wait()
+        for publisher in self.publishers:
+            publisher.finish(out_dir, iteration)
 
     def check(self):
         """At a step boundary: raise what a background save or upload failed with."""

@@ -35,7 +35,8 @@ from gpt_train import run_lock
 from gpt_train.errors import UserError, first_line
 from gpt_train.files import file_problem, manifest, write_json
 from gpt_train.out_dir import (COMMITTED_DIR, HUB_SNAPSHOT_PREFIX, LOCK, LOSS_CHART, METRICS, RUN_CONFIG,
-                               SAVED_FOLDERS_OLD, STAGING_DIR, STATE_DIR, TENSORBOARD_DIR, written_by_gpt_train)
+                               SAVED_FOLDERS_OLD, STAGING_DIR, STATE_DIR, TENSORBOARD_DIR, TrainerState,
+                               written_by_gpt_train)
 
 URL = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://")
 CHECKPOINTS = "checkpoints"
@@ -101,20 +102,19 @@ class Store:
         """(name, manifest) of the newest checkpoint whose manifest exists, or (None, None)."""
         try:
             self.fs.invalidate_cache()
-            names = [os.path.basename(p) for p in self.fs.ls(self.path(CHECKPOINTS), detail=False)]
+            manifests = [os.path.basename(e["name"]) for e in self.fs.ls(self.path(CHECKPOINTS), detail=True)
+                         if e["type"] == "file" and e["name"].endswith(".json")]
         except Exception as e:  # a bucket that does not exist, credentials refused, the network
             if _missing_bucket(e):
                 raise UserError(f"{self.setting}={self.url!r}: the bucket does not exist ({first_line(e)}): "
                                 "create it first, or correct the URL") from None
-            if isinstance(e, FileNotFoundError):
-                names = []
-            else:
+            if not isinstance(e, FileNotFoundError):
                 raise self.failed("list", e) from None
+            manifests = []
         found = []
-        for name in names:
-            if name.endswith(".json") and not self.fs.isdir(self.path(CHECKPOINTS, name)):
-                manifest_ = self._read_manifest(name)
-                found.append((manifest_["iteration"], manifest_["written"], name[:-len(".json")], manifest_))
+        for name in manifests:
+            record = self._read_manifest(name)
+            found.append((record["iteration"], record["written"], name[:-len(".json")], record))
         if not found:
             return None, None
         _, _, name, newest = max(found, key=lambda f: (f[0], f[1]))
@@ -164,7 +164,7 @@ class Store:
         """Upload the committed checkpoint in `folder`: its objects, then (if this run still holds
         the lease) its manifest, then the previous checkpoints go. Returns the checkpoint's name."""
         name = f"{iteration:010d}-{secrets.token_hex(4)}"
-        files = manifest(folder, _published_files(folder))
+        files = _digests(folder, _published_files(folder))
         try:
             for rel in sorted(files):
                 self.fs.put_file(os.path.join(folder, *rel.split("/")), self.path(CHECKPOINTS, name, rel))
@@ -230,6 +230,17 @@ def _published_files(folder):
         else:
             names.append(entry)
     return names
+
+
+def _digests(folder, names):
+    """The manifest entries of `names`: those the local commit just digested (trainer_state.json's
+    manifest) are taken from it, the rest (the logs, trainer_state.json itself) hashed here."""
+    state = TrainerState.read_if_any(folder)
+    known = state.files if state else {}
+    reused = {rel: known[rel] for rel in names
+              if rel in known and os.path.getsize(os.path.join(folder, rel)) == known[rel].get("size")
+              and "sha256" in known[rel]}
+    return {**reused, **manifest(folder, [rel for rel in names if rel not in reused])}
 
 
 def _missing_bucket(error):
@@ -388,7 +399,10 @@ class StoreHome:
                 if written_by_gpt_train(entry) and entry != TENSORBOARD_DIR and (
                         newest is None or not _in(entry, newest["files"])):
                     path = os.path.join(self.folder, entry)
-                    shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+                    if os.path.isdir(path) and not os.path.islink(path):
+                        shutil.rmtree(path)
+                    else:
+                        os.remove(path)
             if newest is not None:
                 fetched = self.store.download(name, newest["files"], self.folder)
                 if fetched:

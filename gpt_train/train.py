@@ -73,11 +73,9 @@ class Run:
     tracker_run_id: str | None = None
     skipped_steps: int = 0  # steps skipped for a non-finite loss (skip_nonfinite_steps)
     stop: StopSignals | None = None  # SIGTERM/SIGINT received during fit
-    hub: HubPusher | None = None  # background uploads to the Hub (push_to_hub)
     judge: Judge | None = None  # benchmarks on each saved checkpoint, or on the evaluated model
     lock: run_lock.OutDirLock | None = None  # out_dir held for this run (main process; an evaluation has none)
-    home: object = None  # where out_dir lives (gpt_train.store): a store gets each checkpoint after its save
-    saver: Saver | None = None  # writes checkpoints: at once, or in the background (async_save)
+    saver: Saver | None = None  # writes checkpoints (at once or in the background), then judges and publishes them
     eval_batches: int = 0  # batches per split in an evaluation: eval_iters, more if auto_find_batch_size shrank them
     evaluated_checkpoint: int | None = None  # the iteration of the evaluated checkpoint a resume starts from
 
@@ -138,9 +136,9 @@ def build(start):
               tokens_per_iter=tokens_per_iter(cfg), bytes_per_token=val_bytes, eval_batches=cfg.eval_iters)
     if start.saved:
         _restore(run, start)
-    run.lock, run.home, run.judge = start.lock, start.home, Judge(cfg, start.judged, processes.print)
-    run.saver = Saver(background=cfg.async_save)
-    run.hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
+    run.lock, run.judge = start.lock, Judge(cfg, start.judged, processes.print)
+    hub = HubPusher(cfg, accelerator.print)  # without a token it stops here, before training
+    run.saver = Saver(cfg.async_save, run.judge, publishers=(start.home, hub))  # a store's copy, then the Hub
     return run
 
 
@@ -331,12 +329,8 @@ def save(run, val_loss=None):
                          skipped_steps=run.skipped_steps, val_bytes_per_token=run.bytes_per_token,
                          micro_batch=run.sampler.batch_size if run.cfg.auto_find_batch_size else None,
                          config=dataclasses.asdict(run.cfg))
-    out_dir, iter_num = run.cfg.out_dir, run.iter_num
-    run.accelerator.print(f"saving checkpoint to {out_dir}")
-    run.saver.save(run.accelerator, run.model, run.tokenizer, out_dir, state, run.data.save_state)
-    run.judge(run.accelerator, iter_num, keep=True, ready=run.saver.wait)  # before the push: the Hub gets the scores
-    run.saver.then(lambda: (run.home.after_save(out_dir, iter_num),  # a store's copy (gpt_train.store)
-                            run.hub.after_save(out_dir, iter_num)))
+    run.accelerator.print(f"saving checkpoint to {run.cfg.out_dir}")
+    run.saver.save(run.accelerator, run.model, run.tokenizer, run.cfg.out_dir, state, run.data.save_state)
 
 
 def fit(run):
@@ -410,8 +404,7 @@ def fit(run):
     run.saver.wait()  # the save in flight ends before the run reports its end
     progress.summary(run.iter_num, stopped_by=run.stop.name if run.stop else None)
     acc.end_training()
-    run.home.finish(cfg.out_dir, run.iter_num)  # the logs' last lines to a store
-    run.hub.finish(cfg.out_dir, run.iter_num)  # waits for uploads in flight; a failed last one is an error
+    run.saver.finish(cfg.out_dir, run.iter_num)  # a store's last logs, the Hub's uploads (a failed last one: an error)
     return run
 
 
