@@ -189,16 +189,25 @@ class StallingProxy:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(self.upstream)
+            try:
+                server = socket.create_connection(self.upstream, timeout=30)
+                server.settimeout(None)
+            except OSError:  # the server refused this one: the client sees a dropped connection, the next gets in
+                client.close()
+                continue
             threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
             threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
 
     def _pump(self, source, sink, upload):
+        # On a kept-alive connection a request line may start mid-chunk (after the last body's end)
+        # or be split between two reads: look in what is new plus the tail of what came before.
+        seen = b""
         try:
             while chunk := source.recv(65536):
-                if upload and self.fail_on and re.search(self.fail_on, chunk[:300]):
+                seen = seen[-300:] + chunk
+                if upload and self.fail_on and re.search(self.fail_on, seen, re.MULTILINE):
                     return  # the connection drops mid-request: a server failing mid-upload
-                if upload and self.stall_on and re.search(self.stall_on, chunk[:300]):
+                if upload and self.stall_on and re.search(self.stall_on, seen, re.MULTILINE):
                     self.stalled.set()
                     time.sleep(3600)  # held: the client waits on a server that never answers
                 sink.sendall(chunk)
@@ -231,12 +240,15 @@ def test_a_kill_9_mid_upload_leaves_the_last_checkpoint_and_resume_from_the_stor
                                                                      f"--async_save={async_save}")],
                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        assert proxy.stalled.wait(120), "the upload of the checkpoint at iteration 4 never started"
+        stalled, began = False, time.monotonic()
+        while not stalled and run.poll() is None and time.monotonic() - began < 120:
+            stalled = proxy.stalled.wait(0.5)
         time.sleep(3 if async_save else 0.5)
     finally:
         run.send_signal(signal.SIGKILL)
         printed = run.communicate(timeout=60)[0]
         proxy.close()
+    assert stalled, f"the upload of the checkpoint at iteration 4 never started:\n{printed}"
     assert "uploaded the checkpoint at iteration 2" in printed and "iteration 4 to" not in printed, printed
     assert ("iter 5: loss" in printed) == async_save, printed  # in the background the stalled upload held no step
     store = Store(url)
