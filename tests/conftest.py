@@ -26,7 +26,7 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 # instead of the longest starting last while the other worker idles. A file not listed runs after
 # these, in its usual order; a stale list costs minutes, never a test.
 SLOWEST_FIRST = ["test_loss.py", "test_readme_walk.py", "test_restarts.py", "test_stream.py", "test_slurm.py",
-                 "test_store.py", "test_fsdp.py",
+                 "test_store.py", "test_ray.py", "test_fsdp.py", "test_recipes.py",
                  "test_user_paths.py", "test_reliability.py", "test_muon.py", "test_memory.py", "test_run_folder.py",
                  "test_lm_eval.py", "test_distributed.py", "test_gpu_checks.py", "test_auto_batch.py"]
 
