@@ -376,10 +376,14 @@ def remove_previous_run(out_dir):
     removed = sorted(name for name in os.listdir(out_dir) if written_by_gpt_train(name))
     for name in removed:
         path = os.path.join(out_dir, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)  # removes links inside, without following them
-        else:
-            os.remove(path)
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)  # removes links inside, without following them
+            else:
+                os.remove(path)
+        except OSError as e:  # a mount point (EBUSY), a file another system holds: the user's to clear
+            raise UserError(f"overwrite_output_dir: could not remove {path} ({e.strerror or e}): remove or "
+                            "unmount it yourself, or choose another out_dir") from None
     return removed
 
 

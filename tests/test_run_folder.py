@@ -98,6 +98,15 @@ def test_overwrite_deletes_only_gpt_train_files_inside_out_dir_whatever_the_fold
            "tokenizer.json, tokenizer_config.json, training_config.json, training_state, training_state.old" in printed
 
 
+def test_overwrite_of_a_folder_that_cannot_go_is_one_line(run_copy, capsys):
+    """A name gpt-train writes that is a mount point (a disk mounted on out_dir/training_state)."""
+    out_dir, args = run_copy
+    with tmpfs(os.path.join(out_dir, STATE_DIR), "1m"):
+        error = run_main([*args, "--max_iters=2", "--overwrite_output_dir=True"], capsys)
+    assert error == (f"error: overwrite_output_dir: could not remove {os.path.join(out_dir, STATE_DIR)} (Device or "
+                     "resource busy): remove or unmount it yourself, or choose another out_dir")
+
+
 def test_a_manifest_naming_paths_outside_out_dir_is_refused_at_resume(run_copy, capsys):
     out_dir, args = run_copy
     state_path = os.path.join(out_dir, STATE_DIR, TRAINER_STATE)
