@@ -26,7 +26,9 @@ def worker(config):
     """What each Ray worker runs: the settings as train.py would read them, then the loop."""
     from gpt_train.train import train
 
-    if os.path.isdir(config["cwd"]):  # relative paths as the user gave them (Ray starts workers elsewhere)
+    # relative paths as the user gave them (Ray starts workers elsewhere); on a node without the
+    # launcher's folder they are Ray's working directory's: give absolute, shared paths there
+    if os.path.isdir(config["cwd"]):
         os.chdir(config["cwd"])
     try:
         train(load_config(config["argv"]))
@@ -78,7 +80,7 @@ def main(argv=None):
         import ray
         from ray.train import TrainingFailedError
     except ImportError as e:
-        raise UserError(f"Ray Train is not installed ({e}): pip install 'ray[train]'") from None
+        raise UserError(f"Ray Train is not installed ({e}): pip install 'ray[train]==2.60.0'") from None
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # Ray's copy of each print doubled every line
     try:
         result = trainer(ours, argv).fit()
@@ -93,7 +95,7 @@ def _why(error):
     """The run's failure in one line: a worker's own one-line error (a missing dataset, a bad
     setting) as train.py says it, else what Ray says."""
     failures = getattr(error, "worker_failures", {}) or {}
-    for rank, failure in sorted(failures.items()):
+    for _, failure in sorted(failures.items()):
         mine = failure if isinstance(failure, UserError) else getattr(failure, "cause", None)
         if isinstance(mine, UserError):
             return str(mine)
