@@ -146,3 +146,10 @@ def test_the_launchers_flags_are_dashed_and_the_rest_goes_to_train_py():
 ])
 def test_a_mistyped_flag_or_setting_is_one_line_before_ray_starts(argv, message, capsys):
     assert one_line_error(ray_train.main, argv, capsys).startswith(message)
+
+
+def test_without_ray_installed_the_launcher_says_what_to_install(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)  # what an environment without Ray imports
+    assert one_line_error(ray_train.main, ["--num-workers=2"], capsys) == (
+        "error: Ray Train is not installed (import of ray halted; None in sys.modules): "
+        "pip install 'ray[train]==2.60.0'")
