@@ -36,7 +36,7 @@ from transformers.utils import logging as hf_logging
 
 from gpt_train.errors import UserError, first_line
 from gpt_train.files import (WRITE_FAILURES, describe_write_failure, file_problem, give_default_mode, manifest,
-                             write_json)
+                             remove_path, write_json)
 from gpt_train.model import COMPILED_PREFIX
 from gpt_train.metrics import drop_records_from, drop_torn_last_line
 from gpt_train.model_card import write_model_card
@@ -377,10 +377,7 @@ def remove_previous_run(out_dir):
     for name in removed:
         path = os.path.join(out_dir, name)
         try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                shutil.rmtree(path)  # removes links inside, without following them
-            else:
-                os.remove(path)
+            remove_path(path)
         except OSError as e:  # a mount point (EBUSY), a file another system holds: the user's to clear
             raise UserError(f"overwrite_output_dir: could not remove {path} ({e.strerror or e}): remove or "
                             "unmount it yourself, or choose another out_dir") from None

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 
@@ -127,6 +128,15 @@ def manifest(folder, names=None):
         digests = list(pool.map(sha256, paths))
     return {os.path.relpath(path, folder).replace(os.sep, "/"): {"size": os.path.getsize(path), "sha256": digest}
             for path, digest in zip(paths, digests, strict=True)}
+
+
+def remove_path(path):
+    """Remove a file, a link or a folder tree; a link (also one to a folder) is unlinked, never
+    followed, so nothing outside the removed path goes."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)  # removes links inside, without following them
+    else:
+        os.remove(path)
 
 
 def file_problem(path, expected):

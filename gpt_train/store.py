@@ -33,7 +33,7 @@ import time
 
 from gpt_train import run_lock
 from gpt_train.errors import UserError, first_line
-from gpt_train.files import file_problem, manifest, write_json
+from gpt_train.files import file_problem, manifest, remove_path, write_json
 from gpt_train.out_dir import (COMMITTED_DIR, HUB_SNAPSHOT_PREFIX, LOCK, LOSS_CHART, METRICS, RUN_CONFIG,
                                SAVED_FOLDERS_OLD, STAGING_DIR, STATE_DIR, TENSORBOARD_DIR, TrainerState,
                                written_by_gpt_train)
@@ -398,11 +398,7 @@ class StoreHome:
             for entry in os.listdir(self.folder):  # what the store does not have goes: the store is the run
                 if written_by_gpt_train(entry) and entry != TENSORBOARD_DIR and (
                         newest is None or not _in(entry, newest["files"])):
-                    path = os.path.join(self.folder, entry)
-                    if os.path.isdir(path) and not os.path.islink(path):
-                        shutil.rmtree(path)
-                    else:
-                        os.remove(path)
+                    remove_path(os.path.join(self.folder, entry))
             if newest is not None:
                 fetched = self.store.download(name, newest["files"], self.folder)
                 if fetched:
