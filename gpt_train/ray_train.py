@@ -82,6 +82,13 @@ def main(argv=None):
     except ImportError as e:
         raise UserError(f"Ray Train is not installed ({e}): pip install 'ray[train]==2.60.0'") from None
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")  # Ray's copy of each print doubled every line
+    if not os.environ.get("RAY_ADDRESS"):  # Ray on this machine, which never grows: what is asked must fit now
+        ray.init()
+        short = shortfall(ours, ray.cluster_resources())
+        if short:
+            ray.shutdown()
+            raise UserError(f"{short}: lower --num-workers{' or drop --use-gpu' if ours.use_gpu else ''}, or "
+                            "set RAY_ADDRESS to a cluster that has them")
     try:
         result = trainer(ours, argv).fit()
     except TrainingFailedError as e:
@@ -89,6 +96,17 @@ def main(argv=None):
         raise UserError(_why(e)) from None
     print(f"Ray Train's run ended: the model is in {cfg.out_dir}")
     return result
+
+
+def shortfall(ours, resources):
+    """What the workers ask for and `resources` (a Ray cluster's) lack, in words; None if they fit
+    (else Ray waits for them without end)."""
+    needed = {"GPU": ours.num_workers if ours.use_gpu else 0, "CPU": ours.num_workers * ours.cpus_per_worker}
+    for kind, amount in needed.items():
+        if amount > resources.get(kind, 0):
+            return (f"--num-workers={ours.num_workers} asks for {amount:g} {kind}s and this machine's Ray has "
+                    f"{resources.get(kind, 0):g}")
+    return None
 
 
 def _why(error):

@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -153,3 +154,28 @@ def test_without_ray_installed_the_launcher_says_what_to_install(monkeypatch, ca
     assert one_line_error(ray_train.main, ["--num-workers=2"], capsys) == (
         "error: Ray Train is not installed (import of ray halted; None in sys.modules): "
         "pip install 'ray[train]==2.60.0'")
+
+
+@pytest.mark.parametrize("flags, resources, short", [
+    (["--num-workers=8", "--use-gpu"], {"CPU": 16.0}, "--num-workers=8 asks for 8 GPUs and this machine's Ray has 0"),
+    (["--num-workers=4"], {"CPU": 2.0}, "--num-workers=4 asks for 4 CPUs and this machine's Ray has 2"),
+    (["--num-workers=2", "--use-gpu"], {"CPU": 2.0, "GPU": 2.0}, None),
+])
+def test_what_does_not_fit_a_fixed_ray_is_named(flags, resources, short):
+    assert ray_train.shortfall(ray_train.parse(flags)[0], resources) == short
+
+
+@pytest.mark.slow
+def test_asking_this_machines_ray_for_gpus_it_lacks_is_one_line_not_a_wait(ray_installed, tmp_path):
+    """The docs' 8-GPU command on a machine without them: Ray would wait for the GPUs forever."""
+    if shutil.which("nvidia-smi"):
+        pytest.skip("this machine has GPUs")
+    result = subprocess.run([sys.executable, "-m", "gpt_train.ray_train", "--num-workers=8", "--use-gpu",
+                             f"--storage-path={tmp_path / 'ray'}", "configs/train_gpt2.py",
+                             f"--out_dir={tmp_path / 'out'}"], cwd=ROOT, env={**ENV, "RAY_ADDRESS": ""},
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: --num-workers=8 asks for 8 GPUs and this machine's Ray has 0: lower --num-workers or drop "
+        "--use-gpu, or set RAY_ADDRESS to a cluster that has them"), result.stderr
+    assert not (tmp_path / "out").exists()

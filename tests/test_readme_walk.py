@@ -161,7 +161,8 @@ PLAN = {
     "pip install 'ray[train]==2.60.0'": Skip("requirements-dev.txt installs it for these tests"),
     "python -m gpt_train.ray_train --num-workers=8 --use-gpu --max-failures=3 --storage-path=/shared/ray "
     "configs/train_gpt2.py --out_dir=/shared/runs/gpt2":
-        Skip("needs 8 GPUs (tests/test_ray.py runs two local Ray workers on CPUs and kills one)"),
+        Skip("needs 8 GPUs (tests/test_ray.py runs it as written on a CPU machine: one line, no wait; and two "
+             "local Ray workers on CPUs, one killed)"),
     "accelerate launch --config_file accelerate_configs/2x8xa100.yaml --machine_rank 0 --main_process_ip 10.0.0.1 "
     "train.py configs/train_gpt2.py --gradient_accumulation_steps=32 --batch_size=15": Skip("needs two 8-GPU nodes"),
     "accelerate launch --config_file accelerate_configs/8xa100.yaml --max_restarts=3 train.py configs/train_gpt2.py":
