@@ -13,6 +13,7 @@ Not here: writing metrics (gpt_train.metrics), reading the file (gpt_train.out_d
 """
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 from gpt_train.cli import command_parser
@@ -24,6 +25,11 @@ COMPARISON_FILE = "loss_comparison.png"  # several runs have no single out_dir t
 MAX_STEP_POINTS = 4000  # more step losses than pixels only cost drawing time: thin them out
 FIGURE_INCHES = (9, 6.5)
 DPI = 110  # ~1000 px wide: sharp on a screen, ~100 KB on disk
+# A redraw costs ~0.3 s of a CPU (~0.6 s the first, with matplotlib's import): during training the
+# chart takes at most this share of the run's time, so a run of seconds draws once, at its end, and
+# a run of hours after every eval as before.
+LIVE_DRAW_SHARE = 0.01
+FIRST_DRAW_SECONDS = 0.6  # the cost assumed before the first draw has measured it
 
 
 @dataclass
@@ -136,18 +142,25 @@ def _bits_per_byte_per_nat(run):
 
 
 class LivePlot:
-    """Redraws out_dir/loss.png after each eval, on the main process only; out_dir None: never."""
+    """Redraws out_dir/loss.png after an eval (LIVE_DRAW_SHARE of the time at most) and after the
+    last one, on the main process only; out_dir None: never."""
 
     def __init__(self, accelerator, out_dir):
         self.print, self.out_dir = accelerator.print, out_dir
         self.enabled = accelerator.is_main_process and out_dir is not None
         self.reader = CurvesReader(out_dir) if self.enabled else None
+        self.drawn_at, self.draw_seconds = time.monotonic(), FIRST_DRAW_SECONDS
 
-    def update(self):
+    def update(self, last=False):
         if not self.enabled:
             return
+        start = time.monotonic()
+        if not last and (start - self.drawn_at) * LIVE_DRAW_SHARE < self.draw_seconds:
+            return  # drawn too recently for what a draw costs: the next eval's (or the last) will
         try:
             draw([self.reader.curves()], os.path.join(self.out_dir, LOSS_CHART))
+            self.drawn_at = time.monotonic()
+            self.draw_seconds = self.drawn_at - start
         except ImportError:
             self.enabled = False
             self.print("matplotlib is not installed: no loss.png (pip install -r requirements.txt)")

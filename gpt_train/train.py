@@ -340,7 +340,7 @@ def fit(run):
     # peak None: a GPU not in the table says "mfu n/a"; a CPU's lines leave MFU out
     progress = Progress(acc, cfg.out_dir, cfg.max_iters, run.iter_num, run.tokens_per_iter, flops_per_iter,
                         peak_flops(acc.device), mfu_shown=acc.device.type != "cpu")  # log line, ETA, summary
-    plot = LivePlot(acc, cfg.out_dir)  # out_dir/loss.png, after each eval
+    plot = LivePlot(acc, cfg.out_dir)  # out_dir/loss.png, after evals and the last one
     batches = train_batches(run)
     batch = next(batches, None)  # (x, y, targets); None once the data have ended
     t0 = time.time()
@@ -350,8 +350,7 @@ def fit(run):
         # evaluate the loss on train/val sets and write checkpoints
         ended = batch is None  # data that ran out (a stream) end the run as max_iters does
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or ended:
-            evaluate_and_checkpoint(run, lr, progress.mfu_record())
-            plot.update()
+            evaluate_and_checkpoint(run, lr, progress.mfu_record(), plot, last=run.iter_num >= cfg.max_iters or ended)
         if ended:
             acc.print(run.data.ended(run.iter_num, cfg.max_iters))
         if run.iter_num >= cfg.max_iters or ended:
@@ -422,10 +421,11 @@ def report_losses(run, lr, mfu_record=None):
     return losses, perplexity
 
 
-def evaluate_and_checkpoint(run, lr, mfu_record):
+def evaluate_and_checkpoint(run, lr, mfu_record, plot, last):
     """nanoGPT's eval step: report both losses, keep the checkpoint if val improved (or always)."""
     losses, _ = report_losses(run, lr, mfu_record)
     check_finite(run, losses["val"], "val loss")  # before it can replace the last good checkpoint
+    plot.update(last)  # before the save: a checkpoint pushed or stored carries the chart of its eval
     if losses["val"] < run.best_val_loss or run.cfg.always_save_checkpoint:
         if losses["val"] < run.best_val_loss:
             run.best_val_loss, run.best_iter = losses["val"], run.iter_num

@@ -7,9 +7,10 @@ import sys
 import pytest
 
 from conftest import read_metrics, run_script
+from gpt_train import plot as plot_module
 from gpt_train import progress as progress_module
 from gpt_train.cli import load_config
-from gpt_train.plot import CurvesReader
+from gpt_train.plot import CurvesReader, LivePlot
 from gpt_train.progress import Progress, bar, format_duration
 from gpt_train.train import train
 
@@ -17,6 +18,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class FakeAccelerator:
+    is_main_process = True
     def __init__(self):
         self.printed = []
 
@@ -45,6 +47,29 @@ def test_training_shows_eta_a_summary_and_redraws_loss_png(tiny_run, capsys):
     with open(os.path.join(out_dir, "loss.png"), "rb") as f:
         assert f.read(8) == PNG_MAGIC
     assert not os.path.exists(os.path.join(out_dir, "loss.png.tmp"))
+
+
+def test_the_chart_takes_at_most_a_percent_of_the_run_and_the_last_eval_always_redraws(tiny_run, monkeypatch):
+    """Evals at these seconds of a run whose redraw costs 0.5 s: a redraw only once 100 redraws'
+    time has passed since the last (0.6 s assumed before the first), and always at the last eval."""
+    out_dir, args = tiny_run
+    train(load_config([*args, "--max_iters=2", "--eval_interval=1", "--eval_iters=1"]))
+    clock, drawn, real_draw = [0.0], [], plot_module.draw
+
+    def timed_draw(runs, output):
+        real_draw(runs, output)
+        drawn.append(clock[0])
+        clock[0] += 0.5
+
+    monkeypatch.setattr(plot_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(plot_module, "draw", timed_draw)
+    os.remove(os.path.join(out_dir, "loss.png"))
+    live = LivePlot(FakeAccelerator(), out_dir)
+    for clock[0], last in ((10, False), (59, False), (61, False), (100, False), (112, False), (113, True)):
+        live.update(last)
+    assert drawn == [61, 112, 113]
+    with open(os.path.join(out_dir, "loss.png"), "rb") as f:
+        assert f.read(8) == PNG_MAGIC
 
 
 def test_eta_is_wall_clock_rate_over_iterations_since_the_first_log(monkeypatch):
