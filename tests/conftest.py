@@ -98,20 +98,27 @@ def read_metrics(out_dir, event):
         return [r for r in map(json.loads, f) if r["event"] == event]
 
 
+def prepared(dataset, tmp_path_factory):
+    """data/<dataset> as `python data_prep/<dataset>/prepare.py` writes it (that script is this
+    call; the README walk runs the script itself), in a temporary folder: in this process, which
+    has imported what the script's interpreter would spend ~5 s importing."""
+    from gpt_train.commands import prepare
+
+    out = tmp_path_factory.mktemp("data") / dataset
+    prepare([dataset, f"--out_dir={out}"])
+    return str(out)
+
+
 @pytest.fixture(scope="session")
 def char_data(tmp_path_factory):
-    """data/shakespeare_char as data_prep writes it, in a temporary folder."""
-    out = tmp_path_factory.mktemp("data") / "shakespeare_char"
-    run_script("data_prep/shakespeare_char/prepare.py", f"--out_dir={out}")
-    return str(out)
+    """data/shakespeare_char, one token per character."""
+    return prepared("shakespeare_char", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def bpe_data(tmp_path_factory):
-    """data/shakespeare (GPT-2 BPE) as data_prep writes it, in a temporary folder."""
-    out = tmp_path_factory.mktemp("data") / "shakespeare"
-    run_script("data_prep/shakespeare/prepare.py", f"--out_dir={out}")
-    return str(out)
+    """data/shakespeare, GPT-2 BPE."""
+    return prepared("shakespeare", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
