@@ -164,10 +164,13 @@ class Store:
         """Upload the committed checkpoint in `folder`: its objects, then (if this run still holds
         the lease) its manifest, then the previous checkpoints go. Returns the checkpoint's name."""
         name = f"{iteration:010d}-{secrets.token_hex(4)}"
-        files = _digests(folder, _published_files(folder))
+        files, logs = _digests(folder, _published_files(folder))
         try:
             for rel in sorted(files):
-                self.fs.put_file(os.path.join(folder, *rel.split("/")), self.path(CHECKPOINTS, name, rel))
+                if rel in logs:
+                    self.fs.pipe_file(self.path(CHECKPOINTS, name, rel), logs[rel])
+                else:
+                    self.fs.put_file(os.path.join(folder, *rel.split("/")), self.path(CHECKPOINTS, name, rel))
         except Exception as e:
             raise self.failed(f"upload the checkpoint at iteration {iteration:,} to", e) from None
         lease.check()  # a run that lost the lease commits nothing over its successor's
@@ -233,14 +236,24 @@ def _published_files(folder):
 
 
 def _digests(folder, names):
-    """The manifest entries of `names`: those the local commit just digested (trainer_state.json's
-    manifest) are taken from it, the rest (the logs, trainer_state.json itself) hashed here."""
+    """(the manifest entries of `names`, {log name: its bytes}). The logs grow while a background
+    save uploads (async_save: the loop appends to metrics.jsonl and redraws loss.png meanwhile), so
+    each is read once, and what is digested is what is sent. The checkpoint's own files stay as
+    committed until the next save, which waits for this one: their digests are the local commit's
+    (trainer_state.json's manifest), the rest (trainer_state.json itself) hashed here."""
+    logs = {}
+    for rel in names:
+        if rel in LOGS:
+            with open(os.path.join(folder, rel), "rb") as f:
+                logs[rel] = f.read()
     state = TrainerState.read_if_any(folder)
     known = state.files if state else {}
     reused = {rel: known[rel] for rel in names
-              if rel in known and os.path.getsize(os.path.join(folder, rel)) == known[rel].get("size")
-              and "sha256" in known[rel]}
-    return {**reused, **manifest(folder, [rel for rel in names if rel not in reused])}
+              if rel not in logs and rel in known and "sha256" in known[rel]
+              and os.path.getsize(os.path.join(folder, rel)) == known[rel].get("size")}
+    read = {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in logs.items()}
+    hashed = manifest(folder, [rel for rel in names if rel not in reused and rel not in logs])
+    return {**reused, **hashed, **read}, logs
 
 
 def _missing_bucket(error):
