@@ -27,7 +27,10 @@ def counting_allreduce(process_group, bucket):
 run.model.register_forward_pre_hook(count_forward, with_kwargs=True)
 run.model.register_comm_hook(None, counting_allreduce)
 fit(run)
-print("PROBE " + json.dumps({"rank": run.accelerator.process_index, "micro_steps": run.micro_steps,
-                             "micro_step_of_allreduce": sorted(set(micro_step_of_allreduce)),
-                             "allreduces": len(micro_step_of_allreduce)}), flush=True)
+# one write of the whole line: print() writes the text and its newline apart, and with the launcher's
+# unbuffered output the other process's line once landed between them
+sys.stdout.write("PROBE " + json.dumps({"rank": run.accelerator.process_index, "micro_steps": run.micro_steps,
+                                        "micro_step_of_allreduce": sorted(set(micro_step_of_allreduce)),
+                                        "allreduces": len(micro_step_of_allreduce)}) + "\n")
+sys.stdout.flush()
 os._exit(0)  # before Python frees the DDP model: that can hang a gloo run (see gpt_train.errors._exit)
