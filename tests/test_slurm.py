@@ -71,7 +71,7 @@ def slurm(tmp_path_factory):
         if started.returncode != 0:
             pytest.skip(f"{daemon} did not start: {started.stderr.strip()}")
     deadline = time.monotonic() + 60
-    while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout:
+    while not node_idle(env):
         if time.monotonic() > deadline:
             logs = "".join((home / f"{d}.log").read_text()[-500:] for d in ("slurmctld", "slurmd"))
             pytest.skip(f"the node never became idle: {logs}")
@@ -86,6 +86,10 @@ def wait_for(condition, what, timeout=180):
     while not condition():
         assert time.monotonic() < deadline, f"{what}: not within {timeout} s"
         time.sleep(0.3)
+
+
+def node_idle(env):
+    return subprocess.run(["sinfo", "-h", "-o", "%t"], env=env, capture_output=True, text=True).stdout.strip() == "idle"
 
 
 def text(path):
@@ -135,10 +139,16 @@ def test_a_stopped_job_saves_on_the_signal_is_requeued_and_ends_with_the_uninter
     wait_for(lambda: job_state(env, job)[0] == "PENDING", "the job back in the queue")
 
     def ended():
-        state = job_state(env, job)[0]
-        if state == "PENDING":  # SLURM holds a requeued job (its BeginTime) before it may start: now, for the test
+        state, reason = job_state(env, job)
+        if state == "PENDING" and node_idle(env):
+            # SLURM holds a requeued job (its BeginTime) before it may start: now, for the test, but
+            # only once the stopped instance has left the node and a second has passed: slurmd refuses
+            # a credential made in the second it revoked the job's last one ("Job credential revoked")
+            time.sleep(1.5)
             subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=env, capture_output=True)
             time.sleep(1)
+        assert state in ("PENDING", "REQUEUED", "CONFIGURING", "RUNNING", "COMPLETING", "COMPLETED"), (
+            state, reason, text(log)[-3000:])
         return state == "COMPLETED"
 
     wait_for(ended, "the requeued job's end", timeout=300)
