@@ -241,19 +241,18 @@ def _digests(folder, names):
     each is read once, and what is digested is what is sent. The checkpoint's own files stay as
     committed until the next save, which waits for this one: their digests are the local commit's
     (trainer_state.json's manifest), the rest (trainer_state.json itself) hashed here."""
-    logs = {}
-    for rel in names:
-        if rel in LOGS:
-            with open(os.path.join(folder, rel), "rb") as f:
-                logs[rel] = f.read()
+    logs, entries = {}, {}
+    for rel in [rel for rel in names if rel in LOGS]:
+        with open(os.path.join(folder, rel), "rb") as f:
+            logs[rel] = f.read()
+        entries[rel] = {"size": len(logs[rel]), "sha256": hashlib.sha256(logs[rel]).hexdigest()}
     state = TrainerState.read_if_any(folder)
     known = state.files if state else {}
-    reused = {rel: known[rel] for rel in names
-              if rel not in logs and rel in known and "sha256" in known[rel]
-              and os.path.getsize(os.path.join(folder, rel)) == known[rel].get("size")}
-    read = {rel: {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()} for rel, data in logs.items()}
-    hashed = manifest(folder, [rel for rel in names if rel not in reused and rel not in logs])
-    return {**reused, **hashed, **read}, logs
+    for rel in names:
+        if rel not in logs and rel in known and "sha256" in known[rel] and \
+                os.path.getsize(os.path.join(folder, rel)) == known[rel].get("size"):
+            entries[rel] = known[rel]
+    return {**entries, **manifest(folder, [rel for rel in names if rel not in entries])}, logs
 
 
 def _missing_bucket(error):

@@ -349,11 +349,12 @@ def fit(run):
 
         # evaluate the loss on train/val sets and write checkpoints
         ended = batch is None  # data that ran out (a stream) end the run as max_iters does
+        last = run.iter_num >= cfg.max_iters or ended
         if run.iter_num % cfg.eval_interval == 0 or run.iter_num == cfg.max_iters or ended:
-            evaluate_and_checkpoint(run, lr, progress.mfu_record(), plot, last=run.iter_num >= cfg.max_iters or ended)
+            evaluate_and_checkpoint(run, lr, progress.mfu_record(), plot, last)
         if ended:
             acc.print(run.data.ended(run.iter_num, cfg.max_iters))
-        if run.iter_num >= cfg.max_iters or ended:
+        if last:
             break
 
         # forward, backward, update; gradients are synchronised only on the last micro-step
